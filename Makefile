@@ -1,0 +1,33 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   - virtual environment, torch + triton + the package, then the demo
+#   make test   - the same environment, then the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch 2.13.0 (CPU build) lies on the development machines' disk; override TORCH_SPEC
+# elsewhere (e.g. TORCH_SPEC="torch>=2.4").
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: demo test env bench clean
+
+$(VENV)/.installed: pyproject.toml setup.py Makefile $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q "$(TORCH_SPEC)" triton pybind11 ninja pytest matplotlib tqdm numpy
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+env: $(VENV)/.installed
+
+demo: env
+	$(PY) -m arcface_kernels demo
+
+test: env
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: env
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info arcface_kernels/*.so

@@ -1,0 +1,111 @@
+"""Loss configuration: the scalar knobs every backend receives, validated once.
+
+The knobs travel to the ops as plain scalars (see ``_ops.py`` for the schema). This
+module owns their names, their integer codes and the checks on their values, so the
+functional API, the modules and the sharded path all reject bad values the same way.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# Integer codes shared with the Triton module and the C++ header (keep in sync:
+# tests/test_ops_schema.py checks the C++ and Triton constants against these).
+WRAP_MODES = {"fallback": 0, "easy": 1, "none": 2}
+GRAD_MODES = {"exact": 0, "straight_through": 1}
+REDUCTIONS = ("mean", "sum", "none")
+_WRAP_NAMES = {v: k for k, v in WRAP_MODES.items()}
+_GRAD_NAMES = {v: k for k, v in GRAD_MODES.items()}
+
+
+@dataclass(frozen=True)
+class MarginConfig:
+    """The math of one loss, as in shared/design.md section 2.
+
+    Attributes:
+        s: logit scale (> 0).
+        m1: multiplicative angular margin (SphereFace), > 0.
+        m2: additive angular margin (ArcFace), in [0, pi).
+        m3: additive cosine margin (CosFace).
+        margin_mode: what happens where m1*theta + m2 passes pi: "fallback"
+            (psi = c - m2 sin m2 - m3, ArcFace paper / insightface default), "easy"
+            (insightface easy_margin: psi = c - m3 where c <= 0) or "none" (formula as is).
+        target_grad: "exact" (d psi / dc) or "straight_through" (d psi / dc = 1, what
+            insightface's current code computes).
+        normalize: normalize embeddings and class centres (cosine logits). With
+            normalize=False the logits are s * <x, w>; angular margins (m1 != 1, m2 != 0)
+            then have no meaning and are rejected.
+        sub_centers: K >= 1 sub-centers per class (weight has C*K rows).
+    """
+
+    s: float = 64.0
+    m1: float = 1.0
+    m2: float = 0.5
+    m3: float = 0.0
+    margin_mode: str = "fallback"
+    target_grad: str = "exact"
+    normalize: bool = True
+    sub_centers: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("s", "m1", "m2", "m3"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"{name} must be a real number, got {v!r}")
+            if not math.isfinite(v):
+                raise ValueError(f"{name} must be finite, got {v!r}")
+        if not self.s > 0:
+            raise ValueError(f"s must be > 0, got {self.s!r}")
+        if not self.m1 > 0:
+            raise ValueError(f"m1 must be > 0, got {self.m1!r}")
+        if not 0.0 <= self.m2 < math.pi:
+            raise ValueError(f"m2 must be in [0, pi), got {self.m2!r}")
+        if self.margin_mode not in WRAP_MODES:
+            raise ValueError(
+                f"margin_mode must be one of {sorted(WRAP_MODES)}, got {self.margin_mode!r}")
+        if self.target_grad not in GRAD_MODES:
+            raise ValueError(
+                f"target_grad must be one of {sorted(GRAD_MODES)}, got {self.target_grad!r}")
+        if not isinstance(self.normalize, bool):
+            raise TypeError(f"normalize must be a bool, got {self.normalize!r}")
+        if not self.normalize and (self.m1 != 1.0 or self.m2 != 0.0):
+            raise ValueError(
+                "normalize=False gives unbounded logits on which angular margins are "
+                f"undefined: m1 must be 1 and m2 must be 0, got m1={self.m1!r}, m2={self.m2!r}")
+        if isinstance(self.sub_centers, bool) or not isinstance(self.sub_centers, int):
+            raise TypeError(f"sub_centers must be an int, got {self.sub_centers!r}")
+        if self.sub_centers < 1:
+            raise ValueError(f"sub_centers must be >= 1, got {self.sub_centers!r}")
+
+    @property
+    def wrap_code(self) -> int:
+        return WRAP_MODES[self.margin_mode]
+
+    @property
+    def grad_code(self) -> int:
+        return GRAD_MODES[self.target_grad]
+
+    @classmethod
+    def from_op_args(cls, s, m1, m2, m3, wrap_mode, grad_mode, normalize, sub_centers
+                     ) -> "MarginConfig":
+        """Inverse of :meth:`op_args` (the scalars an op receives)."""
+        return cls(s=s, m1=m1, m2=m2, m3=m3, margin_mode=_WRAP_NAMES[wrap_mode],
+                   target_grad=_GRAD_NAMES[grad_mode], normalize=normalize,
+                   sub_centers=sub_centers)
+
+    def op_args(self) -> tuple:
+        """The scalars in the order of the op schema (after x, w, labels, index)."""
+        return (float(self.s), float(self.m1), float(self.m2), float(self.m3),
+                self.wrap_code, self.grad_code, self.normalize, self.sub_centers)
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
+
+
+def check_label_smoothing(label_smoothing: float) -> None:
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"label_smoothing must be a real number, got {label_smoothing!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")

@@ -1,0 +1,36 @@
+"""Peak-memory measurement of one call, on the CPU and on CUDA.
+
+CUDA: torch.cuda.max_memory_allocated after a reset (the caching allocator's own count).
+CPU: torch has no allocator statistics for the CPU, so the call runs under
+torch.profiler with profile_memory=True and the peak is the running sum of the
+allocation / free events it records (exact bytes requested through torch's CPU allocator;
+page-level effects of malloc are not counted).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Tuple
+
+import torch
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> Tuple[int, Any]:
+    """Run ``fn()`` and return (peak bytes allocated beyond what was live before, result)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base, out
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+              and e.device_type() == torch.autograd.DeviceType.CPU]
+    events.sort(key=lambda e: e.start_ns())
+    cur = peak = 0
+    for e in events:
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak, out

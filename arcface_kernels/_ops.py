@@ -1,0 +1,155 @@
+"""The forward/backward primitive as torch.library ops, and their autograd.
+
+Every backend supplies two ops with the schemas below, named
+``arcface_kernels::<backend>_fwd`` and ``arcface_kernels::<backend>_bwd``:
+
+  fwd(x [N, D], w [R, D], labels [N] int64, index [C]? int64,
+      s, m1, m2, m3, wrap_mode, grad_mode, normalize, sub_centers, block)
+      -> (lse [N], target [N], sum_z [N], max_z [N], argmax [N] int64)
+
+  bwd(x, w, labels, index, lse [N], g_p [N], g_t [N], g_s [N],
+      s, m1, m2, m3, wrap_mode, grad_mode, normalize, sub_centers, block)
+      -> (dx [N, D], dw [R, D])
+
+* The shard's classes are ``index`` (class ids into w's C = R / K classes) or, when index
+  is None, all C classes of w. Class j owns rows j*K .. j*K+K-1 of w (K = sub_centers).
+* ``labels`` holds each row's target as a position in the shard's class list, or -1
+  when the row has no target in this shard (ignored, or the target lives elsewhere).
+* lse, target, sum_z, max_z are float64 for float64 inputs and float32 otherwise:
+  lse = log sum_j exp(z_ij); target = z_i,label (0 without); sum_z = sum_j z_ij;
+  max_z = s * max_j c_ij (no margin; for accuracy) at class argmax.
+* The backward computes dL/dz_ij = g_p_i exp(z_ij - lse_i) + g_t_i [j = label_i] + g_s_i
+  and returns dx, dw in the input dtypes; rows of w outside the shard get zero.
+* ``block`` is a backend tuning hint (class chunk size for chunked); 0 = default.
+
+Because the backward takes the three per-row coefficients, autograd registered on the
+fwd op (below, once for all backends) covers any loss built from lse, target and sum_z
+with ordinary torch ops: the single-device loss, label smoothing, and the sharded loss
+whose cross-rank logsumexp lives in torch.distributed.nn.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+NAMESPACE = "arcface_kernels"
+
+FWD_SCHEMA = (
+    "(Tensor x, Tensor w, Tensor labels, Tensor? index, float s, float m1, float m2, "
+    "float m3, int wrap_mode, int grad_mode, bool normalize, int sub_centers, int block)"
+    " -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+BWD_SCHEMA = (
+    "(Tensor x, Tensor w, Tensor labels, Tensor? index, Tensor lse, Tensor g_p, "
+    "Tensor g_t, Tensor g_s, float s, float m1, float m2, float m3, int wrap_mode, "
+    "int grad_mode, bool normalize, int sub_centers, int block) -> (Tensor, Tensor)"
+)
+NUM_SCALARS = 9  # s, m1, m2, m3, wrap_mode, grad_mode, normalize, sub_centers, block
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation / statistics dtype for inputs of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def fwd_fake(x, w, labels, index, *scalars):
+    n = x.shape[0]
+    acc = acc_dtype(x.dtype)
+    return (x.new_empty(n, dtype=acc), x.new_empty(n, dtype=acc), x.new_empty(n, dtype=acc),
+            x.new_empty(n, dtype=acc), x.new_empty(n, dtype=torch.long))
+
+
+def bwd_fake(x, w, labels, index, lse, g_p, g_t, g_s, *scalars):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), \
+        torch.empty_like(w, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, labels, index = inputs[:4]
+    ctx.save_for_backward(x, w, labels, index, output[0])
+    ctx.scalars = tuple(inputs[4:])
+
+
+def _make_backward(bwd_op: Callable) -> Callable:
+    def backward(ctx, g_lse, g_tgt, g_sum, _g_max, _g_arg):
+        x, w, labels, index, lse = ctx.saved_tensors
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return (None,) * (4 + NUM_SCALARS)
+        coeffs = []
+        for g in (g_lse, g_tgt, g_sum):
+            coeffs.append(torch.zeros_like(lse) if g is None else g.to(lse.dtype).contiguous())
+        dx, dw = bwd_op(x, w, labels, index, lse, *coeffs, *ctx.scalars)
+        return ((dx if ctx.needs_input_grad[0] else None),
+                (dw if ctx.needs_input_grad[1] else None)) + (None,) * (2 + NUM_SCALARS)
+    return backward
+
+
+def register_autograd_and_fake(fwd_name: str, bwd_name: str, fwd_op: Callable,
+                               bwd_op: Callable, with_fake: bool = True) -> None:
+    """Attach the shared fake (meta) kernels and autograd formula to a backend's ops."""
+    if with_fake:
+        torch.library.register_fake(fwd_name)(fwd_fake)
+        torch.library.register_fake(bwd_name)(bwd_fake)
+    torch.library.register_autograd(fwd_name, _make_backward(bwd_op),
+                                    setup_context=_setup_context)
+
+
+_LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
+
+
+def define_python_backend(name: str, fwd_impl: Callable, bwd_impl: Callable
+                          ) -> Tuple[Callable, Callable]:
+    """Define ``<name>_fwd`` / ``<name>_bwd`` ops backed by Python functions that run on
+    any device (CompositeExplicitAutograd), with the shared fake and autograd."""
+    fwd_name, bwd_name = f"{NAMESPACE}::{name}_fwd", f"{NAMESPACE}::{name}_bwd"
+    _LIB.define(f"{name}_fwd{FWD_SCHEMA}")
+    _LIB.define(f"{name}_bwd{BWD_SCHEMA}")
+    _LIB.impl(f"{name}_fwd", fwd_impl, "CompositeExplicitAutograd")
+    _LIB.impl(f"{name}_bwd", bwd_impl, "CompositeExplicitAutograd")
+    ns = getattr(torch.ops, NAMESPACE)
+    fwd_op, bwd_op = getattr(ns, f"{name}_fwd").default, getattr(ns, f"{name}_bwd").default
+    register_autograd_and_fake(fwd_name, bwd_name, fwd_op, bwd_op)
+    return fwd_op, bwd_op
+
+
+# ---------------------------------------------------------------------------------------
+# Label mapping: global labels -> positions in a shard, with the value checks. An op of
+# its own so that the checks run at run time also under torch.compile.
+# ---------------------------------------------------------------------------------------
+_LIB.define("local_labels(Tensor labels, int class_start, int num_local, int num_classes, "
+            "int ignore_index) -> Tensor")
+
+
+def _local_labels_impl(labels: Tensor, class_start: int, num_local: int, num_classes: int,
+                       ignore_index: int) -> Tensor:
+    ignored = labels == ignore_index
+    bad = ~ignored & ((labels < 0) | (labels >= num_classes))
+    if bool(bad.any()):
+        first = int(labels[bad][0])
+        raise ValueError(
+            f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}; "
+            f"got {first} ({int(bad.sum())} bad label(s))")
+    local = labels - class_start
+    inside = ~ignored & (local >= 0) & (local < num_local)
+    return torch.where(inside, local, torch.full_like(local, -1))
+
+
+_LIB.impl("local_labels", _local_labels_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake(f"{NAMESPACE}::local_labels")
+def _local_labels_fake(labels, class_start, num_local, num_classes, ignore_index):
+    return torch.empty_like(labels)
+
+
+def local_labels(labels: Tensor, class_start: int, num_local: int, num_classes: int,
+                 ignore_index: int) -> Tensor:
+    """Map global labels [N] to shard positions (-1: no target here); checks the range."""
+    return torch.ops.arcface_kernels.local_labels.default(
+        labels, class_start, num_local, num_classes, ignore_index)
+
+
+def index_or_none(index: Optional[Tensor]) -> Optional[Tensor]:
+    return None if index is None else index.contiguous()

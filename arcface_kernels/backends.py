@@ -1,0 +1,116 @@
+"""Backend registry: which implementations of the primitive exist, and which to use.
+
+A backend is a pair of ops (see ``_ops.py``). "reference" and "chunked" are always here;
+"triton" needs an importable Triton and a CUDA device (or TRITON_INTERPRET=1, which runs
+the kernels on the CPU: for tests); "cpp" needs the compiled extension
+``arcface_kernels._C``. Optional backends are imported lazily, on first use, so importing
+arcface_kernels never imports triton or touches CUDA.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+ALL_BACKENDS = ("reference", "chunked", "triton", "cpp")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    fwd: Callable
+    bwd: Callable
+    devices: tuple  # device types it runs on
+
+
+_LOADED: Dict[str, Backend] = {}
+_LOAD_ERRORS: Dict[str, str] = {}
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _load(name: str) -> Optional[Backend]:
+    if name in _LOADED:
+        return _LOADED[name]
+    if name in _LOAD_ERRORS:
+        return None
+    try:
+        if name == "reference":
+            from . import reference as mod
+            be = Backend(name, mod.FWD_OP, mod.BWD_OP, ("cpu", "cuda"))
+        elif name == "chunked":
+            from . import chunked as mod
+            be = Backend(name, mod.FWD_OP, mod.BWD_OP, ("cpu", "cuda"))
+        elif name == "triton":
+            if importlib.util.find_spec("triton") is None:
+                raise ImportError("triton is not installed")
+            mod = importlib.import_module("triton_kernels.ops")
+            devices = ("cuda", "cpu") if triton_interpreted() else ("cuda",)
+            be = Backend(name, mod.FWD_OP, mod.BWD_OP, devices)
+        elif name == "cpp":
+            from . import _cpp as mod
+            be = Backend(name, mod.FWD_OP, mod.BWD_OP, mod.DEVICES)
+        else:
+            raise KeyError(name)
+    except (ImportError, OSError, AttributeError, RuntimeError) as e:
+        _LOAD_ERRORS[name] = f"{type(e).__name__}: {e}"
+        return None
+    _LOADED[name] = be
+    return be
+
+
+def backend_status() -> Dict[str, str]:
+    """Every backend name -> "ok (devices)" or why it is unavailable."""
+    out = {}
+    for name in ALL_BACKENDS:
+        be = _load(name)
+        if be is None:
+            out[name] = "unavailable: " + _LOAD_ERRORS.get(name, "unknown")
+        elif not _usable_somewhere(be):
+            out[name] = "unavailable: needs a CUDA device (set TRITON_INTERPRET=1 to run " \
+                        "the Triton kernels on the CPU)"
+        else:
+            out[name] = "ok (" + ", ".join(be.devices) + ")"
+    return out
+
+
+def _usable_somewhere(be: Backend) -> bool:
+    return "cpu" in be.devices or torch.cuda.is_available()
+
+
+def available_backends() -> List[str]:
+    """Names of the backends usable on this machine (for some device)."""
+    return [n for n in ALL_BACKENDS if (be := _load(n)) is not None and _usable_somewhere(be)]
+
+
+def resolve_backend(name: str, device: torch.device) -> Backend:
+    """The backend to run on tensors of ``device``; "auto" picks the fastest usable one:
+    triton, then cpp, then chunked on CUDA; cpp, then chunked on the CPU."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, got {name!r}")
+    dev = device.type
+    if name == "auto":
+        order = ("triton", "cpp", "chunked") if dev == "cuda" else ("cpp", "chunked")
+        for cand in order:
+            be = _load(cand)
+            if be is not None and dev in be.devices and (cand != "triton" or dev == "cuda"):
+                return be
+        raise RuntimeError(f"no backend runs on device type {dev!r}")
+    if name not in ALL_BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {available_backends()}, "
+                         f"got {name!r}")
+    be = _load(name)
+    if be is None:
+        raise ValueError(f"backend {name!r} is not available here "
+                         f"({_LOAD_ERRORS.get(name, 'unknown reason')}); available: "
+                         f"{available_backends()}")
+    if dev not in be.devices:
+        raise ValueError(f"backend {name!r} does not run on {dev} tensors "
+                         f"(it runs on: {', '.join(be.devices)})")
+    return be

@@ -1,0 +1,160 @@
+"""The functional API: arcface_loss, its input checks, and the reductions.
+
+Written once above the primitive (``_ops.py``): a backend only supplies its fwd/bwd ops;
+the loss per row, label smoothing, ignore_index and the reductions are ordinary torch
+ops here, and autograd runs the backend's backward through the fwd op's registration.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from ._config import MarginConfig, check_label_smoothing, check_reduction
+from ._ops import local_labels
+from .backends import resolve_backend
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class LossStats(NamedTuple):
+    """Per-row statistics of a loss call, computed without logits (no gradient).
+
+    lse [N]: log-sum-exp of the margin logits; target_logit [N]: s * psi(c_iy) (0 for
+    ignored rows); max_logit [N]: s * max_j cos(x_i, w_j) without margin; prediction [N]
+    int64: its class (top-1). All float32 (float64 for float64 inputs).
+    """
+
+    lse: Tensor
+    target_logit: Tensor
+    max_logit: Tensor
+    prediction: Tensor
+
+    def accuracy(self, labels: Tensor, ignore_index: int = -100) -> Tensor:
+        """Top-1 accuracy over the rows not ignored (0-dim tensor; 0 when none)."""
+        valid = labels != ignore_index
+        hits = (self.prediction == labels) & valid
+        return hits.sum().to(torch.float32) / valid.sum().clamp(min=1).to(torch.float32)
+
+
+def check_inputs(embeddings: Tensor, weight: Tensor, labels: Tensor, sub_centers: int
+                 ) -> None:
+    """Shape / dtype / device checks shared by every entry point (ValueError/TypeError)."""
+    for name, t in (("embeddings", embeddings), ("weight", weight), ("labels", labels)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if embeddings.dim() != 2:
+        raise ValueError(f"embeddings must be 2-D [N, D], got shape {tuple(embeddings.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [C, D], got shape {tuple(weight.shape)}")
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be 1-D [N], got shape {tuple(labels.shape)}")
+    if embeddings.dtype not in _FLOATS:
+        raise TypeError(f"embeddings must be float16/bfloat16/float32/float64, "
+                        f"got {embeddings.dtype}")
+    if weight.dtype != embeddings.dtype:
+        raise TypeError(f"weight dtype must match embeddings dtype {embeddings.dtype}, "
+                        f"got {weight.dtype}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"labels must be int64 (torch.long), got {labels.dtype}")
+    if labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(f"labels has {labels.shape[0]} rows but embeddings has "
+                         f"{embeddings.shape[0]} (N must match)")
+    if weight.shape[1] != embeddings.shape[1]:
+        raise ValueError(f"weight has D={weight.shape[1]} but embeddings has "
+                         f"D={embeddings.shape[1]} (D must match)")
+    if embeddings.shape[1] == 0:
+        raise ValueError("embeddings must have D >= 1, got D=0")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one class, got 0 rows")
+    if weight.shape[0] % sub_centers:
+        raise ValueError(f"weight has {weight.shape[0]} rows, not a multiple of "
+                         f"sub_centers={sub_centers}")
+    if not (embeddings.device == weight.device == labels.device):
+        raise ValueError(f"embeddings, weight and labels must be on one device, got "
+                         f"{embeddings.device}, {weight.device}, {labels.device}")
+
+
+def check_chunk_size(chunk_size: Optional[int]) -> int:
+    if chunk_size is None:
+        return 0
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return chunk_size
+
+
+def reduce_rows(loss_rows: Tensor, valid: Tensor, reduction: str,
+                count: Optional[Tensor] = None) -> Tensor:
+    """Apply the reduction; "mean" divides by the rows not ignored (``count`` if given),
+    and is 0 (not NaN) when every row is ignored."""
+    loss_rows = torch.where(valid, loss_rows, torch.zeros_like(loss_rows))
+    if reduction == "none":
+        return loss_rows
+    total = loss_rows.sum()
+    if reduction == "sum":
+        return total
+    if count is None:
+        count = valid.sum()
+    return total / count.clamp(min=1).to(total.dtype)
+
+
+def combine_loss_rows(lse: Tensor, target: Tensor, sum_z: Tensor, label_smoothing: float,
+                      num_classes: int) -> Tensor:
+    """loss_i = lse_i - (1 - eps) z_iy - eps / C sum_j z_ij."""
+    loss = lse - (1.0 - label_smoothing) * target
+    if label_smoothing:
+        loss = loss - (label_smoothing / num_classes) * sum_z
+    return loss
+
+
+def arcface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: float = 64.0,
+                 m1: float = 1.0, m2: float = 0.5, m3: float = 0.0,
+                 reduction: str = "mean", ignore_index: int = -100, backend: str = "auto",
+                 margin_mode: str = "fallback", target_grad: str = "exact",
+                 label_smoothing: float = 0.0, normalize: bool = True,
+                 sub_centers: int = 1, chunk_size: Optional[int] = None,
+                 return_stats: bool = False) -> Union[Tensor, Tuple[Tensor, LossStats]]:
+    """Combined-margin softmax cross-entropy without materializing the N x C logits.
+
+    Args:
+        embeddings: [N, D] float16/bfloat16/float32/float64.
+        weight: [C * sub_centers, D], same dtype and device (class-major, as insightface).
+        labels: [N] int64 in [0, C), or ``ignore_index`` for rows that do not count.
+        s, m1, m2, m3: scale and margins; target logit s * (cos(m1 * theta + m2) - m3).
+            ArcFace: m2=0.5 (default); CosFace: m2=0, m3=0.35..0.4; SphereFace: m1 > 1.
+        reduction: "mean" (over rows not ignored; 0 if none), "sum" or "none" ([N]).
+        backend: "auto", "reference", "chunked", "triton" or "cpp" (see
+            :func:`available_backends`).
+        margin_mode: "fallback" (default), "easy" or "none": see design.md section 2.
+        target_grad: "exact" (default) or "straight_through" (insightface's current code).
+        label_smoothing: eps in [0, 1].
+        normalize: cosine logits (default). normalize=False, m2=0, s=1 is plain linear
+            cross-entropy: cross_entropy(embeddings @ weight.T, labels).
+        sub_centers: K sub-centers per class (sub-center ArcFace): weight has C*K rows,
+            the logit of class j is the max over its K rows.
+        chunk_size: classes per chunk (chunked backend) or a tile hint; None = default.
+        return_stats: also return :class:`LossStats` (lse, top-1 prediction, ...).
+
+    Returns:
+        The loss (float32, or float64 for float64 inputs), and the stats if asked.
+    """
+    cfg = MarginConfig(s=s, m1=m1, m2=m2, m3=m3, margin_mode=margin_mode,
+                       target_grad=target_grad, normalize=normalize, sub_centers=sub_centers)
+    check_reduction(reduction)
+    check_label_smoothing(label_smoothing)
+    check_inputs(embeddings, weight, labels, sub_centers)
+    block = check_chunk_size(chunk_size)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    be = resolve_backend(backend, embeddings.device)
+    num_classes = weight.shape[0] // sub_centers
+    local = local_labels(labels, 0, num_classes, num_classes, ignore_index)
+    lse, target, sum_z, max_z, argmax = be.fwd(embeddings, weight, local, None,
+                                               *cfg.op_args(), block)
+    valid = labels != ignore_index
+    loss_rows = combine_loss_rows(lse, target, sum_z, label_smoothing, num_classes)
+    loss = reduce_rows(loss_rows, valid, reduction)
+    if not return_stats:
+        return loss
+    return loss, LossStats(lse.detach(), target.detach(), max_z.detach(), argmax)

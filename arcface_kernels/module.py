@@ -1,0 +1,70 @@
+"""nn.Module front-ends."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ._config import MarginConfig, check_label_smoothing, check_reduction
+from .loss import LossStats, arcface_loss
+
+
+class ArcFaceLoss(nn.Module):
+    """Margin-softmax head owning the class centres ``weight`` [C * sub_centers, D].
+
+    forward(embeddings [N, D], labels [N]) -> loss. Same knobs as
+    :func:`arcface_kernels.arcface_loss`; the weight is initialised N(0, 0.01) as in
+    insightface. ``last_stats`` holds the :class:`LossStats` (lse, top-1 prediction) of
+    the last forward, for accuracy logging at no extra cost.
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0,
+                 m1: float = 1.0, m2: float = 0.5, m3: float = 0.0, *,
+                 margin_mode: str = "fallback", target_grad: str = "exact",
+                 label_smoothing: float = 0.0, normalize: bool = True, sub_centers: int = 1,
+                 reduction: str = "mean", ignore_index: int = -100,
+                 chunk_size: Optional[int] = None, backend: str = "auto",
+                 device=None, dtype=None):
+        super().__init__()
+        for name, v in (("embedding_size", embedding_size), ("num_classes", num_classes)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.cfg = MarginConfig(s=s, m1=m1, m2=m2, m3=m3, margin_mode=margin_mode,
+                                target_grad=target_grad, normalize=normalize,
+                                sub_centers=sub_centers)
+        check_reduction(reduction)
+        check_label_smoothing(label_smoothing)
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a str, got {backend!r}")
+        self.embedding_size, self.num_classes = embedding_size, num_classes
+        self.label_smoothing, self.reduction, self.ignore_index = (
+            label_smoothing, reduction, ignore_index)
+        self.chunk_size, self.backend = chunk_size, backend
+        self.weight = nn.Parameter(torch.empty(num_classes * sub_centers, embedding_size,
+                                               device=device, dtype=dtype))
+        self.last_stats: Optional[LossStats] = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, 0.0, 0.01)
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        c = self.cfg
+        weight = self.weight
+        if weight.dtype != embeddings.dtype:  # autocast / half embeddings, fp32 master weight
+            weight = weight.to(embeddings.dtype)
+        loss, stats = arcface_loss(
+            embeddings, weight, labels, s=c.s, m1=c.m1, m2=c.m2, m3=c.m3,
+            reduction=self.reduction, ignore_index=self.ignore_index, backend=self.backend,
+            margin_mode=c.margin_mode, target_grad=c.target_grad,
+            label_smoothing=self.label_smoothing, normalize=c.normalize,
+            sub_centers=c.sub_centers, chunk_size=self.chunk_size, return_stats=True)
+        self.last_stats = stats
+        return loss
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
+                f"s={c.s}, m1={c.m1}, m2={c.m2}, m3={c.m3}, margin_mode={c.margin_mode!r}, "
+                f"sub_centers={c.sub_centers}, backend={self.backend!r}")

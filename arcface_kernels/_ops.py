@@ -150,6 +150,3 @@ def local_labels(labels: Tensor, class_start: int, num_local: int, num_classes: 
     return torch.ops.arcface_kernels.local_labels.default(
         labels, class_start, num_local, num_classes, ignore_index)
 
-
-def index_or_none(index: Optional[Tensor]) -> Optional[Tensor]:
-    return None if index is None else index.contiguous()

@@ -1,0 +1,274 @@
+"""The public API: argument checks, edge cases, the module, backend choice, and the ops'
+registration (opcheck, torch.compile fullgraph)."""
+import math
+
+import pytest
+import torch
+
+import arcface_kernels as ak
+from arcface_kernels.backends import resolve_backend
+from arcface_kernels.reference import reference_loss
+from _cases import make_inputs, max_rel_err, run_loss
+
+
+def _cpu_backends():
+    return [b for b in ak.available_backends()
+            if "cpu" in resolve_backend(b, torch.device("cpu")).devices]
+
+
+CPU_BACKENDS = _cpu_backends()
+
+
+def _inputs(n=6, c=5, d=4, dtype=torch.float32):
+    return make_inputs(n, c, d, dtype=dtype, ignore_some=False)
+
+
+# ---------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+class TestBadInput:
+    def test_label_dtype(self, backend):
+        x, w, y = _inputs()
+        with pytest.raises(TypeError, match=r"labels must be int64.*torch.int32"):
+            ak.arcface_loss(x, w, y.int(), backend=backend)
+
+    def test_label_shape(self, backend):
+        x, w, y = _inputs()
+        with pytest.raises(ValueError, match=r"labels must be 1-D.*\(6, 1\)"):
+            ak.arcface_loss(x, w, y[:, None], backend=backend)
+
+    @pytest.mark.parametrize("bad", [5, 99, -1, -7])
+    def test_labels_out_of_range(self, backend, bad):
+        x, w, y = _inputs()
+        y[3] = bad
+        with pytest.raises(ValueError, match=rf"labels must be in \[0, 5\).*got {bad}"):
+            ak.arcface_loss(x, w, y, backend=backend)
+
+    def test_mismatched_n(self, backend):
+        x, w, y = _inputs()
+        with pytest.raises(ValueError, match=r"labels has 5 rows but embeddings has 6"):
+            ak.arcface_loss(x, w, y[:5], backend=backend)
+
+    def test_mismatched_d(self, backend):
+        x, w, y = _inputs()
+        with pytest.raises(ValueError, match=r"weight has D=3 but embeddings has D=4"):
+            ak.arcface_loss(x, w[:, :3], y, backend=backend)
+
+    def test_wrong_ranks(self, backend):
+        x, w, y = _inputs()
+        with pytest.raises(ValueError, match=r"embeddings must be 2-D.*\(6, 4, 1\)"):
+            ak.arcface_loss(x[..., None], w, y, backend=backend)
+        with pytest.raises(ValueError, match=r"weight must be 2-D.*\(20,\)"):
+            ak.arcface_loss(x, w.reshape(-1), y, backend=backend)
+
+    @pytest.mark.parametrize("m2", [-0.1, math.pi, 4.0, float("nan")])
+    def test_bad_m2(self, backend, m2):
+        x, w, y = _inputs()
+        with pytest.raises(ValueError, match=r"m2 must be"):
+            ak.arcface_loss(x, w, y, m2=m2, backend=backend)
+
+    def test_bad_other_knobs(self, backend):
+        x, w, y = _inputs()
+        cases = [(dict(s=0.0), "s must be > 0, got 0.0"), (dict(m1=-1.0), "m1 must be > 0"),
+                 (dict(reduction="avg"), "reduction must be one of .* got 'avg'"),
+                 (dict(margin_mode="wrap"), "margin_mode must be one of .* got 'wrap'"),
+                 (dict(target_grad="ste"), "target_grad must be one of .* got 'ste'"),
+                 (dict(label_smoothing=1.5), r"label_smoothing must be in \[0, 1\], got 1.5"),
+                 (dict(sub_centers=0), "sub_centers must be >= 1, got 0"),
+                 (dict(sub_centers=2), "weight has 5 rows, not a multiple of sub_centers=2"),
+                 (dict(chunk_size=0), "chunk_size must be a positive int or None, got 0"),
+                 (dict(normalize=False), "normalize=False .* m2 must be 0")]
+        for kwargs, msg in cases:
+            with pytest.raises(ValueError, match=msg):
+                ak.arcface_loss(x, w, y, **{"backend": backend, **kwargs})
+
+    def test_dtype_mismatch(self, backend):
+        x, w, y = _inputs()
+        with pytest.raises(TypeError, match=r"weight dtype must match.*torch.float64"):
+            ak.arcface_loss(x, w.double(), y, backend=backend)
+        with pytest.raises(TypeError, match=r"embeddings must be float.*torch.int64"):
+            ak.arcface_loss(x.long(), w.long(), y, backend=backend)
+
+
+def test_unknown_backend_lists_available():
+    x, w, y = _inputs()
+    with pytest.raises(ValueError, match=r"backend must be 'auto' or one of \[.*chunked.*\], "
+                                         r"got 'cudnn'"):
+        ak.arcface_loss(x, w, y, backend="cudnn")
+
+
+def test_auto_on_cpu_is_native_or_chunked():
+    name = resolve_backend("auto", torch.device("cpu")).name
+    assert name == ("cpp" if "cpp" in ak.available_backends() else "chunked")
+
+
+# ---------------------------------------------------------------------------- edge cases
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+class TestEdgeCases:
+    def test_zero_norm_rows_and_columns(self, backend):
+        x, w, y = make_inputs(6, 5, 4, ignore_some=False)
+        x[2] = 0.0
+        w[1] = 0.0
+        want = run_loss(None, x, w, y, dict(s=16.0, m2=0.5))
+        got = run_loss(backend, x, w, y, dict(s=16.0, m2=0.5))
+        for g, r in zip(got, want):
+            assert torch.isfinite(g).all()
+            assert max_rel_err(g, r) < 1e-10
+
+    def test_non_contiguous_inputs(self, backend):
+        x, w, y = make_inputs(8, 6, 10, ignore_some=False)
+        xs = x.T.contiguous().T[::2]            # column-major and strided rows
+        ws = torch.cat([w, w], dim=1)[:, ::2]    # strided columns
+        ys = torch.stack([y, y], dim=1)[::2, 0]  # strided labels
+        assert not xs.is_contiguous() and not ws.is_contiguous()
+        want = run_loss(None, xs.contiguous(), ws.contiguous(), ys.contiguous(), dict(m2=0.5))
+        got = run_loss(backend, xs, ws, ys, dict(m2=0.5))
+        for g, r in zip(got, want):
+            assert max_rel_err(g, r) < 1e-10
+
+    def test_empty_batch(self, backend):
+        x, w, _ = make_inputs(3, 5, 4)
+        x0 = x[:0].clone().requires_grad_()
+        w0 = w.clone().requires_grad_()
+        y0 = torch.zeros(0, dtype=torch.long)
+        for red in ("mean", "sum"):
+            loss = ak.arcface_loss(x0, w0, y0, backend=backend, reduction=red)
+            assert loss.item() == 0.0
+            dx, dw = torch.autograd.grad(loss, (x0, w0))
+            assert dx.shape == (0, 4) and torch.equal(dw, torch.zeros_like(w))
+        assert ak.arcface_loss(x0, w0, y0, backend=backend, reduction="none").shape == (0,)
+
+    def test_all_rows_ignored(self, backend):
+        x, w, y = _inputs(dtype=torch.float64)
+        y[:] = -100
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = ak.arcface_loss(xr, wr, y, backend=backend, label_smoothing=0.1)
+        assert loss.item() == 0.0
+        loss.backward()
+        assert torch.equal(xr.grad, torch.zeros_like(x))
+        assert torch.equal(wr.grad, torch.zeros_like(w))
+
+    def test_custom_ignore_index(self, backend):
+        x, w, y = _inputs(dtype=torch.float64)
+        y[0] = 7
+        got = ak.arcface_loss(x, w, y, backend=backend, ignore_index=7, reduction="none")
+        want = reference_loss(x, w, y, ignore_index=7, reduction="none")
+        assert got[0].item() == 0.0
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+    def test_nan_in_nan_out(self, backend):
+        x, w, y = _inputs(dtype=torch.float64)
+        x[1, 2] = float("nan")
+        per_row = ak.arcface_loss(x, w, y, backend=backend, reduction="none")
+        assert torch.isnan(per_row[1])
+        assert torch.isfinite(per_row[[0, 2, 3, 4, 5]]).all()
+        assert torch.isnan(ak.arcface_loss(x, w, y, backend=backend))
+
+    def test_finite_for_extreme_finite_inputs(self, backend):
+        x, w, y = _inputs(dtype=torch.float32)
+        x = x * 1e18
+        w[0] = w[0] * 1e-18
+        w[1] = x[0]  # exactly parallel: cosine 1 (clamped), psi' at its floor
+        loss, dx, dw = run_loss(backend, x, w, y, dict(m2=0.5))
+        assert torch.isfinite(loss) and torch.isfinite(dx).all() and torch.isfinite(dw).all()
+
+    def test_stats(self, backend):
+        x, w, y = _inputs(dtype=torch.float64)
+        loss, stats = ak.arcface_loss(x, w, y, backend=backend, return_stats=True)
+        cos = torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(w, dim=1).T
+        assert torch.equal(stats.prediction, cos.argmax(dim=1))
+        torch.testing.assert_close(stats.max_logit, 64.0 * cos.max(dim=1).values)
+        acc = stats.accuracy(y)
+        assert acc.item() == pytest.approx((cos.argmax(1) == y).double().mean().item())
+
+
+# ---------------------------------------------------------------------------- module
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_module_learns_separable_problem(backend):
+    torch.manual_seed(0)
+    c, d, n = 8, 6, 64
+    centres = torch.nn.functional.normalize(torch.randn(c, d), dim=1)
+    y = torch.randint(0, c, (n,))
+    x = centres[y] + 0.1 * torch.randn(n, d)
+    head = ak.ArcFaceLoss(d, c, s=16.0, m2=0.2, backend=backend)
+    assert head.weight.shape == (c, d)
+    assert abs(head.weight.std().item() - 0.01) < 0.005
+    opt = torch.optim.SGD(head.parameters(), lr=0.5)
+    losses = []
+    for _ in range(40):
+        opt.zero_grad()
+        loss = head(x, y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert head.last_stats.accuracy(y).item() > 0.9
+
+
+def test_module_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="num_classes must be a positive int, got 0"):
+        ak.ArcFaceLoss(4, 0)
+    with pytest.raises(ValueError, match="m2 must be in"):
+        ak.ArcFaceLoss(4, 3, m2=-1.0)
+
+
+# ---------------------------------------------------------------------------- ops
+@pytest.mark.parametrize("backend", ["chunked", "reference"])
+def test_opcheck(backend):
+    x, w, y = make_inputs(6, 5, 4)
+    y = torch.where(y < 0, -1, y)
+    be = resolve_backend(backend, torch.device("cpu"))
+    scalars = (16.0, 1.0, 0.5, 0.0, 0, 0, True, 1, 0)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    torch.library.opcheck(be.fwd, (xr, wr, y, None, *scalars))
+    idx = torch.tensor([4, 0, 2])
+    yi = torch.tensor([0, 1, -1, 2, 0, -1])
+    torch.library.opcheck(be.fwd, (xr, wr, yi, idx, *scalars))
+    lse = be.fwd(x, w, y, None, *scalars)[0]
+    g = torch.rand(6, dtype=torch.float64)
+    torch.library.opcheck(be.bwd, (x, w, y, None, lse, g, -g, 0.1 * g, *scalars))
+
+
+def test_opcheck_local_labels():
+    y = torch.tensor([3, -100, 0, 9, 5])
+    torch.library.opcheck(torch.ops.arcface_kernels.local_labels.default, (y, 2, 5, 10, -100))
+    assert torch.ops.arcface_kernels.local_labels(y, 2, 5, 10, -100).tolist() == [1, -1, -1, -1, 3]
+
+
+@pytest.mark.parametrize("backend", ["chunked", "reference"])
+def test_compile_fullgraph(backend):
+    x, w, y = make_inputs(16, 9, 8, dtype=torch.float32)
+
+    def step(x, w, y):
+        loss, stats = ak.arcface_loss(x, w, y, backend=backend, label_smoothing=0.1,
+                                      return_stats=True)
+        return loss, stats.prediction
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (step, compiled):
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss, pred = fn(xr, wr, y)
+        loss.backward()
+        results.append((loss.detach(), pred, xr.grad, wr.grad))
+    torch.testing.assert_close(results[1], results[0])
+
+
+def test_compile_inductor_chunked():
+    x, w, y = make_inputs(16, 9, 8, dtype=torch.float32)
+    f = torch.compile(lambda a, b: ak.arcface_loss(a, b, y, backend="chunked"), fullgraph=True)
+    grads = []
+    for fn in (f, lambda a, b: ak.arcface_loss(a, b, y, backend="chunked")):
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = fn(xr, wr)
+        loss.backward()
+        grads.append((loss.detach(), xr.grad, wr.grad))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_bad_labels_raise_under_compile():
+    x, w, y = make_inputs(6, 5, 4, dtype=torch.float32, ignore_some=False)
+    y[2] = 11
+    f = torch.compile(lambda a, b, c: ak.arcface_loss(a, b, c, backend="chunked"),
+                      fullgraph=True, backend="aot_eager")
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 5\).*got 11"):
+        f(x, w, y)

@@ -1,9 +1,20 @@
 """Chunked PyTorch backend: the shared primitive over class chunks.
 
-The forward walks the classes in chunks of ``block`` and keeps an online logsumexp
-(running max and rescaled sum of exponentials), so the largest temporaries are two
-[N, block * K] matrices; the backward recomputes each chunk's logits and turns them into
-dx and the chunk's rows of dw with two matmuls. Nothing of size N x C is ever held.
+The classes are walked in chunks of ``block``; each chunk's logits s * c [N, block*K]
+come from one matmul and are reduced on the spot, so the largest temporary is one such
+matrix and nothing of size N x C is ever held. Choices that keep the passes over each
+chunk few (the elementwise passes, not the matmuls, dominate on CPUs):
+
+* s is folded into the normalized embeddings, so the matmul yields z = s * c directly.
+* The target logits are computed once per call from the label rows of w (an [N, K, D]
+  gather), not fished out of the chunks: in a chunk the target entry is set to -inf in
+  the forward (its margin term joins the logsumexp separately) and overwritten with its
+  gradient in the backward.
+* Forward: per chunk ``torch.logsumexp`` merged by ``torch.logaddexp`` (online lse).
+* Backward: G = s * (g_p * exp(z - lse) + g_s) in place, then dX += G @ w_hat and the
+  chunk's dW = G^T @ x_hat. The normalization terms r_i = sum_j G_ij c_ij and
+  q_j = sum_i G_ij c_ij are <x_hat_i, dX_i> and <w_hat_j, dW_j>: O((N + C) D) work after
+  the matmuls, not two more passes over the chunk.
 
 Half-precision inputs are computed in float32 (each chunk of w is upcast on the fly);
 float64 stays float64, which is what gradcheck needs. Runs on any device torch runs on.
@@ -16,7 +27,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._config import MarginConfig
 from ._ops import acc_dtype, define_python_backend
 from .reference import NORM_EPS, margin_dpsi, margin_psi
 
@@ -57,7 +67,15 @@ class _Shard:
         return wc * b.unsqueeze(1), b
 
 
+    def target_rows(self, labels: Tensor) -> Tensor:
+        """[N, K] row ids of each row's target class (label -1 reads class 0: masked)."""
+        pos = labels.clamp(min=0)
+        cls = self.index[pos] if self.index is not None else pos
+        return cls.unsqueeze(1) * self.k + torch.arange(self.k, device=cls.device)
+
+
 def _normalized_rows(x: Tensor, acc: torch.dtype, normalize: bool):
+    """(x_hat [N, D] in acc dtype, a [N] inverse norms or None)."""
     xf = x.to(acc)
     if not normalize:
         return xf, None
@@ -65,18 +83,37 @@ def _normalized_rows(x: Tensor, acc: torch.dtype, normalize: bool):
     return xf * a.unsqueeze(1), a
 
 
-def _cosines(xs: Tensor, wc: Tensor, cfg: MarginConfig):
-    """Chunk cosines [N, nc] (after the sub-center max) and the arg-max sub-center."""
-    c = xs @ wc.T
-    if cfg.normalize:
-        c.clamp_(-1.0, 1.0)
-    if cfg.sub_centers > 1:
-        c, kidx = c.view(c.shape[0], -1, cfg.sub_centers).max(dim=2)
-        return c, kidx
-    return c, None
+def _target_cosines(xh: Tensor, shard: _Shard, labels: Tensor, normalize: bool) -> Tensor:
+    """c_i,y_i [N] (max over the K sub-centers; clamped when normalized; 0 without a
+    target in the shard)."""
+    n = xh.shape[0]
+    has = labels >= 0
+    if shard.num_classes == 0 or n == 0:
+        return torch.zeros(n, dtype=xh.dtype, device=xh.device)
+    rows = shard.target_rows(labels)
+    wt = shard.w.index_select(0, rows.reshape(-1)).view(n, shard.k, -1).to(xh.dtype)
+    if normalize:
+        wt = wt / torch.linalg.vector_norm(wt, dim=2, keepdim=True).clamp_(min=NORM_EPS)
+    c = torch.einsum("nd,nkd->nk", xh, wt).amax(dim=1)
+    if normalize:
+        c = c.clamp(-1.0, 1.0)
+    return torch.where(has, c, torch.zeros_like(c))
+
+
+def _chunk_logits(xs: Tensor, wc: Tensor, s: float, normalize: bool, k: int):
+    """z = s * c for one chunk [N, nc] (after the sub-center max) and the arg-max
+    sub-center [N, nc] (None for K = 1)."""
+    z = xs @ wc.T
+    if normalize:
+        z.clamp_(-s, s)
+    if k > 1:
+        z, kidx = z.view(z.shape[0], -1, k).max(dim=2)
+        return z, kidx
+    return z, None
 
 
 def _targets(labels: Tensor, j0: int, j1: int):
+    """(rows whose target is in classes j0..j1, [N, 1] column of it in the chunk)."""
     inside = (labels >= j0) & (labels < j1)
     col = (labels - j0).clamp(0, j1 - j0 - 1).unsqueeze(1)
     return inside, col
@@ -85,92 +122,93 @@ def _targets(labels: Tensor, j0: int, j1: int):
 def chunked_fwd(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], s: float,
                 m1: float, m2: float, m3: float, wrap_mode: int, grad_mode: int,
                 normalize: bool, sub_centers: int, block: int):
-    cfg = MarginConfig.from_op_args(s, m1, m2, m3, wrap_mode, grad_mode, normalize, sub_centers)
     acc = acc_dtype(x.dtype)
-    n, dev = x.shape[0], x.device
-    shard = _Shard(w, index, sub_centers, acc, normalize)
-    xs, _ = _normalized_rows(x, acc, normalize)
-    run_max = torch.full((n,), -math.inf, dtype=acc, device=dev)
-    run_sum = torch.zeros(n, dtype=acc, device=dev)
-    target = torch.zeros(n, dtype=acc, device=dev)
-    sum_z = torch.zeros(n, dtype=acc, device=dev)
-    best_c = torch.full((n,), -math.inf, dtype=acc, device=dev)
+    n, k, dev = x.shape[0], sub_centers, x.device
+    shard = _Shard(w, index, k, acc, normalize)
+    xh, _ = _normalized_rows(x, acc, normalize)
+    xs = xh * s
+    has = labels >= 0
+    c_t = _target_cosines(xh, shard, labels, normalize)
+    z_t = s * margin_psi(c_t, m1, m2, m3, wrap_mode)
+    lse = torch.full((n,), -math.inf, dtype=acc, device=dev)
+    best = torch.full((n,), -math.inf, dtype=acc, device=dev)
     argmax = torch.zeros(n, dtype=torch.long, device=dev)
-    step = block if block > 0 else default_block(n, sub_centers)
+    sum_raw = torch.zeros(n, dtype=acc, device=dev)
+    w_sum = torch.zeros(x.shape[1], dtype=acc, device=dev)  # sum of w_hat (K = 1)
+    step = block if block > 0 else default_block(n, k)
     for j0 in range(0, shard.num_classes, step):
         j1 = min(shard.num_classes, j0 + step)
         wc, _ = shard.chunk(j0, j1)
-        z, _ = _cosines(xs, wc, cfg)
+        z, _ = _chunk_logits(xs, wc, s, normalize, k)
+        if k == 1:  # sum_j c_ij = <x_hat_i, sum_j w_hat_j>
+            w_sum += wc.sum(dim=0)
+        else:
+            sum_raw += z.sum(dim=1)
         cmax, carg = z.max(dim=1)
-        better = (cmax > best_c) | (j0 == 0)
-        best_c = torch.where(better, cmax, best_c)
+        better = (cmax > best) | (j0 == 0)
+        best = torch.where(better, cmax, best)
         argmax = torch.where(better, carg + j0, argmax)
         inside, col = _targets(labels, j0, j1)
-        c_t = z.gather(1, col).squeeze(1)
-        psi_t = margin_psi(c_t, m1, m2, m3, wrap_mode)
-        z.scatter_(1, col, torch.where(inside, psi_t, c_t).unsqueeze(1))
-        z.mul_(s)
-        target += torch.where(inside, psi_t * s, torch.zeros_like(psi_t))
-        sum_z += z.sum(dim=1)
-        new_max = torch.maximum(run_max, z.amax(dim=1))
-        run_sum = run_sum * torch.exp(run_max - new_max) \
-            + z.sub_(new_max.unsqueeze(1)).exp_().sum(dim=1)
-        run_max = new_max
-    lse = run_max + torch.log(run_sum)
-    return lse, target, sum_z, best_c * s, argmax
+        z.scatter_(1, col, torch.where(inside.unsqueeze(1), -math.inf, z.gather(1, col)))
+        lse = torch.logaddexp(lse, torch.logsumexp(z, dim=1))
+    lse = torch.where(has, torch.logaddexp(lse, z_t), lse)
+    if k == 1:
+        sum_raw = xs @ w_sum
+    sum_z = sum_raw + torch.where(has, z_t - s * c_t, torch.zeros_like(z_t))
+    target = torch.where(has, z_t, torch.zeros_like(z_t))
+    return lse, target, sum_z, best, argmax
 
 
 def chunked_bwd(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], lse: Tensor,
                 g_p: Tensor, g_t: Tensor, g_s: Tensor, s: float, m1: float, m2: float,
                 m3: float, wrap_mode: int, grad_mode: int, normalize: bool,
                 sub_centers: int, block: int):
-    cfg = MarginConfig.from_op_args(s, m1, m2, m3, wrap_mode, grad_mode, normalize, sub_centers)
     acc = acc_dtype(x.dtype)
     n, k = x.shape[0], sub_centers
     shard = _Shard(w, index, k, acc, normalize)
-    xs, a = _normalized_rows(x, acc, normalize)
-    lse, g_p, g_t, g_s = (t.to(acc).unsqueeze(1) for t in (lse, g_p, g_t, g_s))
-    dxs = torch.zeros_like(xs)
-    r = torch.zeros(n, dtype=acc, device=x.device)
+    xh, a = _normalized_rows(x, acc, normalize)
+    xs = xh * s
+    lse, g_p, g_t, g_s = (t.to(acc) for t in (lse, g_p, g_t, g_s))
+    has = labels >= 0
+    c_t = _target_cosines(xh, shard, labels, normalize)
+    z_t = s * margin_psi(c_t, m1, m2, m3, wrap_mode)
+    # G at the target: s * dL/dz_iy * psi'(c_iy)
+    grad_t = s * (g_p * torch.exp(z_t - lse) + g_s + g_t) \
+        * margin_dpsi(c_t, m1, m2, wrap_mode, grad_mode)
+    grad_t = grad_t.unsqueeze(1)
+    coef_p, coef_s = (s * g_p).unsqueeze(1), (s * g_s).unsqueeze(1)
+    smoothing = bool((g_s != 0).any())
+    lse = lse.unsqueeze(1)
+    dxs = torch.zeros_like(xh)
     dw = torch.zeros(w.shape, dtype=acc, device=w.device)
     step = block if block > 0 else default_block(n, k)
     for j0 in range(0, shard.num_classes, step):
         j1 = min(shard.num_classes, j0 + step)
         wc, b = shard.chunk(j0, j1)
-        c, kidx = _cosines(xs, wc, cfg)
+        grad, kidx = _chunk_logits(xs, wc, s, normalize, k)
+        grad.sub_(lse).exp_().mul_(coef_p)           # s * g_p * p_ij
+        if smoothing:
+            grad.add_(coef_s)
         inside, col = _targets(labels, j0, j1)
-        c_t = c.gather(1, col)
-        psi_t = margin_psi(c_t, m1, m2, m3, wrap_mode)
-        # grad = s * dL/dz, computed in place on a copy of the logits
-        grad = c.clone()
-        grad.scatter_(1, col, torch.where(inside.unsqueeze(1), psi_t, c_t))
-        grad.mul_(s).sub_(lse).exp_().mul_(g_p).add_(g_s)
-        g_t_here = torch.where(inside.unsqueeze(1), g_t, torch.zeros_like(g_t))
-        dpsi = torch.where(inside.unsqueeze(1), margin_dpsi(c_t, m1, m2, wrap_mode, grad_mode),
-                           torch.ones_like(c_t))
-        grad.scatter_(1, col, (grad.gather(1, col) + g_t_here) * dpsi)
-        grad.mul_(s)
+        grad.scatter_(1, col, torch.where((inside & has).unsqueeze(1), grad_t,
+                                          grad.gather(1, col)))
         if k > 1:  # the gradient flows to the arg-max sub-center only
             full = torch.zeros(n, j1 - j0, k, dtype=acc, device=x.device)
             full.scatter_(2, kidx.unsqueeze(2), grad.unsqueeze(2))
             grad = full.view(n, -1)
-            cfull = torch.zeros_like(full)
-            cfull.scatter_(2, kidx.unsqueeze(2), c.unsqueeze(2))
-            c = cfull.view(n, -1)
         dxs.addmm_(grad, wc)
-        dwc = grad.T @ xs
-        if normalize:
-            c.mul_(grad)
-            r += c.sum(dim=1)
-            q = c.sum(dim=0)
-            dwc.sub_(q.unsqueeze(1) * wc).mul_(b.unsqueeze(1))
+        dwc = grad.T @ xh
+        if normalize:  # dW_j = b_j (sum_i G_ij x_hat_i - q_j w_hat_j), q_j = <w_hat_j, .>
+            q = (wc * dwc).sum(dim=1, keepdim=True)
+            dwc.sub_(q * wc).mul_(b.unsqueeze(1))
         rows = shard.rows(j0, j1)
         if rows is None:
             dw[j0 * k:j1 * k] = dwc
         else:
             dw.index_add_(0, rows, dwc)
-    if normalize:
-        dx = (dxs - r.unsqueeze(1) * xs).mul_(a.unsqueeze(1))
+    if normalize:  # dx_i = a_i (sum_j G_ij w_hat_j - r_i x_hat_i), r_i = <x_hat_i, .>
+        r = (xh * dxs).sum(dim=1, keepdim=True)
+        dx = (dxs - r * xh).mul_(a.unsqueeze(1))
     else:
         dx = dxs
     return dx.to(x.dtype), dw.to(w.dtype)

@@ -4,9 +4,10 @@ from ._config import MarginConfig
 from .backends import available_backends, backend_status
 from .loss import LossStats, arcface_loss
 from .module import ArcFaceLoss
+from .partial_fc import PartialFC
 from .reference import reference_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["arcface_loss", "ArcFaceLoss", "available_backends", "backend_status",
+__all__ = ["arcface_loss", "ArcFaceLoss", "PartialFC", "available_backends", "backend_status",
            "LossStats", "MarginConfig", "reference_loss", "__version__"]

@@ -1,0 +1,410 @@
+"""The triton backend against the float64 reference.
+
+Without a GPU the kernels run in Triton's interpreter on the CPU (tests/conftest.py sets
+TRITON_INTERPRET=1 before triton is imported); with one, the same tests run natively on
+it. bf16, torch.compile and the large-shape checks need a GPU (marked ``gpu``).
+"""
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import arcface_kernels as ak  # noqa: E402
+from arcface_kernels import reference as ref  # noqa: E402
+from arcface_kernels._config import GRAD_MODES, WRAP_MODES, MarginConfig  # noqa: E402
+from arcface_kernels.backends import resolve_backend  # noqa: E402
+from _cases import (MODES, SHAPES, assert_low_precision_ok, assert_matches_reference,  # noqa
+                    finite_difference_ok, make_inputs, max_rel_err, run_loss)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKEND = "triton"
+
+# A subset of SHAPES crossed with every mode keeps the interpreter run short:
+# the 1 x 1 x 1 corner, odd sizes below one tile, and several tiles in every dimension.
+GRID_SHAPES = [SHAPES[0], SHAPES[3], SHAPES[5]]
+
+
+def _ops():
+    import triton_kernels.ops as tops
+    return tops
+
+
+# --- registration --------------------------------------------------------------------
+def test_schema_matches_shared_schema():
+    import arcface_kernels.chunked  # noqa: F401  (defines the chunked ops)
+    _ops()
+    ns = torch.ops.arcface_kernels
+    for kind in ("fwd", "bwd"):
+        want = getattr(ns, f"chunked_{kind}").default._schema
+        got = getattr(ns, f"triton_{kind}").default._schema
+        assert [(a.name, str(a.type)) for a in got.arguments] == \
+            [(a.name, str(a.type)) for a in want.arguments], kind
+        assert [str(r.type) for r in got.returns] == [str(r.type) for r in want.returns]
+
+
+def test_math_constants_match_python():
+    from triton_kernels import math as tmath
+    assert tmath.WRAP_FALLBACK.value == WRAP_MODES["fallback"]
+    assert tmath.WRAP_EASY.value == WRAP_MODES["easy"]
+    assert tmath.WRAP_NONE.value == WRAP_MODES["none"]
+    assert tmath.GRAD_EXACT.value == GRAD_MODES["exact"]
+    assert tmath.GRAD_STRAIGHT.value == GRAD_MODES["straight_through"]
+    assert tmath.NORM_EPS.value == ref.NORM_EPS
+    assert tmath.SIN2_MIN.value == ref.SIN2_MIN
+
+
+def test_backend_registered():
+    assert BACKEND in ak.available_backends()
+    be = resolve_backend(BACKEND, torch.device(DEVICE))
+    assert be.fwd is _ops().FWD_OP and be.bwd is _ops().BWD_OP
+
+
+def test_fake_tensor_shapes():
+    """triton_op derives the meta kernel by tracing the launcher: check it gives the
+    shared fakes' shapes and dtypes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    tops = _ops()
+    with FakeTensorMode():
+        x = torch.empty(6, 5, dtype=torch.float16, device=DEVICE)
+        w = torch.empty(8, 5, dtype=torch.float16, device=DEVICE)
+        y = torch.zeros(6, dtype=torch.long, device=DEVICE)
+        args = MarginConfig(sub_centers=2).op_args() + (0,)
+        outs = tops.FWD_OP(x, w, y, None, *args)
+        v = torch.zeros(6, dtype=torch.float32, device=DEVICE)
+        dx, dw = tops.BWD_OP(x, w, y, None, v, v, v, v, *args)
+    assert [tuple(o.shape) for o in outs] == [(6,)] * 5
+    assert [o.dtype for o in outs] == [torch.float32] * 4 + [torch.int64]
+    assert (tuple(dx.shape), dx.dtype, tuple(dw.shape), dw.dtype) == \
+        ((6, 5), torch.float16, (8, 5), torch.float16)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_opcheck(k):
+    """torch.library.opcheck of both ops (schema, autograd registration, fake kernel; on
+    a GPU also AOT dispatch, which the interpreter cannot trace: design.md section 6)."""
+    tops = _ops()
+    x, w, y = (t.to(DEVICE) for t in make_inputs(6, 5, 4, dtype=torch.float32,
+                                                  sub_centers=k))
+    y = torch.where(y >= 0, y, torch.full_like(y, -1))
+    args = MarginConfig(sub_centers=k).op_args() + (0,)
+    v = torch.rand(6, device=DEVICE)
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    if DEVICE == "cuda":
+        utils += ("test_aot_dispatch_dynamic",)
+    xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    for op, a in ((tops.FWD_OP, (x, w, y, None)),
+                  (tops.FWD_OP, (xg, wg, y, None)),
+                  (tops.BWD_OP, (x, w, y, None, v, v, v, v))):
+        res = torch.library.opcheck(op, (*a, *args), test_utils=utils)
+        assert set(res.values()) == {"SUCCESS"}, res
+
+
+# --- equality with the reference -------------------------------------------------------
+@pytest.mark.parametrize("shape", GRID_SHAPES)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_float64_every_mode(shape, mode):
+    assert_matches_reference(BACKEND, shape, MODES[mode], device=DEVICE)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_float32_every_mode(mode):
+    assert_matches_reference(BACKEND, (33, 70, 24), MODES[mode], dtype=torch.float32,
+                             device=DEVICE)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[2], SHAPES[4]])
+@pytest.mark.parametrize("mode", ["combined_m1", "sub_centers"])
+def test_other_odd_shapes(shape, mode):
+    assert_matches_reference(BACKEND, shape, MODES[mode], device=DEVICE)
+
+
+@pytest.mark.parametrize("chunk_size", [5, 32])
+@pytest.mark.parametrize("mode", ["arcface", "smoothing", "sub_centers", "linear_cosface"])
+def test_backward_chunks(chunk_size, mode):
+    """chunk_size = classes per backward chunk: several workspace rounds (C = 70 is a
+    multiple of neither; 5 is below one class tile); the other tests run one chunk."""
+    assert_matches_reference(BACKEND, (33, 70, 24), MODES[mode], device=DEVICE,
+                             chunk_size=chunk_size)
+
+
+def test_launch_geometry():
+    """The backward workspace stays within its byte budget at the design's shapes, and
+    the forward's class splits cover every class block once and fill >= 2 waves."""
+    tops = _ops()
+    from triton_kernels import configs
+    for n, c, k in ((8192, 1 << 20, 1), (1024, 1 << 20, 1), (8192, 262144, 3)):
+        cb = tops._chunk_classes(n, k, 2, c, 0, 128)
+        assert cb % 128 == 0 and n * cb * k * 2 <= configs.WORKSPACE_BYTES
+    for row_blocks, class_blocks in ((8, 8192), (64, 2048), (1, 1), (3, 2), (128, 700)):
+        sp, per = tops._class_splits(row_blocks, class_blocks, 16, 264)
+        assert per % 16 == 0 and sp == -(-class_blocks * 16 // per)
+        assert (sp - 1) * per < class_blocks * 16 <= sp * per
+        assert row_blocks * sp >= min(264, row_blocks * class_blocks)
+
+
+def test_strided_inputs():
+    """A row-strided weight (a slice of a wider tensor: read in place, stride(0) = 40)
+    and a column-major embedding view (copied) give the reference's results."""
+    x, w, y = make_inputs(33, 70, 24, seed=6)
+    want = run_loss(None, x, w, y, MODES["arcface"])
+    wide = torch.zeros(70, 40, dtype=torch.float64, device=DEVICE)
+    wide[:, 3:27] = w.to(DEVICE)
+    wide.requires_grad_(True)
+    x_cm = x.t().contiguous().to(DEVICE).requires_grad_(True)      # [D, N]
+    w_view, x_view = wide[:, 3:27], x_cm.t()
+    assert w_view.stride() == (40, 1) and x_view.stride() == (1, 33)
+    loss = ak.arcface_loss(x_view, w_view, y.to(DEVICE), backend=BACKEND, **MODES["arcface"])
+    gout = torch.rand(loss.shape, generator=torch.Generator().manual_seed(1),
+                      dtype=torch.float64).to(loss) + 0.5
+    loss.backward(gout)
+    assert max_rel_err(loss.detach(), want[0]) <= 1e-10
+    assert max_rel_err(x_cm.grad.t(), want[1]) <= 1e-10
+    assert max_rel_err(wide.grad[:, 3:27], want[2]) <= 1e-10
+    assert (wide.grad[:, :3] == 0).all() and (wide.grad[:, 27:] == 0).all()
+
+
+@pytest.mark.gpu
+def test_auto_picks_triton_on_cuda():
+    assert resolve_backend("auto", torch.device("cuda")).name == BACKEND
+
+
+def test_everything_ignored():
+    x, w, y = make_inputs(9, 13, 17)
+    y[:] = -100
+    loss = ak.arcface_loss(x.to(DEVICE), w.to(DEVICE), y.to(DEVICE), backend=BACKEND)
+    assert loss.item() == 0.0
+
+
+def test_ignore_index_custom():
+    mode = dict(MODES["arcface"], ignore_index=-1)
+    x, w, y = make_inputs(33, 70, 24, ignore_index=-1)
+    assert (y == -1).sum() > 0
+    want = ref.reference_loss(x, w, y, **mode, reduction="none")
+    got = ak.arcface_loss(x.to(DEVICE), w.to(DEVICE), y.to(DEVICE), backend=BACKEND,
+                          reduction="none", **mode)
+    assert max_rel_err(got, want) <= 1e-10
+    assert (got[y == -1] == 0).all()
+
+
+def test_stats_match_reference():
+    """lse, target, sum_z, max_z and argmax of the forward op against the reference."""
+    x, w, y = make_inputs(33, 70, 24, seed=4)
+    lab = torch.where(y >= 0, y, torch.full_like(y, -1))
+    cfg = MarginConfig(s=64.0, m2=0.5)
+    want = ref.reference_forward(x, w, lab, None, cfg)
+    got = _ops().FWD_OP(x.to(DEVICE), w.to(DEVICE), lab.to(DEVICE), None,
+                        *cfg.op_args(), 0)
+    for name, g, r in zip(("lse", "target", "sum_z", "max_z"), got[:4], want[:4]):
+        assert g.dtype == torch.float64, name
+        assert max_rel_err(g, r) <= 1e-12, name
+    assert torch.equal(got[4].cpu(), want[4])
+
+
+# --- Partial FC index and sub-centers, at the op level ----------------------------------
+def _oracle_backward(x, w, lab, index, lse, g_p, g_t, g_s, cfg):
+    """(dx, dw) of the backward primitive by float64 autograd through the reference's
+    materialized logits: dL/dz_ij = g_p exp(z_ij - lse_i) + g_t [j = lab_i] + g_s."""
+    xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    z, _ = ref.reference_logits(xr, wr, lab, index, cfg)
+    dz = g_p[:, None] * torch.exp(z.detach() - lse[:, None]) + g_s[:, None]
+    has = lab >= 0
+    dz[has, lab[has]] += g_t[has]
+    return torch.autograd.grad(z, (xr, wr), dz)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_index_matches_reference(k, normalize):
+    """Classes read through an index (shuffled, a repeated class): fwd outputs, dx, and
+    dw (zero on the rows outside the index) equal the reference ops."""
+    g = torch.Generator().manual_seed(7)
+    n, c_total, d = 21, 40, 19
+    x, w, _ = make_inputs(n, c_total, d, sub_centers=k, seed=5)
+    index = torch.randperm(c_total, generator=g)[:17]
+    index[16] = index[3]   # Partial FC never repeats, but the math must still hold
+    lab = torch.randint(-1, 17, (n,), generator=g)
+    cfg = MarginConfig(s=16.0, m2=0.3 if normalize else 0.0, m3=0.1, normalize=normalize,
+                       sub_centers=k)
+    want = ref.reference_forward(x, w, lab, index, cfg)
+    dev = [t.to(DEVICE) for t in (x, w, lab, index)]
+    got = _ops().FWD_OP(*dev, *cfg.op_args(), 0)
+    for name, gg, r in zip(("lse", "target", "sum_z", "max_z"), got[:4], want[:4]):
+        assert max_rel_err(gg, r) <= 1e-12, name
+    # the repeated class ties with itself (to round-off): any arg-max of the cosines is
+    # right, and the non-tied rows must agree exactly
+    c = ref.reference_cosines(x, w, index, normalize, k)
+    picked = c.gather(1, got[4].cpu().unsqueeze(1)).squeeze(1)
+    assert (picked >= c.max(1).values - 1e-12).all()
+    tied = (want[4] == 3) | (want[4] == 16)
+    assert torch.equal(got[4].cpu()[~tied], want[4][~tied])
+    gp, gt, gs = (torch.rand(n, generator=g, dtype=torch.float64) - 0.5 for _ in range(3))
+    dx_r, dw_r = _oracle_backward(x, w, lab, index, want[0], gp, gt, gs, cfg)
+    dx, dw = _ops().BWD_OP(*dev, *(t.to(DEVICE) for t in (want[0], gp, gt, gs)),
+                           *cfg.op_args(), 5)
+    assert max_rel_err(dx, dx_r) <= 1e-10
+    assert max_rel_err(dw, dw_r) <= 1e-10
+    rows = (index.unsqueeze(1) * k + torch.arange(k)).reshape(-1)
+    outside = torch.ones(w.shape[0], dtype=torch.bool)
+    outside[rows] = False
+    assert (dw.cpu()[outside] == 0).all() and dw.cpu()[~outside].abs().sum() > 0
+
+
+def test_empty_shard():
+    x, w, y = make_inputs(5, 4, 3)
+    cfg = MarginConfig()
+    index = torch.empty(0, dtype=torch.long, device=DEVICE)
+    lab = torch.full((5,), -1, dtype=torch.long, device=DEVICE)
+    lse, tgt, sz, mz, _ = _ops().FWD_OP(x.to(DEVICE), w.to(DEVICE), lab, index,
+                                        *cfg.op_args(), 0)
+    assert torch.isneginf(lse).all() and torch.isneginf(mz).all()
+    assert (tgt == 0).all() and (sz == 0).all()
+    one = torch.ones(5, dtype=torch.float64, device=DEVICE)
+    dx, dw = _ops().BWD_OP(x.to(DEVICE), w.to(DEVICE), lab, index, lse, one, one, one,
+                           *cfg.op_args(), 0)
+    assert (dx == 0).all() and (dw == 0).all()
+
+
+# --- precision ---------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["arcface", "cosface", "smoothing", "linear_ce",
+                                  "sub_centers"])
+def test_float16(mode):
+    assert_low_precision_ok(BACKEND, (33, 70, 24), MODES[mode], torch.float16, device=DEVICE)
+
+
+def test_float16_extreme_norms():
+    """Tiny embeddings (|x| ~ 1e-3, inverse norm ~ 1e3) and large class centres in fp16:
+    nothing overflows (a_i * dL/dc would pass 65504), and the result equals the float64
+    reference on the same fp16-rounded inputs to a few fp16 roundings."""
+    x, w, y = make_inputs(33, 70, 24, seed=2)
+    x16, w16 = (x * 2e-4).half(), (w * 300.0).half()
+    want = run_loss(None, x16.double(), w16.double(), y, MODES["arcface"])
+    got = run_loss(BACKEND, x16.to(DEVICE), w16.to(DEVICE), y.to(DEVICE), MODES["arcface"])
+    for name, g, r in zip(("loss", "dx", "dw"), got, want):
+        assert torch.isfinite(g).all(), name
+        assert max_rel_err(g, r) <= 8 * torch.finfo(torch.float16).eps, name
+
+
+@pytest.mark.parametrize("mode", ["arcface", "sub_centers"])
+def test_float16_dw_fp32(mode, monkeypatch):
+    """The fp32 dW option (ARCFACE_TRITON_DW_FP32=1 sets triton_kernels.ops.DW_FP32)."""
+    monkeypatch.setattr(_ops(), "DW_FP32", True)
+    assert_low_precision_ok(BACKEND, (33, 70, 24), MODES[mode], torch.float16, device=DEVICE)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["arcface", "cosface", "smoothing", "linear_ce",
+                                  "sub_centers", "sphereface"])
+def test_bfloat16(mode):
+    assert_low_precision_ok(BACKEND, (64, 129, 33), MODES[mode], torch.bfloat16,
+                            device=DEVICE)
+
+
+def test_gradcheck():
+    assert finite_difference_ok(BACKEND)
+
+
+# --- bad and special input ---------------------------------------------------------------
+def test_bad_input_same_errors_as_chunked():
+    x, w, y = (t.to(DEVICE) for t in make_inputs(5, 7, 3))
+    cases = [
+        (x, w, torch.tensor([0, 1, 7, 2, 3], device=DEVICE), {}),            # label >= C
+        (x, w, torch.tensor([0, 1, -3, 2, 3], device=DEVICE), {}),           # bad negative
+        (x, w.float(), y, {}),                                               # dtype mismatch
+        (x, w, y.int(), {}),                                                 # int32 labels
+        (x, w[:, :2], y, {}),                                                # D differs
+        (x, w, y[:4], {}),                                                   # N differs
+        (x, w, y, dict(sub_centers=2)),                                      # 7 % 2
+        (x, w, y, dict(m2=4.0)),                                             # margin range
+    ]
+    for xi, wi, yi, kw in cases:
+        errs = []
+        for backend in ("chunked", BACKEND):
+            with pytest.raises((ValueError, TypeError)) as e:
+                ak.arcface_loss(xi, wi, yi, backend=backend, **kw)
+            errs.append((type(e.value), str(e.value)))
+        assert errs[0] == errs[1]
+
+
+def test_bad_op_arguments():
+    tops = _ops()
+    x, w, y = (t.to(DEVICE) for t in make_inputs(5, 7, 3))
+    args = MarginConfig().op_args() + (0,)
+    with pytest.raises(ValueError, match="index values must be in"):
+        tops.FWD_OP(x, w, y.clamp(min=-1) % 3, torch.tensor([0, 7, 2], device=DEVICE), *args)
+    with pytest.raises(TypeError, match="index must be int64, got torch.int32"):
+        tops.FWD_OP(x, w, y.clamp(min=-1), torch.tensor([0, 1], dtype=torch.int32,
+                                                        device=DEVICE), *args)
+    with pytest.raises(ValueError, match="index must be 1-D"):
+        tops.FWD_OP(x, w, y.clamp(min=-1), torch.zeros(2, 2, dtype=torch.long,
+                                                       device=DEVICE), *args)
+    with pytest.raises(TypeError, match="labels must be int64, got torch.int32"):
+        tops.FWD_OP(x, w, y.int(), None, *args)
+    with pytest.raises(ValueError, match="g_p must have shape"):
+        v = torch.zeros(5, dtype=torch.float64, device=DEVICE)
+        tops.BWD_OP(x, w, y.clamp(min=-1), None, v, v[:3], v, v, *args)
+
+
+def test_nan_in_nan_out_and_finite_extremes():
+    x, w, y = make_inputs(9, 13, 17)
+    x[2, 5] = float("nan")
+    x[3] = 0.0             # zero embedding: cosine 0, finite
+    w[4] = 0.0             # zero class centre
+    x[6] *= 1e30           # huge but finite
+    loss = ak.arcface_loss(x.to(DEVICE), w.to(DEVICE), y.to(DEVICE), backend=BACKEND,
+                           reduction="none")
+    assert torch.isnan(loss[2])
+    fin = torch.ones(9, dtype=torch.bool)
+    fin[2] = False
+    assert torch.isfinite(loss.cpu()[fin]).all()
+    want = ref.reference_loss(x, w, y, reduction="none")
+    assert max_rel_err(loss.cpu()[fin], want[fin]) <= 1e-10
+
+
+# --- GPU only ----------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_compile_fullgraph(dtype):
+    """torch.compile(fullgraph=True) of arcface_loss(backend="triton"): the compiled
+    forward and its AOT-compiled backward equal eager."""
+    x, w, y = (t.to("cuda") for t in make_inputs(64, 129, 33, dtype=dtype))
+
+    def loss_fn(a, b, labels):
+        return ak.arcface_loss(a, b, labels, backend=BACKEND, s=64.0, m2=0.5,
+                               label_smoothing=0.1, sub_centers=1)
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    res = []
+    for fn in (compiled, loss_fn):
+        xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss = fn(xr, wr, y)
+        loss.backward()
+        res.append((loss.detach(), xr.grad, wr.grad))
+    for g, r in zip(*res):
+        assert torch.isfinite(g).all()
+        assert max_rel_err(g, r) <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.gpu
+def test_large_weight_64bit_offsets():
+    """w has C*D > 2^31 elements (4 GiB in fp16): the rows past 2^31 / D must be read and
+    written at the right place. Checked against the chunked backend on the same GPU in
+    float32 arithmetic."""
+    n, c, d = 64, (1 << 22) + 3, 512
+    assert c * d > 2 ** 31
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(c, d, device="cuda", dtype=torch.float16, generator=g)
+    x = torch.randn(n, d, device="cuda", dtype=torch.float16, generator=g)
+    y = c - 1 - torch.arange(n, device="cuda")            # targets in the last rows
+    x += 3.0 * w[y] / w[y].norm(dim=1, keepdim=True) * x.norm(dim=1, keepdim=True)
+    res = []
+    for backend in (BACKEND, "chunked"):
+        xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss = ak.arcface_loss(xr, wr, y, backend=backend, reduction="none")
+        dx, dw = torch.autograd.grad(loss.sum(), (xr, wr))
+        res.append((loss.float(), dx.float(), dw[y].float(), dw[:n].float()))
+        del dw
+    for got, want in zip(*res):
+        assert max_rel_err(got, want) <= 2e-2
+    assert math.isfinite(res[0][0].sum().item())

@@ -1,0 +1,145 @@
+"""Per-element math of the margin softmax in Triton: the one Triton home of these formulas.
+
+The Triton twin of ``arcface_kernels/reference.py`` (margin_psi, margin_dpsi,
+fallback_threshold, NORM_EPS, SIN2_MIN) and of the online log-sum-exp merge. Every
+Triton kernel of this package imports its math from here; nothing else in the package
+writes psi, psi' or an lse merge.
+
+All functions compute in the dtype of their arguments (float32 for fp16/bf16/fp32
+inputs, float64 for float64 inputs). The margins arrive as scalars loaded from a float64
+parameter tensor and cast to that dtype, so that float64 inputs keep float64 margins.
+
+Integer codes (``WRAP_*``, ``GRAD_*``) equal ``arcface_kernels._config.WRAP_MODES`` /
+``GRAD_MODES``; tests/test_triton.py checks that.
+"""
+import triton
+import triton.language as tl
+
+NORM_EPS = tl.constexpr(1e-12)   # as F.normalize (reference.NORM_EPS)
+SIN2_MIN = tl.constexpr(1e-12)   # floor of sin(theta)^2 in psi' (reference.SIN2_MIN)
+PI = tl.constexpr(3.141592653589793)
+
+WRAP_FALLBACK = tl.constexpr(0)
+WRAP_EASY = tl.constexpr(1)
+WRAP_NONE = tl.constexpr(2)
+GRAD_EXACT = tl.constexpr(0)
+GRAD_STRAIGHT = tl.constexpr(1)
+
+# Newton steps of the arc-sine below: the start is within 5e-3 of the root and each step
+# squares the error, so 4 steps reach float64 round-off.
+_ASIN_NEWTON_STEPS = tl.constexpr(4)
+
+
+@triton.jit
+def _asin_small(t):
+    """asin(t) for t in [0, sqrt(1/2)]: series start, then Newton on sin(phi) = t
+    (cos(phi) >= 0.7 there, so every step is well conditioned)."""
+    t2 = t * t
+    phi = t * (1.0 + t2 * (1.0 / 6.0 + t2 * (3.0 / 40.0)))
+    for _ in tl.static_range(_ASIN_NEWTON_STEPS):
+        phi = phi - (tl.sin(phi) - t) / tl.cos(phi)
+    return phi
+
+
+@triton.jit
+def acos(c):
+    """arc-cosine of c in [-1, 1] from sin/cos/sqrt only (Triton has no acos that also
+    runs in the interpreter): acos(c) = 2 asin(sqrt((1 - c) / 2)) for c >= 0 and
+    pi - acos(-c) below, accurate to a few ulp in float32 and float64."""
+    ac = tl.abs(c)
+    half = tl.sqrt(tl.maximum((1.0 - ac) * 0.5, 0.0))
+    theta = 2.0 * _asin_small(half)
+    return tl.where(c < 0, PI - theta, theta)
+
+
+@triton.jit
+def fallback_threshold(m1, m2):
+    """cos of the angle past which m1*theta + m2 exceeds pi (fallback mode)."""
+    return tl.cos(tl.minimum((PI - m2) / m1, PI))
+
+
+@triton.jit
+def _wrapped(c, m1, m2, WRAP: tl.constexpr):
+    """Mask of the target cosines taking the fallback / easy branch (False for none)."""
+    if WRAP == WRAP_FALLBACK:
+        branch = c < fallback_threshold(m1, m2)
+    elif WRAP == WRAP_EASY:
+        branch = c <= 0.0
+    else:
+        branch = c < float("-inf")  # never: formula as written
+    return branch
+
+
+@triton.jit
+def margin_psi(c, m1, m2, m3, WRAP: tl.constexpr, M1_IS_ONE: tl.constexpr):
+    """psi(c) = cos(m1 acos(c) + m2) - m3 with the wrap modes (reference.margin_psi).
+    M1_IS_ONE (m1 == 1.0 exactly, as the reference tests it): no arc-cosine."""
+    if M1_IS_ONE:
+        sin_t = tl.sqrt(tl.maximum(1.0 - c * c, 0.0))
+        psi = c * tl.cos(m2) - sin_t * tl.sin(m2) - m3
+    else:
+        psi = tl.cos(m1 * acos(c) + m2) - m3
+    if WRAP == WRAP_FALLBACK:
+        psi = tl.where(_wrapped(c, m1, m2, WRAP), c - m3 - m2 * tl.sin(m2), psi)
+    elif WRAP == WRAP_EASY:
+        psi = tl.where(_wrapped(c, m1, m2, WRAP), c - m3, psi)
+    return psi
+
+
+@triton.jit
+def margin_dpsi(c, m1, m2, WRAP: tl.constexpr, GRAD: tl.constexpr, M1_IS_ONE: tl.constexpr):
+    """psi'(c) as the design defines it (reference.margin_dpsi): exact, with sin(theta)
+    floored at sqrt(SIN2_MIN), 1 in the wrapped branches; 1 for straight-through."""
+    if GRAD == GRAD_STRAIGHT:
+        d = tl.full(c.shape, 1.0, c.dtype)
+    else:
+        sin_t = tl.sqrt(tl.maximum(1.0 - c * c, SIN2_MIN))
+        if M1_IS_ONE:
+            d = tl.cos(m2) + c * tl.sin(m2) / sin_t
+        else:
+            d = m1 * tl.sin(m1 * acos(c) + m2) / sin_t
+        if WRAP != WRAP_NONE:
+            d = tl.where(_wrapped(c, m1, m2, WRAP), 1.0, d)
+    return d
+
+
+@triton.jit
+def clamp_unit(c):
+    """clamp(c, -1, 1) that keeps NaN (comparisons with NaN are False)."""
+    return tl.where(c > 1.0, 1.0, tl.where(c < -1.0, -1.0, c))
+
+
+@triton.jit
+def inv_norm(sum_sq):
+    """1 / max(sqrt(sum_sq), NORM_EPS), as F.normalize."""
+    return 1.0 / tl.maximum(tl.sqrt(sum_sq), NORM_EPS)
+
+
+@triton.jit
+def _safe_max(m):
+    """A finite stand-in for a running max of -inf (nothing seen yet): exp(-inf - 0) = 0."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def lse_update(run_max, run_sum, z):
+    """Online log-sum-exp: fold a tile z [BN, BC] (-inf where masked) into the running
+    (max [BN], sum of exp(z - max) [BN])."""
+    new_max = tl.maximum(run_max, tl.max(z, axis=1))
+    ref = _safe_max(new_max)
+    run_sum = run_sum * tl.exp(run_max - ref) + tl.sum(tl.exp(z - ref[:, None]), axis=1)
+    return new_max, run_sum
+
+
+@triton.jit
+def lse_merge(max_a, sum_a, max_b, sum_b):
+    """Merge two partial (max, sum of exp(. - max)) pairs of disjoint class sets."""
+    new_max = tl.maximum(max_a, max_b)
+    ref = _safe_max(new_max)
+    return new_max, sum_a * tl.exp(max_a - ref) + sum_b * tl.exp(max_b - ref)
+
+
+@triton.jit
+def lse_finish(run_max, run_sum):
+    """log sum exp from the (max, sum) pair: -inf when there were no classes."""
+    return _safe_max(run_max) + tl.log(run_sum)

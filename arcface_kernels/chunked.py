@@ -10,11 +10,17 @@ chunk few (the elementwise passes, not the matmuls, dominate on CPUs):
   gather), not fished out of the chunks: in a chunk the target entry is set to -inf in
   the forward (its margin term joins the logsumexp separately) and overwritten with its
   gradient in the backward.
-* Forward: per chunk ``torch.logsumexp`` merged by ``torch.logaddexp`` (online lse).
-* Backward: G = s * (g_p * exp(z - lse) + g_s) in place, then dX += G @ w_hat and the
-  chunk's dW = G^T @ x_hat. The normalization terms r_i = sum_j G_ij c_ij and
-  q_j = sum_i G_ij c_ij are <x_hat_i, dX_i> and <w_hat_j, dW_j>: O((N + C) D) work after
-  the matmuls, not two more passes over the chunk.
+* Forward: one max (values and arg-max) over the chunk with the target masked out serves
+  both the top-1 and the shift of the chunk's sum of exponentials (merged across chunks
+  with ``torch.logaddexp``): four passes over the chunk in all.
+* Backward: G = s * (g_p * exp(z - lse) + g_s) in place (three or four passes), then
+  dX += G @ w_hat and the chunk's dW = G^T @ x_hat. The normalization terms
+  r_i = sum_j G_ij c_ij and q_j = sum_i G_ij c_ij are <x_hat_i, dX_i> and <w_hat_j, dW_j>:
+  O((N + C) D) work after the matmuls, not two more passes over the chunk.
+* Non-target cosines are not clamped to [-1, 1]: the clamp guards acos / sqrt in the
+  margin, which only the target meets (its cosine is clamped), and it can change a
+  non-target logit s * c only by a rounding error of c, below the logit's own resolution.
+* Row reductions over [block, D] use vecdot / mv (BLAS-like kernels), not mul + sum.
 
 Half-precision inputs are computed in float32 (each chunk of w is upcast on the fly);
 float64 stays float64, which is what gradcheck needs. Runs on any device torch runs on.
@@ -41,7 +47,7 @@ def default_block(n: int, k: int) -> int:
 
 
 class _Shard:
-    """The classes a call covers, their rows of w and a per-chunk view of them."""
+    """The classes a call covers, their rows of w (normalized chunk by chunk)."""
 
     def __init__(self, w: Tensor, index: Optional[Tensor], k: int, acc: torch.dtype,
                  normalize: bool):
@@ -57,15 +63,15 @@ class _Shard:
                 + torch.arange(self.k, device=cls.device)).reshape(-1)
 
     def chunk(self, j0: int, j1: int):
-        """(w_hat [(j1-j0)*K, D] in acc dtype, normalized; b [(j1-j0)*K] inverse norms)."""
+        """(w_hat [(j1-j0)*K, D] in acc dtype, normalized; b [(j1-j0)*K, 1] inverse norms
+        or None without normalization)."""
         rows = self.rows(j0, j1)
         wc = self.w[j0 * self.k:j1 * self.k] if rows is None else self.w.index_select(0, rows)
         wc = wc.to(self.acc)
         if not self.normalize:
             return wc, None
-        b = torch.linalg.vector_norm(wc, dim=1).clamp_(min=NORM_EPS).reciprocal_()
-        return wc * b.unsqueeze(1), b
-
+        b = _inverse_norms(wc).unsqueeze(1)
+        return wc * b, b
 
     def target_rows(self, labels: Tensor) -> Tensor:
         """[N, K] row ids of each row's target class (label -1 reads class 0: masked)."""
@@ -74,38 +80,40 @@ class _Shard:
         return cls.unsqueeze(1) * self.k + torch.arange(self.k, device=cls.device)
 
 
+def _inverse_norms(v: Tensor) -> Tensor:
+    """1 / max(|v_i|, eps) over the last dim."""
+    return torch.linalg.vector_norm(v, dim=-1).clamp_(min=NORM_EPS).reciprocal_()
+
+
 def _normalized_rows(x: Tensor, acc: torch.dtype, normalize: bool):
-    """(x_hat [N, D] in acc dtype, a [N] inverse norms or None)."""
+    """(x_hat [N, D] in acc dtype, a [N, 1] inverse norms or None)."""
     xf = x.to(acc)
     if not normalize:
         return xf, None
-    a = torch.linalg.vector_norm(xf, dim=1).clamp_(min=NORM_EPS).reciprocal_()
-    return xf * a.unsqueeze(1), a
+    a = _inverse_norms(xf).unsqueeze(1)
+    return xf * a, a
 
 
 def _target_cosines(xh: Tensor, shard: _Shard, labels: Tensor, normalize: bool) -> Tensor:
     """c_i,y_i [N] (max over the K sub-centers; clamped when normalized; 0 without a
     target in the shard)."""
     n = xh.shape[0]
-    has = labels >= 0
     if shard.num_classes == 0 or n == 0:
         return torch.zeros(n, dtype=xh.dtype, device=xh.device)
     rows = shard.target_rows(labels)
     wt = shard.w.index_select(0, rows.reshape(-1)).view(n, shard.k, -1).to(xh.dtype)
     if normalize:
-        wt = wt / torch.linalg.vector_norm(wt, dim=2, keepdim=True).clamp_(min=NORM_EPS)
-    c = torch.einsum("nd,nkd->nk", xh, wt).amax(dim=1)
+        wt = wt * _inverse_norms(wt).unsqueeze(2)
+    c = torch.linalg.vecdot(xh.unsqueeze(1), wt).amax(dim=1)
     if normalize:
         c = c.clamp(-1.0, 1.0)
-    return torch.where(has, c, torch.zeros_like(c))
+    return torch.where(labels >= 0, c, torch.zeros_like(c))
 
 
-def _chunk_logits(xs: Tensor, wc: Tensor, s: float, normalize: bool, k: int):
+def _chunk_logits(xs: Tensor, wc: Tensor, k: int):
     """z = s * c for one chunk [N, nc] (after the sub-center max) and the arg-max
     sub-center [N, nc] (None for K = 1)."""
     z = xs @ wc.T
-    if normalize:
-        z.clamp_(-s, s)
     if k > 1:
         z, kidx = z.view(z.shape[0], -1, k).max(dim=2)
         return z, kidx
@@ -113,8 +121,8 @@ def _chunk_logits(xs: Tensor, wc: Tensor, s: float, normalize: bool, k: int):
 
 
 def _targets(labels: Tensor, j0: int, j1: int):
-    """(rows whose target is in classes j0..j1, [N, 1] column of it in the chunk)."""
-    inside = (labels >= j0) & (labels < j1)
+    """(rows whose target is in classes j0..j1 [N, 1], column of it in the chunk [N, 1])."""
+    inside = ((labels >= j0) & (labels < j1)).unsqueeze(1)
     col = (labels - j0).clamp(0, j1 - j0 - 1).unsqueeze(1)
     return inside, col
 
@@ -139,18 +147,25 @@ def chunked_fwd(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], s
     for j0 in range(0, shard.num_classes, step):
         j1 = min(shard.num_classes, j0 + step)
         wc, _ = shard.chunk(j0, j1)
-        z, _ = _chunk_logits(xs, wc, s, normalize, k)
+        z, _ = _chunk_logits(xs, wc, k)
         if k == 1:  # sum_j c_ij = <x_hat_i, sum_j w_hat_j>
-            w_sum += wc.sum(dim=0)
+            w_sum += torch.mv(wc.T, torch.ones(wc.shape[0], dtype=acc, device=dev))
         else:
             sum_raw += z.sum(dim=1)
-        cmax, carg = z.max(dim=1)
+        inside, col = _targets(labels, j0, j1)
+        z_col = z.gather(1, col)
+        z.scatter_(1, col, torch.where(inside, -math.inf, z_col))
+        m, arg = z.max(dim=1, keepdim=True)
+        # top-1 of the unmasked chunk (first index on ties, as torch.max)
+        take_t = inside & ((z_col > m) | ((z_col == m) & (col < arg)))
+        cmax = torch.where(take_t, z_col, m).squeeze(1)
+        carg = torch.where(take_t, col, arg).squeeze(1)
         better = (cmax > best) | (j0 == 0)
         best = torch.where(better, cmax, best)
         argmax = torch.where(better, carg + j0, argmax)
-        inside, col = _targets(labels, j0, j1)
-        z.scatter_(1, col, torch.where(inside.unsqueeze(1), -math.inf, z.gather(1, col)))
-        lse = torch.logaddexp(lse, torch.logsumexp(z, dim=1))
+        shift = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # all-masked chunk row
+        chunk_sum = z.sub_(shift).exp_().sum(dim=1)
+        lse = torch.logaddexp(lse, shift.squeeze(1) + torch.log(chunk_sum))
     lse = torch.where(has, torch.logaddexp(lse, z_t), lse)
     if k == 1:
         sum_raw = xs @ w_sum
@@ -175,7 +190,7 @@ def chunked_bwd(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], l
     # G at the target: s * dL/dz_iy * psi'(c_iy)
     grad_t = s * (g_p * torch.exp(z_t - lse) + g_s + g_t) \
         * margin_dpsi(c_t, m1, m2, wrap_mode, grad_mode)
-    grad_t = grad_t.unsqueeze(1)
+    grad_t = torch.where(has, grad_t, torch.zeros_like(grad_t)).unsqueeze(1)
     coef_p, coef_s = (s * g_p).unsqueeze(1), (s * g_s).unsqueeze(1)
     smoothing = bool((g_s != 0).any())
     lse = lse.unsqueeze(1)
@@ -185,13 +200,12 @@ def chunked_bwd(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], l
     for j0 in range(0, shard.num_classes, step):
         j1 = min(shard.num_classes, j0 + step)
         wc, b = shard.chunk(j0, j1)
-        grad, kidx = _chunk_logits(xs, wc, s, normalize, k)
+        grad, kidx = _chunk_logits(xs, wc, k)
         grad.sub_(lse).exp_().mul_(coef_p)           # s * g_p * p_ij
         if smoothing:
             grad.add_(coef_s)
         inside, col = _targets(labels, j0, j1)
-        grad.scatter_(1, col, torch.where((inside & has).unsqueeze(1), grad_t,
-                                          grad.gather(1, col)))
+        grad.scatter_(1, col, torch.where(inside, grad_t, grad.gather(1, col)))
         if k > 1:  # the gradient flows to the arg-max sub-center only
             full = torch.zeros(n, j1 - j0, k, dtype=acc, device=x.device)
             full.scatter_(2, kidx.unsqueeze(2), grad.unsqueeze(2))
@@ -199,16 +213,16 @@ def chunked_bwd(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], l
         dxs.addmm_(grad, wc)
         dwc = grad.T @ xh
         if normalize:  # dW_j = b_j (sum_i G_ij x_hat_i - q_j w_hat_j), q_j = <w_hat_j, .>
-            q = (wc * dwc).sum(dim=1, keepdim=True)
-            dwc.sub_(q * wc).mul_(b.unsqueeze(1))
+            q = torch.linalg.vecdot(wc, dwc).unsqueeze(1)
+            dwc.addcmul_(q, wc, value=-1.0).mul_(b)
         rows = shard.rows(j0, j1)
         if rows is None:
             dw[j0 * k:j1 * k] = dwc
         else:
             dw.index_add_(0, rows, dwc)
     if normalize:  # dx_i = a_i (sum_j G_ij w_hat_j - r_i x_hat_i), r_i = <x_hat_i, .>
-        r = (xh * dxs).sum(dim=1, keepdim=True)
-        dx = (dxs - r * xh).mul_(a.unsqueeze(1))
+        r = torch.linalg.vecdot(xh, dxs).unsqueeze(1)
+        dx = dxs.addcmul_(r, xh, value=-1.0).mul_(a)
     else:
         dx = dxs
     return dx.to(x.dtype), dw.to(w.dtype)

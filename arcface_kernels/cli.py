@@ -1,0 +1,280 @@
+"""Command line: ``arcface-kernels demo`` and ``arcface-kernels info``.
+
+Also reachable as ``python -m arcface_kernels``. ``demo`` trains a small network with
+ArcFaceLoss on a synthetic 100,000-class problem (see :mod:`arcface_kernels.demo`);
+``info`` prints the versions, the backends (and why any is unavailable), whether the C++
+extension was built (and with CUDA) and the devices.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import math
+import os
+import platform
+import sys
+from typing import Dict, List, Optional
+
+import torch
+
+from .backends import ALL_BACKENDS
+
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    if not (v > 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text!r}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return v
+
+
+def _margin(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a margin in [0, 3.14), got {text!r}")
+    if not 0.0 <= v < math.pi:
+        raise argparse.ArgumentTypeError(f"expected a margin in [0, 3.14), got {text!r}")
+    return v
+
+
+def _device(text: str) -> str:
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (use cpu, cuda or cuda:N)")
+    if dev.type not in DEVICE_TYPES:
+        raise argparse.ArgumentTypeError(
+            f"unsupported device {text!r} (use cpu, cuda or cuda:N)")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of the ``arcface-kernels`` command (subcommands demo, info)."""
+    from .demo import DemoConfig
+    d = DemoConfig()
+    parser = argparse.ArgumentParser(
+        prog="arcface-kernels",
+        description="Fused ArcFace / margin-softmax losses for huge class counts.")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,info}")
+    sub.required = True
+
+    demo = sub.add_parser(
+        "demo", help="train a small network with ArcFaceLoss on a synthetic huge-class "
+                     "problem; print a table, write a plot",
+        description="Train a small MLP with ArcFaceLoss on a synthetic problem with a huge "
+                    "number of classes (made on the fly), on the best backend; print "
+                    "steps/s, accuracy and the peak memory of one loss step against the "
+                    "naive reference; write a PNG of the curves.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    demo.add_argument("--classes", type=_positive_int, default=d.classes,
+                      help="number of classes C (>= 2)")
+    demo.add_argument("--dim", type=_positive_int, default=d.dim, help="embedding size D")
+    demo.add_argument("--batch", type=_positive_int, default=d.batch, help="batch size N")
+    demo.add_argument("--steps", type=_positive_int, default=d.steps, help="training steps")
+    demo.add_argument("--backend", choices=("auto",) + ALL_BACKENDS, default=d.backend,
+                      help="loss backend")
+    demo.add_argument("--device", type=_device, default=d.device, help="cpu, cuda or cuda:N")
+    demo.add_argument("--lr", type=_positive_float, default=d.lr, help="SGD learning rate")
+    demo.add_argument("--seed", type=_int, default=d.seed, help="random seed")
+    demo.add_argument("--out", default=d.out,
+                      help="path of the PNG plot ('' for no plot)")
+    demo.add_argument("--json", default=None, metavar="PATH",
+                      help="also write the results and per-step history as JSON")
+    demo.add_argument("--scale", type=_positive_float, default=d.scale, help="logit scale s")
+    demo.add_argument("--margin", type=_margin, default=d.margin,
+                      help="ArcFace additive angular margin m2 (after warm-up)")
+    demo.add_argument("--margin-warmup", type=_fraction, default=d.margin_warmup,
+                      help="fraction of the steps over which the margin rises from 0")
+    demo.add_argument("--working-set", type=_nonneg_int, default=d.working_set,
+                      help="classes a batch is drawn from at a time (0: 2 x batch)")
+    demo.add_argument("--repeats", type=_positive_int, default=d.repeats,
+                      help="expected samples of a class while it is in the working set")
+    demo.add_argument("--threads", type=_nonneg_int, default=d.threads,
+                      help="CPU threads (0: torch's default, or 1 when the cores are "
+                           "already busy)")
+    demo.add_argument("--no-reference", action="store_true",
+                      help="skip measuring the naive reference's memory")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.set_defaults(func=_cmd_demo, parser=demo)
+
+    info = sub.add_parser("info", help="print versions, backends, build and devices")
+    info.set_defaults(func=_cmd_info, parser=info)
+    return parser
+
+
+def _check_demo_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Checks that need more than one flag or the machine; parser.error names the value."""
+    from .backends import backend_status
+    if args.classes < 2:
+        parser.error(f"argument --classes: expected at least 2 classes, got {args.classes}")
+    dev = torch.device(args.device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(f"argument --device: {args.device!r} requested but CUDA is not "
+                         f"available here (torch {torch.__version__}, "
+                         f"CUDA build: {torch.version.cuda})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            parser.error(f"argument --device: {args.device!r} but only "
+                         f"{torch.cuda.device_count()} CUDA device(s)")
+    if args.backend != "auto":
+        from .backends import resolve_backend
+        try:
+            resolve_backend(args.backend, dev)
+        except ValueError as e:
+            parser.error(f"argument --backend: {e}; status: {backend_status()[args.backend]}")
+
+
+def _cmd_demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, format_table, run_demo
+    _check_demo_args(parser, args)
+    try:
+        cfg = DemoConfig(classes=args.classes, dim=args.dim, batch=args.batch,
+                         steps=args.steps, backend=args.backend, device=args.device,
+                         lr=args.lr, seed=args.seed, out=args.out, scale=args.scale,
+                         margin=args.margin, margin_warmup=args.margin_warmup,
+                         working_set=args.working_set, repeats=args.repeats,
+                         threads=args.threads,
+                         progress=not args.no_progress,
+                         measure_reference=not args.no_reference)
+    except ValueError as e:
+        parser.error(str(e))
+    res = run_demo(cfg)
+    print(format_table(res), flush=True)
+    if args.json:
+        import json
+        from .demo import result_dict
+        folder = os.path.dirname(os.path.abspath(args.json))
+        os.makedirs(folder, exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result_dict(res), f, indent=1)
+    return 0
+
+
+def _version(dist: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def extension_info() -> Dict[str, str]:
+    """Whether the C++ extension ``arcface_kernels._C`` is importable and built with CUDA."""
+    try:
+        from . import _C
+    except (ImportError, OSError) as e:
+        return {"built": "no", "detail": f"{type(e).__name__}: {e}"}
+    with_cuda = getattr(_C, "WITH_CUDA", None)
+    return {"built": "yes",
+            "cuda": "unknown" if with_cuda is None else ("yes" if with_cuda else "no"),
+            "path": getattr(_C, "__file__", "?")}
+
+
+def device_lines() -> List[str]:
+    """One line per device; CUDA is queried only where torch has it, and device
+    properties only when a device is there."""
+    lines = [f"cpu: {platform.processor() or platform.machine()}, "
+             f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}"]
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        lines.append("cuda: this torch build has no CUDA")
+    elif not torch.cuda.is_available():
+        lines.append(f"cuda: no device (torch built with CUDA {torch.version.cuda})")
+    else:
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            lines.append(f"cuda:{i}: {p.name}, {p.total_memory / 2**30:.1f} GiB, "
+                         f"sm_{p.major}{p.minor}, {p.multi_processor_count} SMs")
+    return lines
+
+
+def info_text() -> str:
+    """The text ``arcface-kernels info`` prints."""
+    from . import __version__
+    from .backends import backend_status, triton_interpreted
+    lines = [f"arcface-kernels {__version__}",
+             f"python {platform.python_version()}, torch {torch.__version__} "
+             f"(CUDA {torch.version.cuda or 'none'}), triton {_version('triton') or 'not installed'}"
+             + (" [TRITON_INTERPRET=1]" if triton_interpreted() else ""),
+             "", "backends:"]
+    status = backend_status()
+    width = max(len(n) for n in status)
+    lines += [f"  {name.ljust(width)}  {text}" for name, text in status.items()]
+    ext = extension_info()
+    lines += ["", "C++ extension (arcface_kernels._C):"]
+    if ext["built"] == "yes":
+        lines.append(f"  built: yes, with CUDA: {ext['cuda']} ({ext['path']})")
+    else:
+        lines.append(f"  built: no ({ext['detail']})")
+    lines += ["", "devices:"] + [f"  {ln}" for ln in device_lines()]
+    auto_cpu = _auto_name("cpu")
+    auto = f"  backend 'auto' picks: {auto_cpu} on cpu"
+    if torch.cuda.is_available():
+        auto += f", {_auto_name('cuda')} on cuda"
+    lines += [auto]
+    return "\n".join(lines)
+
+
+def _auto_name(device_type: str) -> str:
+    from .backends import resolve_backend
+    try:
+        return resolve_backend("auto", torch.device(device_type)).name
+    except RuntimeError as e:
+        return f"none ({e})"
+
+
+def _cmd_info(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    print(info_text(), flush=True)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``arcface-kernels`` / ``python -m arcface_kernels``; returns the
+    exit status (argparse exits with 2 on bad flags)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args.parser, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

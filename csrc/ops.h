@@ -1,0 +1,37 @@
+// Shared declarations of the extension: the argument checks every implementation runs
+// (CPU and CUDA) and small helpers. The op schemas themselves live in ops.cpp.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <optional>
+
+#include "arcface_math.h"
+
+namespace arcface {
+
+// Sizes of one call after its checks: N rows, D features, R rows of w, K sub-centers,
+// C classes in the shard (index length, or R / K).
+struct Dims {
+  int64_t n, d, r, k, c;
+};
+
+// Checks of the forward's arguments (shapes, dtypes, devices, scalar ranges); labels and
+// index values are checked by check_values. Errors name the argument and its value.
+Dims check_fwd_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
+                    const std::optional<at::Tensor>& index, double s, double m1, double m2,
+                    double m3, int64_t wrap_mode, int64_t grad_mode, bool normalize,
+                    int64_t sub_centers, int64_t block);
+
+// The backward's extra per-row vectors: 1-D, N long, floating, on x's device.
+void check_row_vector(const at::Tensor& t, const char* name, int64_t n, const at::Tensor& x);
+
+// Value checks: labels in [-1, C), index in [0, R / K). One host sync on CUDA.
+void check_values(const at::Tensor& labels, const std::optional<at::Tensor>& index,
+                  const Dims& dims);
+
+// Whether the CUDA kernels were compiled into this build.
+bool compiled_with_cuda();
+
+}  // namespace arcface

@@ -1,0 +1,392 @@
+"""The "cpp" backend: the compiled extension arcface_kernels._C (csrc/).
+
+CPU kernel against the float64 reference over the shared grid (every mode, odd shapes) in
+float64 and float32, half precision against the reference's own error, gradcheck, Partial
+FC index and sub-centers through the ops directly, the op registration (schema, opcheck),
+bad input, NaN, the memory contract; the CUDA kernel in tests marked gpu.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import arcface_kernels as ak
+from arcface_kernels import chunked
+from arcface_kernels._config import GRAD_MODES, WRAP_MODES, MarginConfig
+from arcface_kernels.reference import (NORM_EPS, SIN2_MIN, reference_forward,
+                                       reference_logits)
+
+from _cases import (MODES, SHAPES, assert_low_precision_ok, assert_matches_reference,
+                    finite_difference_ok, make_inputs, max_rel_err)
+
+_cpp = pytest.importorskip("arcface_kernels._cpp",
+                           reason="the C++ extension arcface_kernels._C is not built")
+HAS_CUDA = torch.cuda.is_available()
+
+
+# ----------------------------------------------------------------------------- registry
+def test_backend_registered():
+    assert "cpp" in ak.available_backends()
+    assert ak.backend_status()["cpp"].startswith("ok")
+    assert _cpp.DEVICES == (("cpu", "cuda") if _cpp.WITH_CUDA else ("cpu",))
+
+
+def _schema_signature(op):
+    sch = op._schema
+    args = [(a.name, str(a.type), a.default_value) for a in sch.arguments]
+    rets = [str(r.type) for r in sch.returns]
+    return args, rets
+
+
+@pytest.mark.parametrize("kind", ["fwd", "bwd"])
+def test_schema_equals_chunked(kind):
+    mine = getattr(torch.ops.arcface_kernels, f"cpp_{kind}").default
+    theirs = getattr(torch.ops.arcface_kernels, f"chunked_{kind}").default
+    assert _schema_signature(mine) == _schema_signature(theirs)
+    assert len(_schema_signature(mine)[0]) > 10
+
+
+def test_constants_match_python():
+    from arcface_kernels import _C
+    assert _C.WRAP_FALLBACK == WRAP_MODES["fallback"]
+    assert _C.WRAP_EASY == WRAP_MODES["easy"]
+    assert _C.WRAP_NONE == WRAP_MODES["none"]
+    assert _C.GRAD_EXACT == GRAD_MODES["exact"]
+    assert _C.GRAD_STRAIGHT_THROUGH == GRAD_MODES["straight_through"]
+    assert _C.NORM_EPS == NORM_EPS and _C.SIN2_MIN == SIN2_MIN
+
+
+def test_package_works_without_extension(tmp_path):
+    """With arcface_kernels._C unimportable the package imports, reports cpp unavailable
+    and runs the loss with another backend."""
+    code = (
+        "import sys; sys.modules['arcface_kernels._C'] = None\n"
+        "import torch, arcface_kernels as ak\n"
+        "st = ak.backend_status()\n"
+        "assert st['cpp'].startswith('unavailable'), st\n"
+        "assert 'cpp' not in ak.available_backends()\n"
+        "x, w = torch.randn(4, 8), torch.randn(5, 8)\n"
+        "l = ak.arcface_loss(x, w, torch.tensor([0, 1, 2, 3]))\n"
+        "assert torch.isfinite(l)\n"
+        "print('OK')\n")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
+
+
+# ------------------------------------------------------------------- CPU vs reference
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mode", list(MODES), ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_cpu_matches_reference(mode, shape, dtype):
+    assert_matches_reference("cpp", shape, MODES[mode], dtype=dtype)
+
+
+@pytest.mark.parametrize("mode", ["arcface", "sub_centers", "linear_ce", "combined_m1"])
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_cpu_small_blocks(mode, chunk):
+    """Many class blocks (chunk_size classes each): the online lse across blocks."""
+    assert_matches_reference("cpp", (33, 70, 24), MODES[mode], chunk_size=chunk)
+
+
+def test_cpu_many_row_tiles():
+    """More rows than one tile holds (2^19 / (2048 w-rows) = 256 rows per tile)."""
+    assert_matches_reference("cpp", (1100, 2100, 5), MODES["arcface"], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("mode", list(MODES), ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cpu_half_precision(mode, dtype):
+    assert_low_precision_ok("cpp", (33, 70, 24), MODES[mode], dtype)
+
+
+def test_gradcheck():
+    assert finite_difference_ok("cpp")
+
+
+# --------------------------------------------------------- index (Partial FC), shards
+def reference_backward(x, w, labels, index, g_p, g_t, g_s, cfg):
+    """The backward primitive by autograd through the reference's materialized logits:
+    the gradient of sum_i g_p_i lse_i + g_t_i z_i,label + g_s_i sum_j z_ij."""
+    xr = x.detach().clone().requires_grad_(True)
+    wr = w.detach().clone().requires_grad_(True)
+    z, _ = reference_logits(xr, wr, labels, index, cfg)
+    has = labels >= 0
+    z_t = torch.where(has, z.gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1),
+                      torch.zeros_like(g_t))
+    total = (g_p * torch.logsumexp(z, dim=1) + g_t * z_t + g_s * z.sum(dim=1)).sum()
+    return torch.autograd.grad(total, (xr, wr))
+
+
+def _op_args(mode: dict) -> tuple:
+    cfg = MarginConfig(**{k: v for k, v in mode.items()
+                          if k not in ("label_smoothing", "reduction")})
+    return cfg, cfg.op_args()
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("mode", ["arcface", "sphereface", "linear_cosface", "easy"])
+def test_cpu_index_matches_reference(k, mode):
+    """Partial FC: the shard's classes read through index (with a repeated class); labels
+    are shard positions, -1 for rows without a target here."""
+    torch.manual_seed(0)
+    n, c, d = 19, 23, 9
+    x, w, _ = make_inputs(n, c, d, sub_centers=k, seed=4)
+    index = torch.tensor([3, 17, 0, 22, 8, 9, 17, 12, 5], dtype=torch.long)
+    labels = torch.randint(-1, index.numel(), (n,))
+    cfg, args = _op_args(dict(MODES[mode], sub_centers=k))
+    got = _cpp.FWD_OP(x, w, labels, index, *args, 4)
+    want = reference_forward(x, w, labels, index, cfg)
+    for name, g, r in zip(("lse", "target", "sum_z", "max_z"), got[:4], want[:4]):
+        assert max_rel_err(g, r) < 1e-12, name
+    assert torch.equal(got[4], want[4])
+    g_p, g_t, g_s = torch.rand(n, dtype=x.dtype), -torch.rand(n, dtype=x.dtype), \
+        torch.rand(n, dtype=x.dtype) * 0.1
+    dx, dw = _cpp.BWD_OP(x, w, labels, index, want[0], g_p, g_t, g_s, *args, 4)
+    rdx, rdw = reference_backward(x, w, labels, index, g_p, g_t, g_s, cfg)
+    assert max_rel_err(dx, rdx) < 1e-11 and max_rel_err(dw, rdw) < 1e-11
+    untouched = torch.ones(c, dtype=torch.bool)
+    untouched[index] = False
+    assert dw.view(c, k, d)[untouched].abs().max() == 0
+    assert dw.view(c, k, d)[index].abs().max() > 0
+
+
+def test_cpu_empty_shard():
+    x, w, _ = make_inputs(6, 4, 5)
+    index = torch.zeros(0, dtype=torch.long)
+    labels = torch.full((6,), -1, dtype=torch.long)
+    cfg, args = _op_args(MODES["arcface"])
+    lse, tgt, sz, mz, am = _cpp.FWD_OP(x, w, labels, index, *args, 0)
+    assert torch.all(lse == -math.inf) and torch.all(tgt == 0) and torch.all(sz == 0)
+    assert torch.all(mz == -math.inf) and torch.all(am == 0)
+    z = torch.zeros(6, dtype=x.dtype)
+    dx, dw = _cpp.BWD_OP(x, w, labels, index, z, z + 1, z, z, *args, 0)
+    assert torch.all(dx == 0) and torch.all(dw == 0)
+
+
+# ------------------------------------------------------------------ op registration
+def test_opcheck():
+    x, w, y = make_inputs(7, 9, 6)
+    labels = torch.where(y >= 0, y, torch.full_like(y, -1))
+    _, args = _op_args(MODES["combined"])
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    torch.library.opcheck(_cpp.FWD_OP, (x, w, labels, None, *args, 0))
+    lse = _cpp.FWD_OP(x.detach(), w.detach(), labels, None, *args, 0)[0]
+    ones = torch.ones_like(lse)
+    torch.library.opcheck(_cpp.BWD_OP, (x.detach(), w.detach(), labels, None, lse, ones,
+                                        -ones, ones * 0.1, *args, 0))
+
+
+# ----------------------------------------------------------------- bad input, NaN
+def _good():
+    x, w, y = make_inputs(5, 6, 4, dtype=torch.float32)
+    labels = torch.where(y >= 0, y, torch.full_like(y, -1))
+    return x, w, labels, MarginConfig().op_args()
+
+
+@pytest.mark.parametrize("case, exc, match", [
+    ("labels_high", ValueError, r"labels must be in \[-1, 6\).*got values in \[-1, 6\]"),
+    ("labels_low", ValueError, r"labels must be in \[-1, 6\).*got values in \[-2,"),
+    ("labels_dtype", TypeError, "labels must be int64, got Int"),
+    ("index_high", ValueError, r"index must hold class ids in \[0, 6\).*\[0, 6\]"),
+    ("index_dtype", TypeError, "index must be int64"),
+    ("x_dtype", TypeError, "x must be float16/bfloat16/float32/float64, got Int"),
+    ("w_dtype", TypeError, "w dtype must match x dtype Float, got Double"),
+    ("x_dim", ValueError, r"x must be 2-D \[N, D\], got shape \[5, 4, 1\]"),
+    ("d_mismatch", ValueError, "w has D=3 but x has D=4"),
+    ("n_mismatch", ValueError, "labels has 4 rows but x has 5"),
+    ("sub_centers", ValueError, "w has 6 rows, not a multiple of sub_centers=4"),
+    ("wrap_mode", ValueError, "wrap_mode must be 0 .* got 7"),
+    ("grad_mode", ValueError, "grad_mode must be 0 .* got -1"),
+    ("s", ValueError, "s must be finite and > 0, got -1"),
+    ("m2", ValueError, r"m2 must be in \[0, pi\), got 4"),
+    ("linear_margin", ValueError, "normalize=False needs m1 == 1 and m2 == 0"),
+    ("block", ValueError, "block must be >= 0"),
+])
+def test_bad_input(case, exc, match):
+    x, w, labels, args = _good()
+    args = list(args) + [0]
+    index = None
+    if case == "labels_high":
+        labels = labels.clone()
+        labels[0] = 6
+    elif case == "labels_low":
+        labels = labels.clone()
+        labels[0] = -2
+    elif case == "labels_dtype":
+        labels = labels.int()
+    elif case == "index_high":
+        index = torch.tensor([0, 6])
+        labels = torch.full_like(labels, -1)
+    elif case == "index_dtype":
+        index = torch.tensor([0, 1], dtype=torch.int32)
+    elif case == "x_dtype":
+        x = x.int()
+    elif case == "w_dtype":
+        w = w.double()
+    elif case == "x_dim":
+        x = x.unsqueeze(2)
+    elif case == "d_mismatch":
+        w = w[:, :3]
+    elif case == "n_mismatch":
+        labels = labels[:4]
+    elif case == "sub_centers":
+        args[7] = 4
+    elif case == "wrap_mode":
+        args[4] = 7
+    elif case == "grad_mode":
+        args[5] = -1
+    elif case == "s":
+        args[0] = -1.0
+    elif case == "m2":
+        args[2] = 4.0
+    elif case == "linear_margin":
+        args[6] = False
+    elif case == "block":
+        args[8] = -3
+    with pytest.raises(exc, match=match):
+        _cpp.FWD_OP(x, w, labels, index, *args)
+
+
+def test_bad_backward_vectors():
+    x, w, labels, args = _good()
+    lse = torch.zeros(5)
+    with pytest.raises(ValueError, match=r"g_t must be 1-D of length N=5, got shape \[4\]"):
+        _cpp.BWD_OP(x, w, labels, None, lse, lse, lse[:4], lse, *args, 0)
+
+
+def test_nan_in_nan_out_and_finite_extremes():
+    x, w, y = make_inputs(6, 9, 5, dtype=torch.float32)
+    labels = torch.where(y >= 0, y, torch.full_like(y, -1))
+    args = MarginConfig().op_args() + (0,)
+    xn = x.clone()
+    xn[2, 1] = float("nan")
+    lse, tgt, sz, mz, _ = _cpp.FWD_OP(xn, w, labels, None, *args)
+    assert torch.isnan(lse[2]) and torch.isnan(mz[2])
+    keep = torch.arange(6) != 2
+    assert torch.isfinite(lse[keep]).all() and torch.isfinite(sz[keep]).all()
+    # zero, tiny and huge rows: finite everywhere, as the reference
+    xe = x.double().clone()
+    xe[0] = 0.0
+    xe[1] *= 1e-30
+    xe[3] *= 1e30
+    we = w.double().clone()
+    we[4] = 0.0
+    for dtype in (torch.float64, torch.float32):
+        loss, dx, dw = [t for t in _run(xe.to(dtype), we.to(dtype), y)]
+        for t in (loss, dx, dw):
+            assert torch.isfinite(t).all()
+
+
+def _run(x, w, y):
+    x = x.clone().requires_grad_(True)
+    w = w.clone().requires_grad_(True)
+    loss = ak.arcface_loss(x, w, y, backend="cpp")
+    loss.backward()
+    return loss.detach(), x.grad, w.grad
+
+
+# -------------------------------------------------------------------- memory contract
+def test_cpu_memory_is_not_n_by_c():
+    from arcface_kernels._memory import peak_memory
+    n, c, d = 256, 16384, 32
+    x, w, y = make_inputs(n, c, d, dtype=torch.float32, aligned=False)
+
+    def step():
+        xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss = ak.arcface_loss(xr, wr, y, backend="cpp")
+        loss.backward()
+        return loss
+
+    step()
+    peak, _ = peak_memory(step, "cpu")
+    grads_and_copies = 2 * (n * d + c * d) * 4  # the clones and their gradients
+    assert peak - grads_and_copies < 0.25 * n * c * 4, peak
+
+
+# ------------------------------------------------------------------------------- CUDA
+needs_cuda_kernel = pytest.mark.skipif(not _cpp.WITH_CUDA,
+                                       reason="extension built without CUDA kernels")
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3], SHAPES[5], (200, 1000, 128)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mode", list(MODES), ids=str)
+def test_cuda_fp32_matches_reference(mode, shape):
+    assert_matches_reference("cpp", shape, MODES[mode], dtype=torch.float32, device="cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@pytest.mark.parametrize("shape", [(33, 70, 24), (200, 1000, 128)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mode", list(MODES), ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_half_precision(mode, shape, dtype):
+    assert_low_precision_ok("cpp", shape, MODES[mode], dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@pytest.mark.parametrize("k", [1, 3])
+def test_cuda_index_matches_reference(k):
+    n, c, d = 70, 300, 40
+    x, w, _ = make_inputs(n, c, d, sub_centers=k, seed=5)
+    index = torch.randperm(c)[:130]
+    index[7] = index[100]  # a repeated class
+    labels = torch.randint(-1, index.numel(), (n,))
+    cfg, args = _op_args(dict(MODES["arcface"], sub_centers=k))
+    want = reference_forward(x, w, labels, index, cfg)
+    xc, wc, lc, ic = (t.cuda() for t in (x, w, labels, index))
+    got = _cpp.FWD_OP(xc.float(), wc.float(), lc, ic, *args, 0)
+    for g, r in zip(got[:4], want[:4]):
+        assert max_rel_err(g, r) < 2e-5
+    g_p, g_t, g_s = torch.rand(n, dtype=x.dtype), -torch.rand(n, dtype=x.dtype), \
+        torch.rand(n, dtype=x.dtype) * 0.1
+    rdx, rdw = reference_backward(x, w, labels, index, g_p, g_t, g_s, cfg)
+    dx, dw = _cpp.BWD_OP(xc.float(), wc.float(), lc, ic, want[0].float().cuda(),
+                         g_p.float().cuda(), g_t.float().cuda(), g_s.float().cuda(), *args, 0)
+    assert max_rel_err(dx, rdx) < 2e-4 and max_rel_err(dw, rdw) < 2e-4
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+def test_cuda_more_than_2_31_logits():
+    """N * C > 2^31: 64-bit offsets. Checked against the chunked backend on the same GPU
+    (the reference would need several 8 GiB copies of the logits)."""
+    n, c, d = 40000, 54000, 16  # 2.16e9 logits
+    assert n * c > 2 ** 31
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(n, d, device="cuda", generator=g, dtype=torch.float16)
+    w = torch.randn(c, d, device="cuda", generator=g, dtype=torch.float16)
+    y = torch.randint(0, c, (n,), device="cuda", generator=g)
+    y[-1] = c - 1  # the very last logit is a target
+    args = MarginConfig().op_args() + (0,)
+    got = _cpp.FWD_OP(x, w, y, None, *args)
+    want = chunked.FWD_OP(x, w, y, None, *args)
+    for a, b in zip(got[:4], want[:4]):
+        assert max_rel_err(a, b) < 1e-3
+    ones = torch.ones(n, device="cuda")
+    dx, dw = _cpp.BWD_OP(x, w, y, None, want[0], ones / n, -ones / n, ones * 0, *args)
+    rdx, rdw = chunked.BWD_OP(x, w, y, None, want[0], ones / n, -ones / n, ones * 0, *args)
+    assert max_rel_err(dx, rdx) < 2e-2 and max_rel_err(dw, rdw) < 2e-2
+    assert torch.isfinite(dx).all() and torch.isfinite(dw).all()
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+def test_cuda_bad_dtype_and_device():
+    x, w, labels, args = _good()
+    with pytest.raises(RuntimeError, match="float64"):
+        _cpp.FWD_OP(x.double().cuda(), w.double().cuda(), labels.cuda(), None, *args, 0)
+    with pytest.raises(ValueError, match="one device"):
+        _cpp.FWD_OP(x.cuda(), w, labels, None, *args, 0)

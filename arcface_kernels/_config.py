@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 # Integer codes shared with the Triton module and the C++ header (keep in sync:
-# tests/test_ops_schema.py checks the C++ and Triton constants against these).
+# tests/test_cpp.py and tests/test_triton.py check the C++ and Triton constants).
 WRAP_MODES = {"fallback": 0, "easy": 1, "none": 2}
 GRAD_MODES = {"exact": 0, "straight_through": 1}
 REDUCTIONS = ("mean", "sum", "none")
@@ -109,3 +110,43 @@ def check_label_smoothing(label_smoothing: float) -> None:
         raise TypeError(f"label_smoothing must be a real number, got {label_smoothing!r}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The knobs around the math, shared by arcface_loss, ArcFaceLoss and PartialFC.
+
+    reduction: "mean" | "sum" | "none"; ignore_index: label of rows that do not count;
+    label_smoothing: eps in [0, 1]; chunk_size: classes per chunk / tile hint (None =
+    backend default); backend: a backend name or "auto".
+    """
+
+    reduction: str = "mean"
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    chunk_size: Optional[int] = None
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_reduction(self.reduction)
+        check_label_smoothing(self.label_smoothing)
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {self.ignore_index!r}")
+        if self.chunk_size is not None and (
+                isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int)
+                or self.chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, "
+                             f"got {self.chunk_size!r}")
+        if not isinstance(self.backend, str):
+            raise TypeError(f"backend must be a str, got {self.backend!r}")
+
+    @property
+    def block(self) -> int:
+        """The ops' ``block`` argument (0 = backend default)."""
+        return 0 if self.chunk_size is None else self.chunk_size

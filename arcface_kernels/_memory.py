@@ -8,7 +8,7 @@ page-level effects of malloc are not counted).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 
@@ -34,3 +34,19 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> Tuple[int, Any]:
         cur += e.nbytes()
         peak = max(peak, cur)
     return peak, out
+
+
+def available_bytes(device: torch.device) -> Optional[int]:
+    """Free memory on the device (CUDA: mem_get_info; CPU: MemAvailable of /proc/meminfo),
+    or None where it cannot be read."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

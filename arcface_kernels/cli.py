@@ -22,61 +22,26 @@ from .backends import ALL_BACKENDS
 DEVICE_TYPES = ("cpu", "cuda")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
+def _number(kind, ok, wanted: str):
+    """An argparse type: parse with ``kind`` (int or float), accept when ``ok(v)``;
+    the error names the value and what was wanted."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            v = None
+        if v is None or not ok(v):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return v
+    return parse
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return v
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    if not (v > 0 and v != float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text!r}")
-    return v
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return v
-
-
-def _margin(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a margin in [0, 3.14), got {text!r}")
-    if not 0.0 <= v < math.pi:
-        raise argparse.ArgumentTypeError(f"expected a margin in [0, 3.14), got {text!r}")
-    return v
+_positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+_nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+_int = _number(int, lambda v: True, "an integer")
+_positive_float = _number(float, lambda v: 0 < v < math.inf, "a finite positive number")
+_fraction = _number(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+_margin = _number(float, lambda v: 0.0 <= v < math.pi, "a margin in [0, 3.14)")
 
 
 def _device(text: str) -> str:

@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ._memory import peak_memory
+from ._memory import available_bytes, peak_memory
 from .backends import resolve_backend
 from .module import ArcFaceLoss
 from .reference import reference_loss
@@ -202,18 +202,6 @@ def choose_threads(requested: int) -> Tuple[int, str]:
     return default, "default"
 
 
-def _mem_available() -> Optional[int]:
-    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def _margin_at(step: int, cfg: DemoConfig) -> float:
     ramp = cfg.margin_warmup * cfg.steps
     if ramp <= 0:
@@ -255,12 +243,8 @@ def measure_memory(head: ArcFaceLoss, emb: Tensor, labels: Tensor, device: torch
     if not measure_reference:
         return out
     nxc_bytes = n * c * 4
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = free * REFERENCE_MEMORY_FRACTION
-    else:
-        avail = _mem_available()
-        budget = (avail if avail is not None else 8 << 30) * REFERENCE_MEMORY_FRACTION
+    avail = available_bytes(device)
+    budget = (avail if avail is not None else 8 << 30) * REFERENCE_MEMORY_FRACTION
     # The reference holds several N x C float32 copies (cosines, logits, softmax, grads).
     copies = 8
     c_run = c if nxc_bytes * copies <= budget else max(1, int(budget // (n * 4 * copies)))

@@ -11,7 +11,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ._config import MarginConfig, check_label_smoothing, check_reduction
+from ._config import LossOptions, MarginConfig
 from ._ops import local_labels
 from .backends import resolve_backend
 
@@ -76,14 +76,6 @@ def check_inputs(embeddings: Tensor, weight: Tensor, labels: Tensor, sub_centers
                          f"{embeddings.device}, {weight.device}, {labels.device}")
 
 
-def check_chunk_size(chunk_size: Optional[int]) -> int:
-    if chunk_size is None:
-        return 0
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    return chunk_size
-
-
 def reduce_rows(loss_rows: Tensor, valid: Tensor, reduction: str,
                 count: Optional[Tensor] = None) -> Tensor:
     """Apply the reduction; "mean" divides by the rows not ignored (``count`` if given),
@@ -141,12 +133,10 @@ def arcface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: float
     """
     cfg = MarginConfig(s=s, m1=m1, m2=m2, m3=m3, margin_mode=margin_mode,
                        target_grad=target_grad, normalize=normalize, sub_centers=sub_centers)
-    check_reduction(reduction)
-    check_label_smoothing(label_smoothing)
+    opts = LossOptions(reduction=reduction, ignore_index=ignore_index,
+                       label_smoothing=label_smoothing, chunk_size=chunk_size, backend=backend)
     check_inputs(embeddings, weight, labels, sub_centers)
-    block = check_chunk_size(chunk_size)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    block = opts.block
     be = resolve_backend(backend, embeddings.device)
     num_classes = weight.shape[0] // sub_centers
     local = local_labels(labels, 0, num_classes, num_classes, ignore_index)

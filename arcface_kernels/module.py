@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._config import MarginConfig, check_label_smoothing, check_reduction
+from ._config import LossOptions, MarginConfig, check_positive_int
 from .loss import LossStats, arcface_loss
 
 
@@ -27,16 +27,13 @@ class ArcFaceLoss(nn.Module):
                  chunk_size: Optional[int] = None, backend: str = "auto",
                  device=None, dtype=None):
         super().__init__()
-        for name, v in (("embedding_size", embedding_size), ("num_classes", num_classes)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_positive_int("embedding_size", embedding_size)
+        check_positive_int("num_classes", num_classes)
         self.cfg = MarginConfig(s=s, m1=m1, m2=m2, m3=m3, margin_mode=margin_mode,
                                 target_grad=target_grad, normalize=normalize,
                                 sub_centers=sub_centers)
-        check_reduction(reduction)
-        check_label_smoothing(label_smoothing)
-        if not isinstance(backend, str):
-            raise TypeError(f"backend must be a str, got {backend!r}")
+        LossOptions(reduction=reduction, ignore_index=ignore_index,
+                    label_smoothing=label_smoothing, chunk_size=chunk_size, backend=backend)
         self.embedding_size, self.num_classes = embedding_size, num_classes
         self.label_smoothing, self.reduction, self.ignore_index = (
             label_smoothing, reduction, ignore_index)

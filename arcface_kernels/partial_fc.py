@@ -41,12 +41,12 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._config import MarginConfig, check_label_smoothing, check_reduction
+from ._config import LossOptions, MarginConfig, check_positive_int
 from ._ops import acc_dtype, local_labels
 from .backends import resolve_backend
 from .distributed import Comm, gather_ints, gather_live, gather_objects, gather_rows, \
     resolve_comm
-from .loss import LossStats, check_chunk_size, combine_loss_rows, reduce_rows
+from .loss import LossStats, combine_loss_rows, reduce_rows
 
 _FLOAT_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 
@@ -56,12 +56,6 @@ def shard_range(num_classes: int, world_size: int, rank: int):
     num_local = num_classes // world_size + int(rank < num_classes % world_size)
     class_start = num_classes // world_size * rank + min(rank, num_classes % world_size)
     return class_start, num_local
-
-
-def _positive_int(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be a positive int, got {v!r}")
-    return v
 
 
 class PartialFC(nn.Module):
@@ -111,21 +105,17 @@ class PartialFC(nn.Module):
                  embedding_grad_scale: Optional[float] = None, track_stats: bool = False,
                  device=None, dtype=None):
         super().__init__()
-        self.embedding_size = _positive_int("embedding_size", embedding_size)
-        self.num_classes = _positive_int("num_classes", num_classes)
+        self.embedding_size = check_positive_int("embedding_size", embedding_size)
+        self.num_classes = check_positive_int("num_classes", num_classes)
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) \
                 or not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be a number in (0, 1], got {sample_rate!r}")
         self.cfg = MarginConfig(s=s, m1=m1, m2=m2, m3=m3, margin_mode=margin_mode,
                                 target_grad=target_grad, normalize=normalize,
                                 sub_centers=sub_centers)
-        check_reduction(reduction)
-        check_label_smoothing(label_smoothing)
-        self.block = check_chunk_size(chunk_size)
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-        if not isinstance(backend, str):
-            raise TypeError(f"backend must be a str, got {backend!r}")
+        self.block = LossOptions(reduction=reduction, ignore_index=ignore_index,
+                                 label_smoothing=label_smoothing, chunk_size=chunk_size,
+                                 backend=backend).block
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {generator!r}")
         if embedding_grad_scale is not None and (

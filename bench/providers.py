@@ -32,6 +32,7 @@ from torch import Tensor
 import arcface_kernels as ak
 from arcface_kernels.backends import ALL_BACKENDS, backend_status, resolve_backend, \
     triton_interpreted
+from arcface_kernels._memory import available_bytes
 from arcface_kernels.reference import reference_loss
 
 # The loss configurations a benchmark can run (keyword arguments of arcface_loss).
@@ -122,20 +123,6 @@ class Bound:
     def zero_grads(self) -> None:
         for t in self.leaves:
             t.grad = None
-
-
-def available_bytes(device: torch.device) -> Optional[int]:
-    """Free memory on the device (CUDA: mem_get_info; CPU: MemAvailable), or None."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 class Provider:

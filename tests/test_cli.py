@@ -186,7 +186,7 @@ def test_measure_memory_measures_then_estimates_the_reference(monkeypatch):
     assert head.weight.grad is None              # measurement leaves no gradient behind
     # Too little memory for the full reference: measured at fewer classes and scaled.
     fake_avail = n * 4 * 8 * 1000 / demo.REFERENCE_MEMORY_FRACTION
-    monkeypatch.setattr(demo, "_mem_available", lambda: int(fake_avail))
+    monkeypatch.setattr(demo, "available_bytes", lambda device: int(fake_avail))
     e = demo.measure_memory(head, emb, labels, torch.device("cpu"))
     assert e["reference_estimated"] and "C=1000" in e["reference_note"]
     assert 0.5 * m["reference_peak"] < e["reference_peak"] < 2.0 * m["reference_peak"]

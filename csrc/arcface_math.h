@@ -265,4 +265,13 @@ AK_HD T grad_target(T c, T lse, T g_p, T g_t, T g_s, const Margin<T>& p) {
   return p.s * (g_p * ak_exp(z - lse) + g_s + g_t) * dpsi(c, p);
 }
 
+// The normalization's backward, one element: with u = sum of G times the other side's
+// normalized vectors (sum_j G_ij w_hat_j for x_i, sum_i G_ij x_hat_i for w_j), rc the
+// row's coefficient (r_i = sum_j G_ij c_ij, or q_j), v_hat the normalized input element
+// and inv its row's inverse norm: dL/dv = inv * (u - rc * v_hat) (design.md section 2).
+template <typename T>
+AK_HD T norm_grad(T u, T rc, T v_hat, T inv) {
+  return inv * (u - rc * v_hat);
+}
+
 }  // namespace arcface

@@ -360,6 +360,99 @@ def test_cuda_index_matches_reference(k):
 
 @pytest.mark.gpu
 @needs_cuda_kernel
+@pytest.mark.parametrize("mode", ["arcface", "sub_centers", "linear_ce", "combined_m1",
+                                  "smoothing", "straight_through", "easy"])
+@pytest.mark.parametrize("chunk", [1, 5, 70])
+def test_cuda_backward_many_chunks(mode, chunk):
+    """The CUDA backward walks the classes in chunks (G workspace [N, chunk*K], then two
+    GEMMs); chunk_size (the block hint) forces many of them, a partial last one, and
+    chunks that are not a whole number of 64-column tiles."""
+    assert_matches_reference("cpp", (150, 300, 40), MODES[mode], dtype=torch.float32,
+                             device="cuda", chunk_size=chunk)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", ["arcface", "sub_centers", "linear_ce"])
+def test_cuda_backward_chunks_half(mode, dtype):
+    """16-bit: the backward with many small chunks agrees with one chunk (each chunk's
+    G W product is rounded to the input dtype before the fp32 accumulation) and with
+    the float64 reference to the dtype's precision."""
+    n, c, d = 150, 300, 40
+    k = MODES[mode].get("sub_centers", 1)
+    x, w, y = make_inputs(n, c, d, sub_centers=k, seed=6)
+    y = torch.where(y >= 0, y, -1)  # ignored rows -> "no target here" (the op's -1)
+    cfg, args = _op_args(MODES[mode])
+    lse = reference_forward(x, w, y, None, cfg)[0]
+    g_p = torch.rand(n, dtype=x.dtype) + 0.5
+    g_t, g_s = -g_p, torch.rand(n, dtype=x.dtype) * 0.01
+    rdx, rdw = reference_backward(x, w, y, None, g_p, g_t, g_s, cfg)
+    xc, wc = x.to("cuda", dtype), w.to("cuda", dtype)
+    vecs = [v.float().cuda() for v in (lse, g_p, g_t, g_s)]
+    one = _cpp.BWD_OP(xc, wc, y.cuda(), None, *vecs, *args, 0)
+    many = _cpp.BWD_OP(xc, wc, y.cuda(), None, *vecs, *args, 7)
+    tol = 8 * torch.finfo(dtype).eps
+    for a, b, r in zip(one, many, (rdx, rdw)):
+        assert a.dtype == dtype and torch.isfinite(a).all() and torch.isfinite(b).all()
+        assert max_rel_err(a, r) < tol and max_rel_err(b, r) < tol
+        assert max_rel_err(b, a) < tol
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("block", [1, 7])
+def test_cuda_index_many_chunks(k, block):
+    """Partial FC index with repeated classes, in one chunk and across chunks (dw rows are
+    index_added chunk by chunk); rows of w outside the index get exactly 0."""
+    n, c, d = 70, 300, 40
+    x, w, _ = make_inputs(n, c, d, sub_centers=k, seed=7)
+    index = torch.randperm(c)[:40]
+    index[3] = index[4]     # repeated within a chunk of 7
+    index[30] = index[2]    # repeated across chunks
+    labels = torch.randint(-1, index.numel(), (n,))
+    cfg, args = _op_args(dict(MODES["arcface"], sub_centers=k))
+    lse = reference_forward(x, w, labels, index, cfg)[0]
+    g_p, g_t, g_s = torch.rand(n, dtype=x.dtype), -torch.rand(n, dtype=x.dtype), \
+        torch.rand(n, dtype=x.dtype) * 0.1
+    rdx, rdw = reference_backward(x, w, labels, index, g_p, g_t, g_s, cfg)
+    dx, dw = _cpp.BWD_OP(x.float().cuda(), w.float().cuda(), labels.cuda(), index.cuda(),
+                         *(v.float().cuda() for v in (lse, g_p, g_t, g_s)), *args, block)
+    assert max_rel_err(dx, rdx) < 2e-4 and max_rel_err(dw, rdw) < 2e-4
+    untouched = torch.ones(c, dtype=torch.bool)
+    untouched[index] = False
+    assert dw.view(c, k, d)[untouched.cuda()].abs().max() == 0
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+def test_cuda_backward_memory_is_bounded():
+    """The CUDA backward holds a bounded G workspace (<= 16 MiB) and O(N D + C) more,
+    never N x C values (here N C in fp16 is 410 MB)."""
+    from arcface_kernels._memory import peak_memory
+    n, c, d = 2048, 100_000, 64
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(n, d, device="cuda", generator=g, dtype=torch.float16)
+    w = torch.randn(c, d, device="cuda", generator=g, dtype=torch.float16)
+    y = torch.randint(0, c, (n,), device="cuda", generator=g)
+    args = MarginConfig().op_args() + (0,)
+    lse = _cpp.FWD_OP(x, w, y, None, *args)[0]
+    ones = torch.ones(n, device="cuda")
+
+    def step():
+        return _cpp.BWD_OP(x, w, y, None, lse, ones / n, -ones / n, ones * 0, *args)
+
+    step()  # cuBLAS workspace and the like
+    peak, (dx, dw) = peak_memory(step, "cuda")
+    assert torch.isfinite(dx).all() and torch.isfinite(dw).all()
+    outputs = (n * d + c * d) * 2
+    assert peak - outputs < 64 * 2 ** 20, peak
+    assert peak - outputs < 0.25 * n * c * 2, peak
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
 def test_cuda_more_than_2_31_logits():
     """N * C > 2^31: 64-bit offsets. Checked against the chunked backend on the same GPU
     (the reference would need several 8 GiB copies of the logits)."""

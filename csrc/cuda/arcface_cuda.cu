@@ -1,19 +1,57 @@
 // CUDA kernel of the forward / backward primitive (shared/design.md section 3).
 //
-// Tiles of BM = 64 rows x TW = 64 rows of w (TC = TW / K classes). The grid is
-// (row tiles, class splits): the class dimension is split across blocks, each block walks
-// the class tiles of its split.
+// Tiles of BM = 64 rows x TW = 64 rows of w (TC = TW / K classes).
 //   * Logits: S = x_tile . w_tile^T on tensor cores for float16 / bfloat16 (WMMA
 //     16x16x16, fp32 accumulation), fp32 FMA for float32; then scaled by the inverse
 //     norms a_i b_j in the epilogue (no normalized copy of x or w is made).
-//   * Forward: two threads per row keep an online log-sum-exp over the split's classes;
-//     the splits' partial states are merged by a second kernel (lse_merge).
-//   * Backward: the tile is recomputed and turned into G = dL/dc in shared memory; then
-//     dX_acc += G . (b w) and dW_acc += G^T . (a x) (fp32, atomics into [N, D] / [R, D]
-//     fp32 accumulators), r_i = sum_j G c and q_j = sum_i G c likewise; a last kernel
-//     applies dx = a (dX_acc - r a x), dw = b (dW_acc - q b w) in the input dtype.
-// Nothing of size N x C exists. All offsets are 64-bit. The per-element math is
-// csrc/arcface_math.h, shared with the CPU kernel.
+//   * Forward: the grid is (row tiles, class splits); two threads per row keep an online
+//     log-sum-exp over the split's classes; the splits' partial states are merged by a
+//     second kernel (lse_merge).
+//   * Backward, bounded workspace: the classes are walked in chunks of CC classes
+//     (CC*K rows of w; CC chosen so that the G workspace [N, CC*K] and the chunk's
+//     [CC*K, D] buffers are each <= kWorkspaceBytes = 16 MiB, whatever C is; a smaller
+//     `block` op argument, a tuning hint, lowers CC). Per chunk:
+//       1. grad_chunk_kernel recomputes the chunk's logits tile by tile with the forward's
+//          code (tile_columns / tile_dots / class_cosine) and writes
+//          G_ij = dL/dc_ij (arcface_math.h grad_target / grad_nontarget: psi' at the
+//          target; for sub-centers at the arg-max row, 0 at the others) into the
+//          workspace in the input dtype (fp32 for fp32);
+//       2. W_hat = b w of the chunk's rows (gathered through the Partial FC index);
+//       3. cuBLAS (at::mm / addmm_: tensor cores for 16-bit, fp32 accumulation):
+//          dX_acc += G W_hat (fp32 [N, D]; for 16-bit the chunk's product comes back in
+//          the input dtype and is added in fp32), dW_chunk = G^T X_hat;
+//       4. dw rows = b (dW_chunk - q b w) with q_j = <w_hat_j, dW_chunk_j> (= sum_i G_ij
+//          c_ij), fp32, written to their rows of w (index_add_ through the index: a
+//          class may repeat).
+//     Finally dx = a (dX_acc - r a x) with r_i = <x_hat_i, dX_acc_i> (= sum_j G_ij c_ij).
+//     Using these identities for r and q instead of sums of G c removes exactly the
+//     radial part of the products actually computed (as autograd through F.normalize
+//     does); they differ from sum G c only where a cosine is clamped at +-1.
+//     No atomics (index_add_ aside, for repeated classes): deterministic.
+//
+// Why (N = 8192, C = 1M = 2^20, D = 512, bf16, on an H200: ~790 TFLOP/s bf16 dense,
+// ~4.3 TB/s): the whole step is 8 N C D = 3.5e16 FLOPs (forward logits 2NCD, backward
+// recompute 2NCD, G W 2NCD, G^T X 2NCD), 44 ms at peak. The previous backward did the
+// two gradient products (4NCD = 1.8e16 of the 8) with fp32 FMA from shared memory (at
+// most ~67 TFLOP/s on an H100/H200, i.e. over 260 ms) and fp32 atomics into [N, D] and
+// [C, D] accumulators; here they run in cuBLAS on tensor cores. Bytes the design adds:
+// G is written once and read by the two GEMMs, 3 * 2 B * N C = 52 GB (12 ms); with a
+// 16 MiB workspace a chunk is 1024 rows of w (1024 chunks), each reading and writing
+// dX_acc (fp32, 16 MiB) and the chunk's bf16 product (8 MiB), 48 MiB per chunk = 50 GB
+// (12 ms); gathering W_hat and writing dw are ~4 GB. So ~110 GB against 2.6e16
+// backward FLOPs: 240 FLOP/B, above the H200's ridge (~184 FLOP/B), i.e. compute bound
+// at peak rates, though not by much: the G round trip and the dX_acc traffic each cost
+// about a third of the GEMM time, and a larger workspace (fewer chunks) cuts the dX_acc
+// part proportionally. The recompute kernel (simple 64 x 64 WMMA tiles, no pipelining)
+// is the least efficient part.
+//
+// Precision: the GEMM operands X_hat, W_hat are O(1) and G is O(s * |psi'| * g); in
+// float16 a G above 65504 (a target at c ~ 1 in exact-gradient mode, psi' ~ 1/sin(theta),
+// with a large dL/dloss) becomes inf, where float32 / bfloat16 keep it.
+//
+// Nothing of size N x C exists: memory beyond inputs and outputs is O(N + C) vectors,
+// X_hat and dX_acc [N, D], and the chunk buffers. All offsets are 64-bit. The
+// per-element math is csrc/arcface_math.h, shared with the CPU kernel.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -83,8 +121,8 @@ struct Params {
   Margin<float> mp;
 };
 
-// Shared memory of one block: the tile of dot products / G, and a union of the operand
-// tiles of the logits product and the [64 x 64] float operand of the gradient products.
+// Shared memory of one block: the tile of dot products (G in place in the backward),
+// and a union of the operand tiles of the logits product (16-bit or float).
 template <typename T>
 struct Smem {
   float s[BM][LDF];
@@ -97,11 +135,9 @@ struct Smem {
       float x[BM][LDK];
       float w[TW][LDK];
     } f;
-    float prod[TW][LDF];
   } u;
-  int64_t wrow[TW];  // rows of w of the tile's columns (-1: past the shard)
+  int64_t wrow[TW];  // rows of w of the tile's columns (-1: past the class range)
   float b[TW];       // their inverse norms
-  float q[TW];       // per-column sums of G c (backward)
 };
 
 // 1 / max(|v_row|, eps) for the rows of x (idx == nullptr, K == 1: identity map) or the
@@ -201,17 +237,17 @@ __device__ void tile_dots(const T* __restrict__ x, const T* __restrict__ w, int6
   __syncthreads();
 }
 
-// The tile's columns: rows of w and their inverse norms.
+// The columns of the tile whose first shard class is j0 (classes j0 .. min(j0 + tc,
+// j_end) - 1): rows of w and their inverse norms.
 template <typename T>
 __device__ void tile_columns(const int64_t* __restrict__ idx, const float* __restrict__ bnorm,
-                             int64_t tile, const Params& p, Smem<T>& sm) {
+                             int64_t j0, int64_t j_end, const Params& p, Smem<T>& sm) {
   for (int t = threadIdx.x; t < TW; t += THREADS) {
-    int64_t j = tile * p.tc + t / p.k;  // shard class of column t
-    bool ok = t < p.tc * p.k && j < p.c;
+    int64_t j = j0 + t / p.k;  // shard class of column t
+    bool ok = t < p.tc * p.k && j < j_end;
     int64_t pos = j * p.k + t % p.k;  // shard row
     sm.wrow[t] = ok ? w_row(idx, pos, p.k) : -1;
     sm.b[t] = ok ? bnorm[pos] : 0.f;
-    sm.q[t] = 0.f;
   }
   __syncthreads();
 }
@@ -255,7 +291,7 @@ __global__ void __launch_bounds__(THREADS)
   const int64_t t_begin = split * p.tiles_per_split;
   const int64_t t_end = min(p.ntiles, t_begin + p.tiles_per_split);
   for (int64_t tile = t_begin; tile < t_end; ++tile) {
-    tile_columns(idx, bnorm, tile, p, sm);
+    tile_columns(idx, bnorm, tile * p.tc, p.c, p, sm);
     tile_dots(x, w, r0, p, sm);
     const int64_t j0 = tile * p.tc;
     const int tc = (int)min(p.tc, p.c - j0);
@@ -333,141 +369,132 @@ __global__ void fwd_combine_kernel(const float* __restrict__ part_m,
   argmax[i] = arg == std::numeric_limits<int64_t>::max() ? 0 : arg;
 }
 
+// ----------------------------------------------------------------------------- backward
+// G = dL/dc for the rows of x and the classes [j0, j0 + jn) of one chunk, written to the
+// workspace g_out [N, jn*K] (row-major, leading dimension jn*K) in the input dtype (fp32
+// for fp32): the logits are recomputed tile by tile as in the forward (tile_columns,
+// tile_dots, class_cosine), G replaces them in shared memory (at the arg-max sub-center
+// of each class, 0 at its other sub-centers) and the tile is stored row by row. The
+// grid is (row tiles, tiles of the chunk, strided when there are more than 65535).
 template <typename T>
 __global__ void __launch_bounds__(THREADS)
-    bwd_kernel(const T* __restrict__ x, const T* __restrict__ w, const int64_t* __restrict__ lab,
-               const int64_t* __restrict__ idx, const float* __restrict__ anorm,
-               const float* __restrict__ bnorm, const float* __restrict__ lse,
-               const float* __restrict__ gp, const float* __restrict__ gt,
-               const float* __restrict__ gs, Params p, float* __restrict__ dx_acc,
-               float* __restrict__ dw_acc, float* __restrict__ r_acc,
-               float* __restrict__ q_acc) {
+    grad_chunk_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                      const int64_t* __restrict__ lab, const int64_t* __restrict__ idx,
+                      const float* __restrict__ anorm, const float* __restrict__ bnorm,
+                      const float* __restrict__ lse, const float* __restrict__ gp,
+                      const float* __restrict__ gt, const float* __restrict__ gs, Params p,
+                      int64_t j0, int64_t jn, T* __restrict__ g_out) {
   __shared__ __align__(32) Smem<T> sm;
   const int64_t r0 = (int64_t)blockIdx.x * BM;
-  const int64_t split = blockIdx.y;
   const int tid = threadIdx.x;
-  const int i = tid / 2, h = tid % 2;
+  const int i = tid / 2, h = tid % 2;  // two threads per tile row, classes interleaved
   const int64_t gi = r0 + i;
   const bool row_ok = gi < p.n;
   const float ai = row_ok ? anorm[gi] : 0.f;
   const int64_t li = row_ok ? lab[gi] : -1;
   const float lsei = row_ok ? lse[gi] : 0.f, gpi = row_ok ? gp[gi] : 0.f;
   const float gti = row_ok ? gt[gi] : 0.f, gsi = row_ok ? gs[gi] : 0.f;
-  float r_i = 0.f;
-  const int64_t t_begin = split * p.tiles_per_split;
-  const int64_t t_end = min(p.ntiles, t_begin + p.tiles_per_split);
-  for (int64_t tile = t_begin; tile < t_end; ++tile) {
-    tile_columns(idx, bnorm, tile, p, sm);
+  const int64_t ld = jn * p.k;
+  const int64_t j_end = j0 + jn;
+  const int64_t ntiles = (jn + p.tc - 1) / p.tc;
+  for (int64_t tl = blockIdx.y; tl < ntiles; tl += gridDim.y) {
+    const int64_t jt = j0 + tl * p.tc;  // first class of the tile
+    tile_columns(idx, bnorm, jt, j_end, p, sm);
     tile_dots(x, w, r0, p, sm);
-    const int64_t j0 = tile * p.tc;
-    const int tc = (int)min(p.tc, p.c - j0);
-    // G in place of the dot products (only at the arg-max sub-center), 0 elsewhere
-    float g_keep[(TW + 1) / 2];
-    int c_keep[(TW + 1) / 2];
-    int nk = 0;
-    for (int jj = h; jj < tc; jj += 2) {
-      float g = 0.f;
-      int col = jj * (int)p.k;
-      if (row_ok) {
+    const int tc = (int)min(p.tc, j_end - jt);
+    if (row_ok) {
+      // class jj's K columns are read and written by this thread only: G goes in place
+      for (int jj = h; jj < tc; jj += 2) {
+        int col;
         const float c = class_cosine(sm, i, jj, ai, p, &col);
-        g = (j0 + jj == li) ? grad_target(c, lsei, gpi, gti, gsi, p.mp)
-                            : grad_nontarget(p.mp.s * c, lsei, gpi, gsi, p.mp.s);
-        r_i += g * c;
-        atomicAdd(&sm.q[col], g * c);
+        const float g = (jt + jj == li) ? grad_target(c, lsei, gpi, gti, gsi, p.mp)
+                                        : grad_nontarget(p.mp.s * c, lsei, gpi, gsi, p.mp.s);
+        const int t0 = jj * (int)p.k;
+        for (int kk = 0; kk < (int)p.k; ++kk) sm.s[i][t0 + kk] = (t0 + kk == col) ? g : 0.f;
       }
-      g_keep[nk] = g;
-      c_keep[nk] = col;
-      ++nk;
     }
-    __syncthreads();  // every read of the dot products is done
-    for (int t = h; t < TW; t += 2) sm.s[i][t] = 0.f;  // the two threads cover the row
     __syncthreads();
-    for (int e = 0; e < nk; ++e) sm.s[i][c_keep[e]] = g_keep[e];
-    __syncthreads();
-    // q_j: one atomic per column
-    for (int t = tid; t < TW; t += THREADS)
-      if (sm.wrow[t] >= 0) atomicAdd(&q_acc[sm.wrow[t]], sm.q[t]);
-    // dX_acc[r0 + i, d] += sum_t G[i][t] b_t w[wrow_t, d]
-    for (int64_t d0 = 0; d0 < p.d; d0 += TW) {
-      for (int e = tid; e < TW * TW; e += THREADS) {
-        int t = e / TW, dd = e % TW;
-        int64_t wr = sm.wrow[t], gd = d0 + dd;
-        sm.u.prod[t][dd] = (wr >= 0 && gd < p.d) ? to_f(w[wr * p.d + gd]) * sm.b[t] : 0.f;
-      }
-      __syncthreads();
-      for (int e = tid; e < BM * TW; e += THREADS) {
-        int ii = e / TW, dd = e % TW;
-        int64_t row = r0 + ii, gd = d0 + dd;
-        if (row >= p.n || gd >= p.d) continue;
-        float acc = 0.f;
-#pragma unroll 8
-        for (int t = 0; t < TW; ++t) acc = fmaf(sm.s[ii][t], sm.u.prod[t][dd], acc);
-        atomicAdd(&dx_acc[row * p.d + gd], acc);
-      }
-      __syncthreads();
-      // dW_acc[wrow_t, d] += sum_i G[i][t] a_i x[r0 + i, d]
-      for (int e = tid; e < BM * TW; e += THREADS) {
-        int ii = e / TW, dd = e % TW;
-        int64_t row = r0 + ii, gd = d0 + dd;
-        sm.u.prod[ii][dd] = (row < p.n && gd < p.d) ? to_f(x[row * p.d + gd]) * anorm[row] : 0.f;
-      }
-      __syncthreads();
-      for (int e = tid; e < TW * TW; e += THREADS) {
-        int t = e / TW, dd = e % TW;
-        int64_t wr = sm.wrow[t], gd = d0 + dd;
-        if (wr < 0 || gd >= p.d) continue;
-        float acc = 0.f;
-#pragma unroll 8
-        for (int ii = 0; ii < BM; ++ii) acc = fmaf(sm.s[ii][t], sm.u.prod[ii][dd], acc);
-        atomicAdd(&dw_acc[wr * p.d + gd], acc);
-      }
-      __syncthreads();
+    const int cols = tc * (int)p.k;
+    const int64_t c0 = (jt - j0) * p.k;  // workspace column of the tile's column 0
+    for (int e = tid; e < BM * TW; e += THREADS) {
+      const int ii = e / TW, t = e % TW;
+      const int64_t row = r0 + ii;
+      if (row < p.n && t < cols) g_out[row * ld + c0 + t] = from_f<T>(sm.s[ii][t]);
     }
+    __syncthreads();  // the tile is stored before the next one overwrites it
   }
-  const float other = __shfl_xor_sync(0xffffffffu, r_i, 1);
-  if (h == 0 && row_ok) atomicAdd(&r_acc[gi], r_i + other);
 }
 
-// dx = a (dX_acc - r a x) (normalize) or dX_acc, in the input dtype.
+// out[rr] = v[w_row(idx, row0 + rr, k)] * scale[row0 + rr] (rr < rows) in T: the
+// normalized rows x_hat (idx = nullptr, k = 1, row0 = 0) or a chunk's normalized rows of w
+// (through the Partial FC index when given); one warp per row.
+template <typename T>
+__global__ void scaled_rows_kernel(const T* __restrict__ v, const int64_t* __restrict__ idx,
+                                   int64_t row0, int64_t rows, int64_t k, int64_t d,
+                                   const float* __restrict__ scale, T* __restrict__ out) {
+  const int64_t rr = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (rr >= rows) return;
+  const T* src = v + w_row(idx, row0 + rr, k) * d;
+  const float sc = scale[row0 + rr];
+  T* dst = out + rr * d;
+  for (int64_t t = lane; t < d; t += 32) dst[t] = from_f<T>(to_f(src[t]) * sc);
+}
+
+// The chunk's rows of dw from u = dwc [rows, D] = G^T x_hat (shard rows row0 ..
+// row0 + rows - 1): with w_hat = b w in fp32, q = <w_hat, u> (= sum_i G_ij c_ij) and
+// dw = norm_grad(u, q, w_hat, b) (normalize) or u. Written to dw's row when dw_direct is
+// given (no index: each row of w belongs to one shard row), else in place into dwc (the
+// caller index_adds it: a class may repeat in the index). One warp per row; dwc and the
+// destination may alias (each element is read, then written, by one lane).
+template <typename T>
+__global__ void dw_chunk_finish_kernel(const T* __restrict__ w,
+                                       const int64_t* __restrict__ idx,
+                                       const float* __restrict__ bnorm, int64_t row0,
+                                       int64_t rows, int64_t k, int64_t d, bool normalize,
+                                       T* dwc, T* dw_direct) {
+  const int64_t rr = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (rr >= rows) return;
+  const int64_t wr = w_row(idx, row0 + rr, k);
+  const T* src = w + wr * d;
+  const float b = bnorm[row0 + rr];
+  T* u = dwc + rr * d;
+  T* dst = dw_direct ? dw_direct + wr * d : u;
+  float q = 0.f;
+  if (normalize) {
+    for (int64_t t = lane; t < d; t += 32) q += b * to_f(src[t]) * to_f(u[t]);
+    for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+  }
+  for (int64_t t = lane; t < d; t += 32) {
+    float v = to_f(u[t]);
+    if (normalize) v = norm_grad(v, q, b * to_f(src[t]), b);
+    dst[t] = from_f<T>(v);
+  }
+}
+
+// dx from u = dx_acc [N, D] = G W_hat (fp32): with x_hat = a x in fp32, r = <x_hat, u>
+// (= sum_j G_ij c_ij) and dx = norm_grad(u, r, x_hat, a) (normalize) or u, in the input
+// dtype. One warp per row.
 template <typename T>
 __global__ void dx_finish_kernel(const T* __restrict__ x, const float* __restrict__ anorm,
-                                 const float* __restrict__ dx_acc,
-                                 const float* __restrict__ r_acc, int64_t n, int64_t d,
+                                 const float* __restrict__ dx_acc, int64_t n, int64_t d,
                                  bool normalize, T* __restrict__ dx) {
-  int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (e >= n * d) return;
-  int64_t i = e / d;
-  float v = dx_acc[e];
-  if (normalize) v = anorm[i] * (v - r_acc[i] * anorm[i] * to_f(x[e]));
-  dx[e] = from_f<T>(v);
-}
-
-// dw = b (dW_acc - q b w) (normalize) or dW_acc, in the input dtype, for every row of w
-// (rows outside the shard have dW_acc = q = 0); one warp per row.
-template <typename T>
-__global__ void dw_finish_kernel(const T* __restrict__ w, const float* __restrict__ dw_acc,
-                                 const float* __restrict__ q_acc, int64_t rows, int64_t d,
-                                 bool normalize, T* __restrict__ dw) {
-  int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  int lane = threadIdx.x % 32;
-  if (row >= rows) return;
-  const T* src = w + row * d;
-  float b = 1.f;
+  const int64_t i = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (i >= n) return;
+  const T* src = x + i * d;
+  const float* u = dx_acc + i * d;
+  const float a = anorm[i];
+  float r = 0.f;
   if (normalize) {
-    float ss = 0.f;
-    for (int64_t t = lane; t < d; t += 32) {
-      float e = to_f(src[t]);
-      ss += e * e;
-    }
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-    b = inv_norm(ss);
+    for (int64_t t = lane; t < d; t += 32) r += a * to_f(src[t]) * u[t];
+    for (int o = 16; o > 0; o >>= 1) r += __shfl_xor_sync(0xffffffffu, r, o);
   }
-  const float q = q_acc[row];
   for (int64_t t = lane; t < d; t += 32) {
-    float v = dw_acc[row * d + t];
-    // (q == 0 off the shard: its rows get exactly 0, whatever w holds there)
-    if (normalize) v = b * (v - (q != 0.f ? q * b * to_f(src[t]) : 0.f));
-    dw[row * d + t] = from_f<T>(v);
+    float v = u[t];
+    if (normalize) v = norm_grad(v, r, a * to_f(src[t]), a);
+    dx[i * d + t] = from_f<T>(v);
   }
 }
 
@@ -585,6 +612,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpp_fwd_c
   return {lse, target, sum_z, max_z, argmax};
 }
 
+// Bytes of the backward's per-chunk buffers: the G workspace [N, chunk rows] and the
+// chunk's W_hat / dW [chunk rows, D] are each at most this large (unless one class's
+// K rows alone exceed it).
+constexpr int64_t kWorkspaceBytes = int64_t(16) << 20;
+
+// Blocks of WARP_ROWS warps for the one-warp-per-row kernels.
+constexpr int WARP_ROWS = 8;
+unsigned warp_row_blocks(int64_t rows) {
+  const int64_t blocks = (rows + WARP_ROWS - 1) / WARP_ROWS;
+  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "too many rows for one launch: ",
+              rows);
+  return (unsigned)blocks;
+}
+
+// Classes per backward chunk: as many as fit the workspace bound (whole tiles of p.tc
+// classes when there is more than one tile's worth), or fewer when the block hint asks
+// for fewer (a larger hint is capped: the bound holds whatever the hint).
+int64_t bwd_chunk_classes(const Dims& dm, const Params& p, int64_t block, int64_t elem) {
+  const int64_t rows_cap = kWorkspaceBytes / (elem * std::max<int64_t>({dm.n, dm.d, 1}));
+  int64_t cc = std::max<int64_t>(1, rows_cap / dm.k);
+  if (cc >= p.tc) cc -= cc % p.tc;
+  if (block > 0) cc = std::min(cc, block);
+  return std::max<int64_t>(1, std::min(cc, dm.c));
+}
+
 std::tuple<at::Tensor, at::Tensor> cpp_bwd_cuda(
     const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& labels_in,
     const std::optional<at::Tensor>& index_in, const at::Tensor& lse_in,
@@ -606,51 +658,99 @@ std::tuple<at::Tensor, at::Tensor> cpp_bwd_cuda(
   if (index_in.has_value()) index = index_in->contiguous();
   const int64_t* idx = index.has_value() ? index->data_ptr<int64_t>() : nullptr;
   auto fopt = x.options().dtype(at::kFloat);
+  // Rows of w outside the shard (index given) get 0; without an index every row of w is
+  // a shard row and is written by its chunk.
+  at::Tensor dx = at::empty({dm.n, dm.d}, x.options());
+  at::Tensor dw = idx ? at::zeros({dm.r, dm.d}, w.options())
+                      : at::empty({dm.r, dm.d}, w.options());
+  if (dm.n == 0 || dm.c == 0 || dm.d == 0) {  // no logits: both gradients are 0
+    dx.zero_();
+    dw.zero_();
+    return {dx, dw};
+  }
   auto vec = [&](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
   at::Tensor lse = vec(lse_in), gp = vec(gp_in), gt = vec(gt_in), gs = vec(gs_in);
-  at::Tensor dx = at::empty({dm.n, dm.d}, x.options());
-  at::Tensor dw = at::empty({dm.r, dm.d}, w.options());
   auto mp = make_margin<float>(s, m1, m2, m3, wrap_mode, grad_mode, normalize);
   Params p = make_params(dm, mp, x.get_device());
-  const int64_t splits = num_splits(p);
-  at::Tensor anorm = at::empty({std::max<int64_t>(dm.n, 1)}, fopt);
-  at::Tensor bnorm = at::empty({std::max<int64_t>(dm.c * dm.k, 1)}, fopt);
-  at::Tensor dx_acc = at::zeros({dm.n, dm.d}, fopt), dw_acc = at::zeros({dm.r, dm.d}, fopt);
-  at::Tensor r_acc = at::zeros({std::max<int64_t>(dm.n, 1)}, fopt);
-  at::Tensor q_acc = at::zeros({std::max<int64_t>(dm.r, 1)}, fopt);
+  const bool is_f32 = x.scalar_type() == at::kFloat;
+  const int64_t cc = bwd_chunk_classes(dm, p, block, x.element_size());
+  const int64_t nr = cc * dm.k;  // rows of w per chunk
+  at::Tensor anorm = at::empty({dm.n}, fopt), bnorm = at::empty({dm.c * dm.k}, fopt);
+  // Per-chunk buffers (bounded), in the input dtype: the G workspace, W_hat, dW.
+  at::Tensor g_ws = at::empty({dm.n * nr}, x.options());
+  at::Tensor wh_ws = at::empty({nr, dm.d}, x.options());
+  at::Tensor dw_ws = at::empty({nr, dm.d}, x.options());
+  // dX_acc = sum over chunks of G W_hat, in fp32; for 16-bit inputs each chunk's
+  // product comes from cuBLAS in the input dtype (fp32 accumulation inside) and is added.
+  at::Tensor dx_acc = at::zeros({dm.n, dm.d}, fopt);
+  at::Tensor dx_part = is_f32 ? at::Tensor() : at::empty({dm.n, dm.d}, x.options());
+  // Rows of w of the shard rows, for index_add (index given).
+  at::Tensor shard_rows;
+  if (idx) {
+    shard_rows = (index->unsqueeze(1) * dm.k +
+                  at::arange(dm.k, index->options()).unsqueeze(0)).reshape({-1});
+  }
   AK_DISPATCH_CUDA_TYPES(x.scalar_type(), "cpp_bwd_cuda", [&] {
     using T = typename Native<scalar_t>::type;
-    {
-      launch_inv_norms<scalar_t>(x, nullptr, dm.n, 1, dm.d, normalize, anorm, stream);
-      launch_inv_norms<scalar_t>(w, idx, dm.c * dm.k, dm.k, dm.d, normalize, bnorm, stream);
-      if (dm.n > 0 && dm.c > 0) {
-        dim3 grid((unsigned)((dm.n + BM - 1) / BM), (unsigned)splits);
-        bwd_kernel<T><<<grid, THREADS, 0, stream>>>(
-            reinterpret_cast<const T*>(x.data_ptr<scalar_t>()),
-            reinterpret_cast<const T*>(w.data_ptr<scalar_t>()), labels.data_ptr<int64_t>(),
-            idx, anorm.data_ptr<float>(), bnorm.data_ptr<float>(), lse.data_ptr<float>(),
-            gp.data_ptr<float>(), gt.data_ptr<float>(), gs.data_ptr<float>(), p,
-            dx_acc.data_ptr<float>(), dw_acc.data_ptr<float>(), r_acc.data_ptr<float>(),
-            q_acc.data_ptr<float>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-      if (dm.n > 0) {
-        const int64_t total = dm.n * dm.d;
-        dx_finish_kernel<T><<<(unsigned)((total + 255) / 256), 256, 0, stream>>>(
-            reinterpret_cast<const T*>(x.data_ptr<scalar_t>()), anorm.data_ptr<float>(),
-            dx_acc.data_ptr<float>(), r_acc.data_ptr<float>(), dm.n, dm.d, normalize,
-            reinterpret_cast<T*>(dx.data_ptr<scalar_t>()));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-      if (dm.r > 0) {
-        const int warps = 8;
-        dw_finish_kernel<T><<<(unsigned)((dm.r + warps - 1) / warps), warps * 32, 0, stream>>>(
-            reinterpret_cast<const T*>(w.data_ptr<scalar_t>()), dw_acc.data_ptr<float>(),
-            q_acc.data_ptr<float>(), dm.r, dm.d, normalize,
-            reinterpret_cast<T*>(dw.data_ptr<scalar_t>()));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
+    const T* xp = reinterpret_cast<const T*>(x.data_ptr<scalar_t>());
+    const T* wp = reinterpret_cast<const T*>(w.data_ptr<scalar_t>());
+    launch_inv_norms<scalar_t>(x, nullptr, dm.n, 1, dm.d, normalize, anorm, stream);
+    launch_inv_norms<scalar_t>(w, idx, dm.c * dm.k, dm.k, dm.d, normalize, bnorm, stream);
+    // X_hat (x itself when not normalizing)
+    at::Tensor xh = x;
+    if (normalize) {
+      xh = at::empty({dm.n, dm.d}, x.options());
+      scaled_rows_kernel<T><<<warp_row_blocks(dm.n), WARP_ROWS * 32, 0, stream>>>(
+          xp, nullptr, 0, dm.n, 1, dm.d, anorm.data_ptr<float>(),
+          reinterpret_cast<T*>(xh.data_ptr<scalar_t>()));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
+    for (int64_t j0 = 0; j0 < dm.c; j0 += cc) {
+      const int64_t jn = std::min(cc, dm.c - j0), nrc = jn * dm.k, row0 = j0 * dm.k;
+      // 1) G [N, nrc] into the workspace
+      at::Tensor g = g_ws.narrow(0, 0, dm.n * nrc).view({dm.n, nrc});
+      const int64_t tiles = (jn + p.tc - 1) / p.tc;
+      dim3 grid((unsigned)((dm.n + BM - 1) / BM),
+                (unsigned)std::min<int64_t>(tiles, 65535));
+      grad_chunk_kernel<T><<<grid, THREADS, 0, stream>>>(
+          xp, wp, labels.data_ptr<int64_t>(), idx, anorm.data_ptr<float>(),
+          bnorm.data_ptr<float>(), lse.data_ptr<float>(), gp.data_ptr<float>(),
+          gt.data_ptr<float>(), gs.data_ptr<float>(), p, j0, jn,
+          reinterpret_cast<T*>(g.data_ptr<scalar_t>()));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      // 2) W_hat of the chunk [nrc, D] (a view of w when there is nothing to gather/scale)
+      at::Tensor wh;
+      if (!normalize && !idx) {
+        wh = w.narrow(0, row0, nrc);
+      } else {
+        wh = wh_ws.narrow(0, 0, nrc);
+        scaled_rows_kernel<T><<<warp_row_blocks(nrc), WARP_ROWS * 32, 0, stream>>>(
+            wp, idx, row0, nrc, dm.k, dm.d, bnorm.data_ptr<float>(),
+            reinterpret_cast<T*>(wh.data_ptr<scalar_t>()));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      // 3) dX_acc += G W_hat ; dW_chunk = G^T X_hat (cuBLAS; tensor cores for 16-bit)
+      if (is_f32) {
+        dx_acc.addmm_(g, wh);
+      } else {
+        at::mm_out(dx_part, g, wh);
+        dx_acc.add_(dx_part);
+      }
+      at::Tensor dwc = dw_ws.narrow(0, 0, nrc);
+      at::mm_out(dwc, g.t(), xh);
+      // 4) the chunk's rows of dw (normalization term), written or index_added
+      dw_chunk_finish_kernel<T><<<warp_row_blocks(nrc), WARP_ROWS * 32, 0, stream>>>(
+          wp, idx, bnorm.data_ptr<float>(), row0, nrc, dm.k, dm.d, normalize,
+          reinterpret_cast<T*>(dwc.data_ptr<scalar_t>()),
+          idx ? nullptr : reinterpret_cast<T*>(dw.data_ptr<scalar_t>()));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (idx) dw.index_add_(0, shard_rows.narrow(0, row0, nrc), dwc);
+    }
+    // 5) dx = a (dX_acc - r x_hat)
+    dx_finish_kernel<T><<<warp_row_blocks(dm.n), WARP_ROWS * 32, 0, stream>>>(
+        xp, anorm.data_ptr<float>(), dx_acc.data_ptr<float>(), dm.n, dm.d, normalize,
+        reinterpret_cast<T*>(dx.data_ptr<scalar_t>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {dx, dw};
 }

@@ -423,7 +423,7 @@ void bwd_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labe
         const acc_t* wsr = ws + rr * D;
         const acc_t br = bb[rr];
         for (int64_t t = 0; t < D; ++t) {
-          const acc_t v = mp.normalize ? br * (src[t] - qr * wsr[t]) : src[t];
+          const acc_t v = mp.normalize ? norm_grad(src[t], qr, wsr[t], br) : src[t];
           dst[t] = add ? static_cast<scalar_t>(static_cast<acc_t>(dst[t]) + v)
                        : static_cast<scalar_t>(v);
         }
@@ -445,7 +445,7 @@ void bwd_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labe
     for (int64_t i = i0; i < i1; ++i)
       for (int64_t t = 0; t < D; ++t) {
         acc_t v = dxa[i * D + t];
-        if (mp.normalize) v = a[i] * (v - r[i] * xs[i * D + t]);
+        if (mp.normalize) v = norm_grad(v, r[i], xs[i * D + t], a[i]);
         dxo[i * D + t] = static_cast<scalar_t>(v);
       }
   });

@@ -119,7 +119,11 @@ def _target_terms(c, cols, cmask, labels, m1, m2, m3,
     return is_t, has_t, psi_t, dpsi_t
 
 
-@triton.jit
+# Shape-like integer arguments that only bound masks and loops are not specialized on
+# (Triton otherwise compiles a variant per "== 1" / "% 16 == 0" of each: every new N or
+# chunk start of the backward would cost a recompile); D and the row strides are, for
+# aligned vector loads.
+@triton.jit(do_not_specialize=["M", "NUM_W_CLASSES"])
 def inv_norm_kernel(src_ptr, idx_ptr, out_ptr, M, D, stride, NUM_W_CLASSES,
                     K: tl.constexpr, HAS_INDEX: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -145,7 +149,7 @@ def inv_norm_kernel(src_ptr, idx_ptr, out_ptr, M, D, stride, NUM_W_CLASSES,
     tl.store(out_ptr + r, inv_norm(acc), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "C", "NUM_W_CLASSES", "cls_per_split"])
 def fwd_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr,
                pmax_ptr, psum_ptr, psz_ptr, pbest_ptr, parg_ptr, ptgt_ptr,
                N, C, NUM_W_CLASSES, D, stride_x, stride_w, cls_per_split,
@@ -202,7 +206,7 @@ def fwd_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr,
     tl.store(ptgt_ptr + off, tgt, mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "SPLITS"])
 def fwd_combine_kernel(pmax_ptr, psum_ptr, psz_ptr, pbest_ptr, parg_ptr, ptgt_ptr, prm_ptr,
                        lse_ptr, tgt_ptr, sz_ptr, maxz_ptr, arg_ptr, N, SPLITS,
                        BLOCK: tl.constexpr):
@@ -239,7 +243,7 @@ def fwd_combine_kernel(pmax_ptr, psum_ptr, psz_ptr, pbest_ptr, parg_ptr, ptgt_pt
     tl.store(arg_ptr + rows, arg, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "j_chunk", "C_chunk", "NUM_W_CLASSES"])
 def bwd_grad_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr,
                     lse_ptr, gp_ptr, gt_ptr, gs_ptr, h_ptr, stride_h, r_part_ptr, q_part_ptr,
                     N, j_chunk, C_chunk, NUM_W_CLASSES, D, stride_x, stride_w,

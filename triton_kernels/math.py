@@ -25,6 +25,19 @@ WRAP_NONE = tl.constexpr(2)
 GRAD_EXACT = tl.constexpr(0)
 GRAD_STRAIGHT = tl.constexpr(1)
 
+
+@triton.jit
+def _const_like(x, value: tl.constexpr):
+    """The constant ``value`` with x's shape and dtype, built directly in that dtype.
+
+    Triton before weakly typed Python scalars (3.0 and, by its semantic.py, releases
+    of that time) turns a Python float into a float32 constant and widens it to float64
+    afterwards, so ``PI - theta`` in float64 would use pi rounded to float32 (8.7e-8
+    off, far above the 1e-10 the float64 tests allow). tl.full builds the constant in
+    the requested dtype in every version (and in the interpreter)."""
+    return tl.full(x.shape, value, x.dtype)
+
+
 # Newton steps of the arc-sine below: the start is within 5e-3 of the root and each step
 # squares the error, so 4 steps reach float64 round-off.
 _ASIN_NEWTON_STEPS = tl.constexpr(4)
@@ -49,13 +62,14 @@ def acos(c):
     ac = tl.abs(c)
     half = tl.sqrt(tl.maximum((1.0 - ac) * 0.5, 0.0))
     theta = 2.0 * _asin_small(half)
-    return tl.where(c < 0, PI - theta, theta)
+    return tl.where(c < 0, _const_like(theta, PI) - theta, theta)
 
 
 @triton.jit
 def fallback_threshold(m1, m2):
     """cos of the angle past which m1*theta + m2 exceeds pi (fallback mode)."""
-    return tl.cos(tl.minimum((PI - m2) / m1, PI))
+    pi = _const_like(m2, PI)
+    return tl.cos(tl.minimum((pi - m2) / m1, pi))
 
 
 @triton.jit
@@ -93,7 +107,7 @@ def margin_dpsi(c, m1, m2, WRAP: tl.constexpr, GRAD: tl.constexpr, M1_IS_ONE: tl
     if GRAD == GRAD_STRAIGHT:
         d = tl.full(c.shape, 1.0, c.dtype)
     else:
-        sin_t = tl.sqrt(tl.maximum(1.0 - c * c, SIN2_MIN))
+        sin_t = tl.sqrt(tl.maximum(1.0 - c * c, _const_like(c, SIN2_MIN)))
         if M1_IS_ONE:
             d = tl.cos(m2) + c * tl.sin(m2) / sin_t
         else:
@@ -112,7 +126,7 @@ def clamp_unit(c):
 @triton.jit
 def inv_norm(sum_sq):
     """1 / max(sqrt(sum_sq), NORM_EPS), as F.normalize."""
-    return 1.0 / tl.maximum(tl.sqrt(sum_sq), NORM_EPS)
+    return 1.0 / tl.maximum(tl.sqrt(sum_sq), _const_like(sum_sq, NORM_EPS))
 
 
 @triton.jit

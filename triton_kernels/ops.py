@@ -83,6 +83,7 @@ Performance figures: none measured yet (no GPU run exists).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Optional, Tuple
@@ -150,8 +151,9 @@ def _check_args(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor],
                              f"{tuple(index.shape)}")
         devs.add(index.device)
         num_w = w.shape[0] // sub_centers
-        if index.numel() and not _traced(index):
-            lo, hi = int(index.min()), int(index.max())
+        capturing = index.is_cuda and torch.cuda.is_current_stream_capturing()
+        if index.numel() and not _traced(index) and not capturing:   # no sync in a graph
+            lo, hi = torch.stack(torch.aminmax(index)).tolist()   # one device sync
             if lo < 0 or hi >= num_w:
                 raise ValueError(f"triton backend: index values must be in [0, {num_w}) "
                                  f"(classes of w), got min {lo}, max {hi}")
@@ -164,16 +166,27 @@ def _launch(kernel, grid, *args, **meta) -> None:
     hands back the bare interpreted kernel, which cannot run on fake tensors: when
     triton_op derives the fake kernel by tracing a launcher, the launch is skipped there
     (the outputs' shapes and dtypes are already fixed by their allocation)."""
+    tensors = [a for a in args if isinstance(a, Tensor)]
     if _interpreted():
         from torch._subclasses.fake_tensor import FakeTensor
-        tensors = [a for a in args if isinstance(a, Tensor)]
         if _traced(*tensors):
             if all(type(t) is FakeTensor for t in tensors):
                 return
             raise NotImplementedError(
                 "torch.compile / AOT tracing of the triton backend needs a GPU: under "
                 "TRITON_INTERPRET=1 the kernels cannot be traced")
-    wrap_triton(kernel)[grid](*args, **meta)
+    with _device_guard(tensors[0]):
+        wrap_triton(kernel)[grid](*args, **meta)
+
+
+def _device_guard(t: Tensor):
+    """Make t's GPU the current device while launching: Triton launches on the current
+    device and its current stream, not on the tensors' device (a tensor on cuda:1 while
+    cuda:0 is current fails with "Pointer argument cannot be accessed from Triton" or
+    worse). Not needed while tracing (the compiled graph sets its own device guard)."""
+    if t.device.type == "cuda" and not _traced(t):
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 _PARAMS_CACHE: dict = {}
@@ -219,7 +232,7 @@ def _inv_norms(src: Tensor, index: Optional[Tensor], k: int, rows: int,
         return out
     cfg = cfgs.norm_config(src.dtype, _interpreted())
     grid = (triton.cdiv(rows, cfg["BLOCK_M"]),)
-    idx = index if index is not None else out
+    idx = index if index is not None else src   # never read: a read-only placeholder
     _launch(K.inv_norm_kernel, grid,
         src, idx, out, rows, src.shape[1], src.stride(0), src.shape[0] // k,
         K=k, HAS_INDEX=index is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"],
@@ -239,7 +252,7 @@ def _norms(x: Tensor, w: Tensor, index: Optional[Tensor], k: int, normalize: boo
 def _tile_kernel(kernel, name: str, dtype: torch.dtype, cfg: dict, meta: dict):
     """(kernel, launch keywords): the fixed config, or the autotuned variant."""
     if cfgs.AUTOTUNE and not _interpreted() and dtype in (torch.float16, torch.bfloat16):
-        return cfgs.autotuned(kernel, name, dtype), meta
+        return cfgs.autotuned(kernel, name, dtype, cfg), meta
     return kernel, dict(meta, **cfg)
 
 
@@ -260,6 +273,7 @@ def _class_splits(row_blocks: int, class_blocks: int, block_c: int, slots: int
         return progs / (triton.cdiv(progs, sms) * sms)
 
     best = max(range(lo, hi + 1), key=lambda sp: (round(fill(sp), 3), -sp))
+    best = min(best, cfgs.MAX_GRID_YZ)   # grid axis 1 (never near it: best <= 2 * slots)
     per_split = triton.cdiv(class_blocks, best)
     return triton.cdiv(class_blocks, per_split), per_split * block_c
 
@@ -305,7 +319,7 @@ def triton_fwd(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], s:
         return lse, tgt, sum_z, max_z, arg
     a, b = _norms(x, w, index, k, normalize, num_classes, acc)
     prm = _params(x, s, m1, m2, m3)
-    cfg = cfgs.tile_config(x.dtype, _interpreted())
+    cfg = cfgs.tile_config(x.dtype, _interpreted(), k)
     row_blocks = triton.cdiv(n, cfg["BLOCK_N"])
     class_blocks = triton.cdiv(num_classes, cfg["BLOCK_C"])
     splits, per_split = _class_splits(row_blocks, class_blocks, cfg["BLOCK_C"],
@@ -329,12 +343,15 @@ def triton_fwd(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], s:
 
 
 def _chunk_classes(n: int, k: int, elt: int, num_classes: int, block: int, align: int) -> int:
-    """Classes per backward chunk: the ``block`` hint, else as many as fit the workspace."""
+    """Classes per backward chunk: the ``block`` hint, else as many as fit the workspace;
+    at most MAX_GRID_YZ class tiles of ``align`` classes (the backward grid's axis 1: a
+    small N, e.g. N = 1 in fp16 with 16 MiB, would otherwise ask for 65536 of them)."""
     if block > 0:
         cb = block
     else:
         cb = cfgs.WORKSPACE_BYTES // max(1, n * k * elt)
         cb = max(align, cb // align * align)
+    cb = min(cb, cfgs.MAX_GRID_YZ * align)
     return max(1, min(cb, num_classes))
 
 
@@ -371,13 +388,15 @@ def triton_bwd(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], ls
     dev = x.device
     lse, g_p, g_t, g_s = (t.to(acc).contiguous() for t in (lse, g_p, g_t, g_s))
     dw_dtype = acc if (DW_FP32 or x.dtype in (torch.float32, torch.float64)) else w.dtype
-    dw = torch.zeros(w.shape, dtype=dw_dtype, device=dev)
+    # without an index the chunks below write every row of dw: no zero fill needed
+    full = index is None and n > 0 and num_classes > 0
+    dw = (torch.empty if full else torch.zeros)(w.shape, dtype=dw_dtype, device=dev)
     dxs = torch.zeros(n, d, dtype=acc, device=dev)
     if n == 0 or num_classes == 0:
         return dxs.to(x.dtype), dw.to(w.dtype)
     a, b = _norms(x, w, index, k, normalize, num_classes, acc)
     prm = _params(x, s, m1, m2, m3)
-    cfg = cfgs.tile_config(x.dtype, _interpreted())
+    cfg = cfgs.tile_config(x.dtype, _interpreted(), k)
     bn, bc = cfg["BLOCK_N"], cfg["BLOCK_C"]
     cb_max = _chunk_classes(n, k, x.element_size(), num_classes, block, bc)
     ws = torch.empty(n * cb_max * k, dtype=x.dtype, device=dev)

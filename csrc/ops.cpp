@@ -86,6 +86,14 @@ void check_values(const at::Tensor& labels, const std::optional<at::Tensor>& ind
   }
 }
 
+ContiguousInputs make_contiguous(const at::Tensor& x, const at::Tensor& w,
+                                 const at::Tensor& labels,
+                                 const std::optional<at::Tensor>& index) {
+  ContiguousInputs in{x.contiguous(), w.contiguous(), labels.contiguous(), std::nullopt};
+  if (index.has_value()) in.index = index->contiguous();
+  return in;
+}
+
 bool compiled_with_cuda() {
 #ifdef ARCFACE_WITH_CUDA
   return true;

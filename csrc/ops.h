@@ -31,6 +31,19 @@ void check_row_vector(const at::Tensor& t, const char* name, int64_t n, const at
 void check_values(const at::Tensor& labels, const std::optional<at::Tensor>& index,
                   const Dims& dims);
 
+// The op's tensor inputs made contiguous (copies only where needed), with the index's raw
+// pointer (nullptr without an index). Shared by the CPU and CUDA entry points.
+struct ContiguousInputs {
+  at::Tensor x, w, labels;
+  std::optional<at::Tensor> index;
+  const int64_t* idx() const {
+    return index.has_value() ? index->data_ptr<int64_t>() : nullptr;
+  }
+};
+ContiguousInputs make_contiguous(const at::Tensor& x, const at::Tensor& w,
+                                 const at::Tensor& labels,
+                                 const std::optional<at::Tensor>& index);
+
 // Whether the CUDA kernels were compiled into this build.
 bool compiled_with_cuda();
 

@@ -464,10 +464,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpp_fwd_c
                            grad_mode, normalize, sub_centers, block);
   check_cpu(x_in);
   check_values(labels_in, index_in, dm);
-  at::Tensor x = x_in.contiguous(), w = w_in.contiguous(), labels = labels_in.contiguous();
-  std::optional<at::Tensor> index;
-  if (index_in.has_value()) index = index_in->contiguous();
-  const int64_t* idx = index.has_value() ? index->data_ptr<int64_t>() : nullptr;
+  const ContiguousInputs in = make_contiguous(x_in, w_in, labels_in, index_in);
+  const at::Tensor &x = in.x, &w = in.w, &labels = in.labels;
+  const int64_t* idx = in.idx();
   auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto opt = x.options().dtype(acc_type);
   at::Tensor lse = at::empty({dm.n}, opt), target = at::empty({dm.n}, opt),
@@ -496,10 +495,9 @@ std::tuple<at::Tensor, at::Tensor> cpp_bwd_cpu(
   check_row_vector(gt_in, "g_t", dm.n, x_in);
   check_row_vector(gs_in, "g_s", dm.n, x_in);
   check_values(labels_in, index_in, dm);
-  at::Tensor x = x_in.contiguous(), w = w_in.contiguous(), labels = labels_in.contiguous();
-  std::optional<at::Tensor> index;
-  if (index_in.has_value()) index = index_in->contiguous();
-  const int64_t* idx = index.has_value() ? index->data_ptr<int64_t>() : nullptr;
+  const ContiguousInputs in = make_contiguous(x_in, w_in, labels_in, index_in);
+  const at::Tensor &x = in.x, &w = in.w, &labels = in.labels;
+  const int64_t* idx = in.idx();
   auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto vec = [&](const at::Tensor& t) { return t.to(acc_type).contiguous(); };
   at::Tensor lse = vec(lse_in), gp = vec(gp_in), gt = vec(gt_in), gs = vec(gs_in);

@@ -565,10 +565,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpp_fwd_c
   c10::cuda::CUDAGuard guard(x_in.device());
   check_values(labels_in, index_in, dm);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  at::Tensor x = x_in.contiguous(), w = w_in.contiguous(), labels = labels_in.contiguous();
-  std::optional<at::Tensor> index;
-  if (index_in.has_value()) index = index_in->contiguous();
-  const int64_t* idx = index.has_value() ? index->data_ptr<int64_t>() : nullptr;
+  const ContiguousInputs in = make_contiguous(x_in, w_in, labels_in, index_in);
+  const at::Tensor &x = in.x, &w = in.w, &labels = in.labels;
+  const int64_t* idx = in.idx();
   auto fopt = x.options().dtype(at::kFloat);
   at::Tensor lse = at::empty({dm.n}, fopt), target = at::zeros({dm.n}, fopt),
              sum_z = at::empty({dm.n}, fopt), max_z = at::empty({dm.n}, fopt),
@@ -653,10 +652,10 @@ std::tuple<at::Tensor, at::Tensor> cpp_bwd_cuda(
   c10::cuda::CUDAGuard guard(x_in.device());
   check_values(labels_in, index_in, dm);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  at::Tensor x = x_in.contiguous(), w = w_in.contiguous(), labels = labels_in.contiguous();
-  std::optional<at::Tensor> index;
-  if (index_in.has_value()) index = index_in->contiguous();
-  const int64_t* idx = index.has_value() ? index->data_ptr<int64_t>() : nullptr;
+  const ContiguousInputs in = make_contiguous(x_in, w_in, labels_in, index_in);
+  const at::Tensor &x = in.x, &w = in.w, &labels = in.labels;
+  const std::optional<at::Tensor>& index = in.index;
+  const int64_t* idx = in.idx();
   auto fopt = x.options().dtype(at::kFloat);
   // Rows of w outside the shard (index given) get 0; without an index every row of w is
   // a shard row and is written by its chunk.

@@ -94,6 +94,21 @@ def _class_cosines(x_ptr, w_ptr, idx_ptr, b_ptr, a, rows, rmask, cols, cmask,
 
 
 @triton.jit
+def _row_block(pid_n, N, lab_ptr, a_ptr, NORMALIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The rows of row block ``pid_n`` (int64), their mask, labels (-1 past N) and inverse
+    norms a (zeros without normalization)."""
+    acc_t: tl.constexpr = a_ptr.dtype.element_ty
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rmask = rows < N
+    labels = tl.load(lab_ptr + rows, mask=rmask, other=-1)
+    if NORMALIZE:
+        a = tl.load(a_ptr + rows, mask=rmask, other=0.0)
+    else:
+        a = tl.zeros((BLOCK_N,), acc_t)
+    return rows, rmask, labels, a
+
+
+@triton.jit
 def _load_params(prm_ptr, dtype: tl.constexpr):
     s = tl.load(prm_ptr + 0).to(dtype)
     m1 = tl.load(prm_ptr + 1).to(dtype)
@@ -162,14 +177,8 @@ def fwd_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr,
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     acc_t: tl.constexpr = a_ptr.dtype.element_ty
-    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    rmask = rows < N
+    rows, rmask, labels, a = _row_block(pid_n, N, lab_ptr, a_ptr, NORMALIZE, BLOCK_N)
     s, m1, m2, m3 = _load_params(prm_ptr, acc_t)
-    labels = tl.load(lab_ptr + rows, mask=rmask, other=-1)
-    if NORMALIZE:
-        a = tl.load(a_ptr + rows, mask=rmask, other=0.0)
-    else:
-        a = tl.zeros((BLOCK_N,), acc_t)
     run_max = tl.full((BLOCK_N,), float("-inf"), acc_t)
     run_sum = tl.zeros((BLOCK_N,), acc_t)
     sum_z = tl.zeros((BLOCK_N,), acc_t)
@@ -261,17 +270,11 @@ def bwd_grad_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr,
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
     acc_t: tl.constexpr = a_ptr.dtype.element_ty
-    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    rmask = rows < N
+    rows, rmask, labels, a = _row_block(pid_n, N, lab_ptr, a_ptr, NORMALIZE, BLOCK_N)
     cl = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     cmask = cl < C_chunk
     cols = j_chunk + cl
     s, m1, m2, m3 = _load_params(prm_ptr, acc_t)
-    labels = tl.load(lab_ptr + rows, mask=rmask, other=-1)
-    if NORMALIZE:
-        a = tl.load(a_ptr + rows, mask=rmask, other=0.0)
-    else:
-        a = tl.zeros((BLOCK_N,), acc_t)
     c, kbest = _class_cosines(x_ptr, w_ptr, idx_ptr, b_ptr, a, rows, rmask, cols, cmask,
                               NUM_W_CLASSES, D, stride_x, stride_w, K, HAS_INDEX, NORMALIZE,
                               DOT_MODE, FP32_PREC, BLOCK_N, BLOCK_C, BLOCK_D)

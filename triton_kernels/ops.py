@@ -192,6 +192,13 @@ def _device_guard(t: Tensor):
 _PARAMS_CACHE: dict = {}
 
 
+def _prepared(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], k: int):
+    """(x, w with unit row stride, labels and index contiguous, classes in the shard)."""
+    index = None if index is None else index.contiguous()
+    num_classes = index.shape[0] if index is not None else w.shape[0] // k
+    return _rows(x), _rows(w), labels.contiguous(), index, num_classes
+
+
 def _rows(t: Tensor) -> Tensor:
     """t itself when its rows are contiguous (any row stride: a slice of a bigger weight
     is read in place), else a contiguous copy."""
@@ -297,10 +304,8 @@ def triton_fwd(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], s:
     MarginConfig.from_op_args(s, m1, m2, m3, wrap_mode, grad_mode, normalize, sub_centers)
     _check_args(x, w, labels, index, sub_centers)
     k = sub_centers
-    x, w, labels = _rows(x), _rows(w), labels.contiguous()
-    index = None if index is None else index.contiguous()
+    x, w, labels, index, num_classes = _prepared(x, w, labels, index, k)
     n, d = x.shape
-    num_classes = index.shape[0] if index is not None else w.shape[0] // k
     acc = acc_dtype(x.dtype)
     dev = x.device
     lse = torch.empty(n, dtype=acc, device=dev)
@@ -380,10 +385,8 @@ def triton_bwd(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], ls
             raise ValueError(f"triton backend: {name} must have shape [{x.shape[0]}], "
                              f"got {tuple(t.shape)}")
     k = sub_centers
-    x, w, labels = _rows(x), _rows(w), labels.contiguous()
-    index = None if index is None else index.contiguous()
+    x, w, labels, index, num_classes = _prepared(x, w, labels, index, k)
     n, d = x.shape
-    num_classes = index.shape[0] if index is not None else w.shape[0] // k
     acc = acc_dtype(x.dtype)
     dev = x.device
     lse, g_p, g_t, g_s = (t.to(acc).contiguous() for t in (lse, g_p, g_t, g_s))

@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from .backends import ALL_BACKENDS
+
 # Integer codes shared with the Triton module and the C++ header (keep in sync:
 # tests/test_cpp.py and tests/test_triton.py check the C++ and Triton constants).
 WRAP_MODES = {"fallback": 0, "easy": 1, "none": 2}
@@ -53,7 +55,9 @@ class MarginConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise TypeError(f"{name} must be a real number, got {v!r}")
-            if not math.isfinite(v):
+            # a comparison, not math.isfinite: under torch.compile(dynamic=True) a float
+            # argument arrives as a symbolic float, which math.isfinite does not take
+            if not -math.inf < v < math.inf:  # False for nan and +-inf
                 raise ValueError(f"{name} must be finite, got {v!r}")
         if not self.s > 0:
             raise ValueError(f"s must be > 0, got {self.s!r}")
@@ -145,6 +149,11 @@ class LossOptions:
                              f"got {self.chunk_size!r}")
         if not isinstance(self.backend, str):
             raise TypeError(f"backend must be a str, got {self.backend!r}")
+        if self.backend != "auto" and self.backend not in ALL_BACKENDS:
+            # a typo fails here, when a module is built, not at its first forward; whether
+            # a known backend is usable on the tensors' device is checked per call
+            raise ValueError(f"backend must be 'auto' or one of {list(ALL_BACKENDS)}, "
+                             f"got {self.backend!r}")
 
     @property
     def block(self) -> int:

@@ -25,10 +25,15 @@ Every backend supplies two ops with the schemas below, named
 Because the backward takes the three per-row coefficients, autograd registered on the
 fwd op (below, once for all backends) covers any loss built from lse, target and sum_z
 with ordinary torch ops: the single-device loss, label smoothing, and the sharded loss
-whose cross-rank logsumexp lives in torch.distributed.nn.
+whose cross-rank logsumexp lives in torch.distributed.nn. That backward is not itself
+differentiable: a gradient taken with create_graph=True is right, but differentiating it
+again raises (``DOUBLE_BACKWARD_ERROR``). arcface_loss, PartialFC and this backward call
+the ops with autocast off (:func:`autocast_off`), so a loss inside a torch.autocast region
+computes exactly what it computes outside one.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -54,6 +59,16 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def autocast_off(device: torch.device):
+    """Context in which autocast is off for ``device``: the ops compute in the dtypes
+    they are given (float32 statistics for half inputs). Without it, a call under
+    torch.autocast would run the Python backends' inner matmuls in half precision even
+    for float32 inputs, and their backward would mix dtypes."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def fwd_fake(x, w, labels, index, *scalars):
     n = x.shape[0]
     acc = acc_dtype(x.dtype)
@@ -72,6 +87,27 @@ def _setup_context(ctx, inputs, output):
     ctx.scalars = tuple(inputs[4:])
 
 
+DOUBLE_BACKWARD_ERROR = (
+    "arcface_kernels: the gradient of the loss is not differentiable (double backward, "
+    "i.e. differentiating a gradient obtained with create_graph=True through "
+    "arcface_loss / ArcFaceLoss / PartialFC, is not supported)")
+
+
+def _not_differentiable(grads, sources):
+    """``grads`` as tensors whose backward raises DOUBLE_BACKWARD_ERROR on the way to
+    any of ``sources`` (the tensors they depend on: x, w, the incoming gradients).
+
+    What torch.autograd.function.once_differentiable does, except that it links the
+    error to the incoming gradients only; here it is linked to x and w too, so that
+    torch.autograd.grad(dx, w) raises instead of reporting w as unused."""
+    live = [g for g in grads if g is not None]
+    deps = [t for t in sources if t is not None and t.requires_grad]
+    err = torch._C._functions.DelayedError(DOUBLE_BACKWARD_ERROR.encode(),
+                                           len(live) + len(deps))
+    out = iter(err(*live, *deps)[:len(live)])
+    return tuple(None if g is None else next(out) for g in grads)
+
+
 def _make_backward(bwd_op: Callable) -> Callable:
     def backward(ctx, g_lse, g_tgt, g_sum, _g_max, _g_arg):
         x, w, labels, index, lse = ctx.saved_tensors
@@ -80,9 +116,20 @@ def _make_backward(bwd_op: Callable) -> Callable:
         coeffs = []
         for g in (g_lse, g_tgt, g_sum):
             coeffs.append(torch.zeros_like(lse) if g is None else g.to(lse.dtype).contiguous())
-        dx, dw = bwd_op(x, w, labels, index, lse, *coeffs, *ctx.scalars)
-        return ((dx if ctx.needs_input_grad[0] else None),
-                (dw if ctx.needs_input_grad[1] else None)) + (None,) * (2 + NUM_SCALARS)
+        # create_graph=True runs this under grad mode: the ops' backward has no derivative
+        # of its own, so compute it without recording a graph and make any attempt to
+        # differentiate its result raise, instead of returning a silently wrong (zero or
+        # partial) second derivative.
+        sources = (x, w, g_lse, g_tgt, g_sum)
+        create_graph = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in sources)
+        with torch.no_grad(), autocast_off(x.device):
+            dx, dw = bwd_op(x, w, labels, index, lse, *coeffs, *ctx.scalars)
+        grads = ((dx if ctx.needs_input_grad[0] else None),
+                 (dw if ctx.needs_input_grad[1] else None))
+        if create_graph:
+            grads = _not_differentiable(grads, sources)
+        return grads + (None,) * (2 + NUM_SCALARS)
     return backward
 
 

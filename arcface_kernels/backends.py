@@ -1,6 +1,7 @@
 """Backend registry: which implementations of the primitive exist, and which to use.
 
-A backend is a pair of ops (see ``_ops.py``). "reference" and "chunked" are always here;
+A backend is a pair of ops (see ``_ops.py``). "reference" and "chunked" are always here
+and, being plain PyTorch, run on any device type (cpu, cuda, mps, xpu, ...);
 "triton" needs an importable Triton and a CUDA device (or TRITON_INTERPRET=1, which runs
 the kernels on the CPU: for tests); "cpp" needs the compiled extension
 ``arcface_kernels._C``. Optional backends are imported lazily, on first use, so importing
@@ -24,7 +25,11 @@ class Backend:
     name: str
     fwd: Callable
     bwd: Callable
-    devices: tuple  # device types it runs on
+    devices: tuple  # device types it is built for
+    any_device: bool = False  # plain PyTorch: also runs on any other device type
+
+    def runs_on(self, device_type: str) -> bool:
+        return self.any_device or device_type in self.devices
 
 
 _LOADED: Dict[str, Backend] = {}
@@ -43,10 +48,10 @@ def _load(name: str) -> Optional[Backend]:
     try:
         if name == "reference":
             from . import reference as mod
-            be = Backend(name, mod.FWD_OP, mod.BWD_OP, ("cpu", "cuda"))
+            be = Backend(name, mod.FWD_OP, mod.BWD_OP, ("cpu", "cuda"), any_device=True)
         elif name == "chunked":
             from . import chunked as mod
-            be = Backend(name, mod.FWD_OP, mod.BWD_OP, ("cpu", "cuda"))
+            be = Backend(name, mod.FWD_OP, mod.BWD_OP, ("cpu", "cuda"), any_device=True)
         elif name == "triton":
             if importlib.util.find_spec("triton") is None:
                 raise ImportError("triton is not installed")
@@ -76,8 +81,12 @@ def backend_status() -> Dict[str, str]:
             out[name] = "unavailable: needs a CUDA device (set TRITON_INTERPRET=1 to run " \
                         "the Triton kernels on the CPU)"
         else:
-            out[name] = "ok (" + ", ".join(be.devices) + ")"
+            out[name] = "ok (" + _device_list(be) + ")"
     return out
+
+
+def _device_list(be: Backend) -> str:
+    return ", ".join(be.devices) + (", any other torch device" if be.any_device else "")
 
 
 def _usable_somewhere(be: Backend) -> bool:
@@ -91,7 +100,8 @@ def available_backends() -> List[str]:
 
 def resolve_backend(name: str, device: torch.device) -> Backend:
     """The backend to run on tensors of ``device``; "auto" picks the fastest usable one:
-    triton, then cpp, then chunked on CUDA; cpp, then chunked on the CPU."""
+    triton, then cpp, then chunked on CUDA; cpp, then chunked on the CPU; chunked on any
+    other device type (plain PyTorch: MPS, XPU, ...)."""
     if not isinstance(name, str):
         raise TypeError(f"backend must be a str, got {name!r}")
     dev = device.type
@@ -99,7 +109,7 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
         order = ("triton", "cpp", "chunked") if dev == "cuda" else ("cpp", "chunked")
         for cand in order:
             be = _load(cand)
-            if be is not None and dev in be.devices and (cand != "triton" or dev == "cuda"):
+            if be is not None and be.runs_on(dev) and (cand != "triton" or dev == "cuda"):
                 return be
         raise RuntimeError(f"no backend runs on device type {dev!r}")
     if name not in ALL_BACKENDS:
@@ -110,7 +120,7 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
         raise ValueError(f"backend {name!r} is not available here "
                          f"({_LOAD_ERRORS.get(name, 'unknown reason')}); available: "
                          f"{available_backends()}")
-    if dev not in be.devices:
+    if not be.runs_on(dev):
         raise ValueError(f"backend {name!r} does not run on {dev} tensors "
-                         f"(it runs on: {', '.join(be.devices)})")
+                         f"(it runs on: {_device_list(be)})")
     return be

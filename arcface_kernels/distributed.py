@@ -12,8 +12,9 @@ Only three kinds of communication are used (design.md section 4):
   partials is exact without any communication in the backward.
 * :func:`gather_ints` / :func:`gather_objects` for labels and the input checks.
 
-Nothing here touches CUDA at import time. With a world of one rank every helper is the
-identity and no collective is issued.
+Nothing here touches CUDA at import time. With a world of one rank no collective is
+issued and every helper is the identity (gather_rows still applies an explicit gradient
+scale other than 1).
 """
 from __future__ import annotations
 
@@ -121,10 +122,26 @@ class GatherRows(torch.autograd.Function):
         return out, None, None
 
 
+class ScaleGrad(torch.autograd.Function):
+    """Identity whose backward multiplies the gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.scale, None
+
+
 def gather_rows(x: Tensor, comm: Comm, grad_scale: Optional[float] = None) -> Tensor:
     """All-gather the rows of ``x`` [N, D] -> [world * N, D]; gradients are reduced back
-    to each rank's rows and scaled by ``grad_scale`` (default: the world size)."""
+    to each rank's rows and scaled by ``grad_scale`` (default: the world size; in a world
+    of one rank, only an explicit scale other than 1 changes anything)."""
     if not comm.distributed:
-        return x
+        if grad_scale is None or float(grad_scale) == 1.0:
+            return x
+        return ScaleGrad.apply(x, float(grad_scale))
     scale = float(comm.world) if grad_scale is None else float(grad_scale)
     return GatherRows.apply(x, comm, scale)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ._config import LossOptions, MarginConfig
-from ._ops import local_labels
+from ._ops import autocast_off, local_labels
 from .backends import resolve_backend
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -32,7 +32,17 @@ class LossStats(NamedTuple):
     prediction: Tensor
 
     def accuracy(self, labels: Tensor, ignore_index: int = -100) -> Tensor:
-        """Top-1 accuracy over the rows not ignored (0-dim tensor; 0 when none)."""
+        """Top-1 accuracy over the rows not ignored (0-dim tensor; 0 when none).
+
+        labels: [N] (or [N, 1], as insightface passes them) int64, the labels of the rows
+        the stats are of (for PartialFC: the global batch, rank-major). Pass the loss's
+        ``ignore_index`` if it is not the default."""
+        if labels.dim() == 2 and labels.shape[1] == 1:
+            labels = labels.reshape(-1)
+        if tuple(labels.shape) != tuple(self.prediction.shape):
+            # a mismatch would broadcast ([N, 1] against [N] gives [N, N]) or fail obscurely
+            raise ValueError(f"labels must have shape {tuple(self.prediction.shape)} (the "
+                             f"rows of these stats), got {tuple(labels.shape)}")
         valid = labels != ignore_index
         hits = (self.prediction == labels) & valid
         return hits.sum().to(torch.float32) / valid.sum().clamp(min=1).to(torch.float32)
@@ -113,6 +123,7 @@ def arcface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: float
         embeddings: [N, D] float16/bfloat16/float32/float64.
         weight: [C * sub_centers, D], same dtype and device (class-major, as insightface).
         labels: [N] int64 in [0, C), or ``ignore_index`` for rows that do not count.
+        ignore_index: the label of rows that add nothing to the loss (default -100).
         s, m1, m2, m3: scale and margins; target logit s * (cos(m1 * theta + m2) - m3).
             ArcFace: m2=0.5 (default); CosFace: m2=0, m3=0.35..0.4; SphereFace: m1 > 1.
         reduction: "mean" (over rows not ignored; 0 if none), "sum" or "none" ([N]).
@@ -140,8 +151,9 @@ def arcface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: float
     be = resolve_backend(backend, embeddings.device)
     num_classes = weight.shape[0] // sub_centers
     local = local_labels(labels, 0, num_classes, num_classes, ignore_index)
-    lse, target, sum_z, max_z, argmax = be.fwd(embeddings, weight, local, None,
-                                               *cfg.op_args(), block)
+    with autocast_off(embeddings.device):
+        lse, target, sum_z, max_z, argmax = be.fwd(embeddings, weight, local, None,
+                                                   *cfg.op_args(), block)
     valid = labels != ignore_index
     loss_rows = combine_loss_rows(lse, target, sum_z, label_smoothing, num_classes)
     loss = reduce_rows(loss_rows, valid, reduction)

@@ -16,7 +16,10 @@ class ArcFaceLoss(nn.Module):
     forward(embeddings [N, D], labels [N]) -> loss. Same knobs as
     :func:`arcface_kernels.arcface_loss`; the weight is initialised N(0, 0.01) as in
     insightface. ``last_stats`` holds the :class:`LossStats` (lse, top-1 prediction) of
-    the last forward, for accuracy logging at no extra cost.
+    the last forward, for accuracy logging at no extra cost
+    (``head.last_stats.accuracy(labels, head.ignore_index)``). Embeddings of another
+    float dtype than the weight (autocast, a float32 master weight) are met with a copy of
+    the weight in the embeddings' dtype; the loss is float32 (float64 for float64).
     """
 
     def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0,
@@ -49,7 +52,8 @@ class ArcFaceLoss(nn.Module):
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         c = self.cfg
         weight = self.weight
-        if weight.dtype != embeddings.dtype:  # autocast / half embeddings, fp32 master weight
+        if isinstance(embeddings, Tensor) and weight.dtype != embeddings.dtype:
+            # autocast / half embeddings, fp32 master weight (arcface_loss checks the rest)
             weight = weight.to(embeddings.dtype)
         loss, stats = arcface_loss(
             embeddings, weight, labels, s=c.s, m1=c.m1, m2=c.m2, m3=c.m3,

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from ._config import LossOptions, MarginConfig, check_positive_int
-from ._ops import acc_dtype, local_labels
+from ._ops import acc_dtype, autocast_off, local_labels
 from .backends import resolve_backend
 from .distributed import Comm, gather_ints, gather_live, gather_objects, gather_rows, \
     resolve_comm
@@ -280,8 +280,9 @@ class PartialFC(nn.Module):
         acc = acc_dtype(x.dtype)
         if shard_size > 0:
             be = resolve_backend(self.backend, x.device)
-            lse_r, tgt_r, sumz_r, maxz_r, arg_r = be.fwd(
-                x_all, w, shard_labels, index, *cfg.op_args(), self.block)
+            with autocast_off(x.device):
+                lse_r, tgt_r, sumz_r, maxz_r, arg_r = be.fwd(
+                    x_all, w, shard_labels, index, *cfg.op_args(), self.block)
         else:  # an empty shard: no classes here, but stay in the graph on every rank
             zero = (x_all[:0].sum() + w[:0].sum()).to(acc)
             lse_r = torch.full((x_all.shape[0],), -math.inf, dtype=acc,

@@ -209,6 +209,9 @@ def test_module_rejects_bad_sizes():
         ak.ArcFaceLoss(4, 0)
     with pytest.raises(ValueError, match="m2 must be in"):
         ak.ArcFaceLoss(4, 3, m2=-1.0)
+    head = ak.ArcFaceLoss(4, 3)
+    with pytest.raises(TypeError, match="embeddings must be a torch.Tensor, got ndarray"):
+        head(torch.zeros(2, 4).numpy(), torch.zeros(2, dtype=torch.long))
 
 
 # ---------------------------------------------------------------------------- ops
@@ -272,3 +275,122 @@ def test_bad_labels_raise_under_compile():
                       fullgraph=True, backend="aot_eager")
     with pytest.raises(ValueError, match=r"labels must be in \[0, 5\).*got 11"):
         f(x, w, y)
+
+
+# ---------------------------------------------------------------------------- autograd
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_double_backward_raises_clearly(backend):
+    """create_graph=True gives the plain first-order gradients, and differentiating them
+    raises a clear error (it used to give a silently zero second derivative, or an
+    unrelated in-place error, depending on the backend)."""
+    x, w, y = _inputs(dtype=torch.float32)
+    kw = dict(backend=backend, s=16.0, m2=0.5, reduction="sum")
+    xp, wp = x.clone().requires_grad_(), w.clone().requires_grad_()
+    plain = torch.autograd.grad(ak.arcface_loss(xp, wp, y, **kw), (xp, wp))
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    gx, gw = torch.autograd.grad(ak.arcface_loss(xr, wr, y, **kw), (xr, wr),
+                                 create_graph=True)
+    assert torch.equal(gx.detach(), plain[0]) and torch.equal(gw.detach(), plain[1])
+    for out, wrt in ((gx, wr), (gx, xr), (gw, wr)):
+        with pytest.raises(RuntimeError, match="not differentiable.*double backward"):
+            torch.autograd.grad(out.pow(2).sum(), wrt, retain_graph=True)
+    # also when another, differentiable term shares the gradient
+    xr2 = x.clone().requires_grad_()
+    total = ak.arcface_loss(xr2, w, y, **kw) + xr2.pow(3).sum()
+    (g,) = torch.autograd.grad(total, xr2, create_graph=True)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        torch.autograd.grad(g.sum(), xr2)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_autocast_changes_nothing(backend):
+    """Under torch.autocast (a mixed-precision training loop) the loss of float32 inputs
+    and its gradients are those computed without it, whether backward runs outside the
+    autocast region (the usual loop) or inside it. The Python backends used to run their
+    matmuls in bfloat16 there (loss off by ~2e-2) and to crash in the backward."""
+    x, w, y = make_inputs(32, 50, 24, dtype=torch.float32)
+    kw = dict(backend=backend, label_smoothing=0.1)
+    xp, wp = x.clone().requires_grad_(), w.clone().requires_grad_()
+    want_loss = ak.arcface_loss(xp, wp, y, **kw)
+    want = (want_loss.detach(),) + torch.autograd.grad(want_loss, (xp, wp))
+    for backward_inside in (False, True):
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = ak.arcface_loss(xr, wr, y, **kw)
+            if backward_inside:
+                grads = torch.autograd.grad(loss, (xr, wr))
+        if not backward_inside:
+            grads = torch.autograd.grad(loss, (xr, wr))
+        assert loss.dtype == torch.float32
+        torch.testing.assert_close((loss.detach(),) + grads, want, rtol=1e-6, atol=1e-6)
+
+
+def test_autocast_module_with_half_embeddings():
+    """ArcFaceLoss in an autocast region: bfloat16 embeddings, float32 master weight ->
+    the loss equals that of the same bfloat16 inputs without autocast."""
+    x, _, y = make_inputs(16, 9, 8, dtype=torch.float32, ignore_some=False)
+    head = ak.ArcFaceLoss(8, 9, backend="chunked")
+    xb = x.to(torch.bfloat16)
+    want = head(xb, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = head(xb, y)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- compile
+@pytest.mark.parametrize("backend", ["chunked", "reference"])
+def test_compile_module_dynamic_shapes(backend):
+    """torch.compile(ArcFaceLoss, fullgraph=True, dynamic=True): float knobs then reach
+    the config as symbolic floats (math.isfinite used to reject them); two batch sizes,
+    same loss and gradients as eager."""
+    torch.manual_seed(0)
+    head = ak.ArcFaceLoss(8, 9, s=32.0, m2=0.4, label_smoothing=0.1, backend=backend)
+    compiled = torch.compile(head, fullgraph=True, dynamic=True, backend="aot_eager")
+    for n in (16, 11):
+        x, _, y = make_inputs(n, 9, 8, dtype=torch.float32, seed=n)
+        results = []
+        for fn in (head, compiled):
+            head.weight.grad = None
+            xr = x.clone().requires_grad_()
+            loss = fn(xr, y)
+            loss.backward()
+            results.append((loss.detach(), xr.grad, head.weight.grad.clone(),
+                            head.last_stats.prediction))
+        torch.testing.assert_close(results[1], results[0])
+
+
+# ---------------------------------------------------------------------------- backends
+def test_python_backends_run_on_any_device_type():
+    """reference and chunked are plain PyTorch (README: "runs on: any"): "auto" and an
+    explicit choice accept device types other than cpu / cuda; native backends don't."""
+    for dev in ("mps", "xpu"):
+        assert resolve_backend("auto", torch.device(dev)).name == "chunked"
+        for name in ("chunked", "reference"):
+            assert resolve_backend(name, torch.device(dev)).name == name
+    if "cpp" in ak.available_backends():
+        with pytest.raises(ValueError, match="backend 'cpp' does not run on mps tensors"):
+            resolve_backend("cpp", torch.device("mps"))
+
+
+# ---------------------------------------------------------------------------- stats
+def test_stats_accuracy_label_shapes():
+    x, w, y = _inputs(dtype=torch.float64)
+    y[0] = -100
+    _, stats = ak.arcface_loss(x, w, y, backend="chunked", return_stats=True)
+    want = stats.accuracy(y)
+    hits = ((stats.prediction == y) & (y != -100)).sum().item()
+    assert want.item() == pytest.approx(hits / 5)
+    # insightface-style [N, 1] labels: the same number (not an [N, N] broadcast)
+    assert stats.accuracy(y.view(-1, 1)).item() == want.item()
+    with pytest.raises(ValueError, match=r"labels must have shape \(6,\).*got \(4,\)"):
+        stats.accuracy(y[:4])
+
+
+def test_module_rejects_unknown_backend_at_construction():
+    """A misspelt backend fails when the head is built, not at its first forward."""
+    for make in (lambda: ak.ArcFaceLoss(4, 3, backend="trition"),
+                 lambda: ak.PartialFC(4, 3, backend="cudnn")):
+        with pytest.raises(ValueError, match=r"backend must be 'auto' or one of \[.*\], "
+                                             r"got '(trition|cudnn)'"):
+            make()

@@ -392,6 +392,42 @@ if __name__ != "__main__":
         x[1, 2] = float("nan")
         assert torch.isnan(pfc(x, torch.tensor([0, 1, 2])))
 
+    def test_single_process_embedding_grad_scale():
+        """An explicit embedding_grad_scale scales the embeddings' gradient also in a
+        world of one rank (it used to be ignored there); the weight's is unchanged."""
+        x, w, y = make_inputs(9, C, D, seed=4, ignore_index=IGNORE)
+        grads = []
+        for scale in (None, 1.0, 2.5):
+            pfc = PartialFC(D, C, backend="chunked", dtype=torch.float64,
+                            ignore_index=IGNORE, embedding_grad_scale=scale)
+            with torch.no_grad():
+                pfc.weight.copy_(w)
+            xr = x.clone().requires_grad_(True)
+            pfc(xr, y).backward()
+            grads.append((xr.grad, pfc.weight.grad))
+        assert torch.equal(grads[0][0], grads[1][0])
+        torch.testing.assert_close(grads[2][0], 2.5 * grads[0][0], rtol=1e-15, atol=0)
+        assert torch.equal(grads[2][1], grads[0][1])
+
+    def test_single_process_autocast_changes_nothing():
+        """Under torch.autocast the loss and gradients of float32 inputs are those
+        computed without it (the chunked backend's matmuls used to drop to bfloat16)."""
+        x, w, y = make_inputs(9, C_SAMPLED, D, seed=4, ignore_index=IGNORE,
+                              dtype=torch.float32)
+        out = []
+        for autocast in (False, True):
+            pfc = PartialFC(D, C_SAMPLED, backend="chunked", ignore_index=IGNORE,
+                            label_smoothing=0.1)
+            with torch.no_grad():
+                pfc.weight.copy_(w)
+            xr = x.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = pfc(xr, y)
+            loss.backward()
+            out.append((loss.detach(), xr.grad, pfc.weight.grad))
+        assert out[1][0].dtype == torch.float32
+        torch.testing.assert_close(out[1], out[0], rtol=1e-6, atol=1e-6)
+
     @pytest.mark.parametrize("world", WORLDS)
     @pytest.mark.parametrize("check", CHECKS + ["after_errors"])
     def test_matches_reference(groups, world, check):

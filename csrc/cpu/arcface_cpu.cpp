@@ -38,6 +38,18 @@ namespace {
 #define AK_CPU_CLONES
 #endif
 #define AK_ALWAYS_INLINE inline __attribute__((always_inline))
+// NAME_isa(args, i0, i1): the float instantiation of NAME through the cloned (AVX2 +
+// generic) entry point, the double one directly (float64 is for tests and gradcheck).
+#define AK_ISA_ENTRY(NAME, ARGS)                                                  \
+  AK_CPU_CLONES void NAME##_f32(const ARGS<float>& a, int64_t i0, int64_t i1) {   \
+    NAME<float>(a, i0, i1);                                                       \
+  }                                                                               \
+  inline void NAME##_isa(const ARGS<float>& a, int64_t i0, int64_t i1) {          \
+    NAME##_f32(a, i0, i1);                                                        \
+  }                                                                               \
+  inline void NAME##_isa(const ARGS<double>& a, int64_t i0, int64_t i1) {         \
+    NAME<double>(a, i0, i1);                                                      \
+  }
 
 
 constexpr int64_t kWRowsPerBlock = 2048;
@@ -215,15 +227,7 @@ AK_ALWAYS_INLINE void fwd_rows(const FwdRows<acc_t>& args, int64_t i0, int64_t i
   }
 }
 
-AK_CPU_CLONES void fwd_rows_f32(const FwdRows<float>& a, int64_t i0, int64_t i1) {
-  fwd_rows<float>(a, i0, i1);
-}
-inline void fwd_rows_isa(const FwdRows<float>& a, int64_t i0, int64_t i1) {
-  fwd_rows_f32(a, i0, i1);
-}
-inline void fwd_rows_isa(const FwdRows<double>& a, int64_t i0, int64_t i1) {
-  fwd_rows<double>(a, i0, i1);
-}
+AK_ISA_ENTRY(fwd_rows, FwdRows)
 
 template <typename scalar_t, typename acc_t>
 void fwd_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
@@ -345,15 +349,7 @@ AK_ALWAYS_INLINE void bwd_rows(const BwdRows<acc_t>& args, int64_t i0, int64_t i
   }
 }
 
-AK_CPU_CLONES void bwd_rows_f32(const BwdRows<float>& a, int64_t i0, int64_t i1) {
-  bwd_rows<float>(a, i0, i1);
-}
-inline void bwd_rows_isa(const BwdRows<float>& a, int64_t i0, int64_t i1) {
-  bwd_rows_f32(a, i0, i1);
-}
-inline void bwd_rows_isa(const BwdRows<double>& a, int64_t i0, int64_t i1) {
-  bwd_rows<double>(a, i0, i1);
-}
+AK_ISA_ENTRY(bwd_rows, BwdRows)
 
 template <typename scalar_t, typename acc_t>
 void bwd_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,

@@ -310,7 +310,7 @@ __global__ void __launch_bounds__(THREADS)
           target[gi] = z;  // the only thread that holds (i, label_i)
         }
         sz += z;
-        if (z > m) {
+        if (z > m || z != z) {  // a NaN logit makes the state NaN (m = NaN), as on the CPU
           se = se * ak_exp(m - z) + 1.f;
           m = z;
         } else {
@@ -328,7 +328,8 @@ __global__ void __launch_bounds__(THREADS)
   const int64_t oa = __shfl_xor_sync(0xffffffffu, (long long)barg, 1);
   if (h == 0 && row_ok) {
     const Lse<float> l = lse_merge(Lse<float>{m, se}, Lse<float>{om, os});
-    if (better_max(ob, oa, best, barg)) {
+    // better_max keeps a NaN; with NaN on both threads take the first class (CPU rule)
+    if (better_max(ob, oa, best, barg) || (ob != ob && best != best && oa < barg)) {
       best = ob;
       barg = oa;
     }

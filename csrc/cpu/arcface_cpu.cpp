@@ -70,24 +70,29 @@ Plan make_plan(const Dims& dm, int64_t block) {
   return p;
 }
 
+// Copies one row of d values to dst as acc_t, normalized when `normalize`; returns its
+// inverse norm 1 / max(|row|, eps) (1 without normalization).
+template <typename scalar_t, typename acc_t>
+acc_t copy_row(const scalar_t* src, int64_t d, bool normalize, acc_t* dst) {
+  acc_t ss = 0;
+  for (int64_t t = 0; t < d; ++t) {
+    const acc_t v = static_cast<acc_t>(src[t]);
+    dst[t] = v;
+    ss += v * v;
+  }
+  if (!normalize) return acc_t(1);
+  const acc_t inv = inv_norm(ss);
+  for (int64_t t = 0; t < d; ++t) dst[t] *= inv;
+  return inv;
+}
+
 // xs = x (as acc_t) normalized by rows (when normalize), and a = 1 / max(|x_i|, eps).
 template <typename scalar_t, typename acc_t>
 void prepare_rows(const at::Tensor& x, bool normalize, acc_t* xs, acc_t* a, const Dims& dm) {
   const scalar_t* xp = x.data_ptr<scalar_t>();
   at::parallel_for(0, dm.n, 64, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const scalar_t* src = xp + i * dm.d;
-      acc_t* dst = xs + i * dm.d;
-      acc_t ss = 0;
-      for (int64_t t = 0; t < dm.d; ++t) {
-        acc_t v = static_cast<acc_t>(src[t]);
-        dst[t] = v;
-        ss += v * v;
-      }
-      acc_t ai = normalize ? inv_norm(ss) : acc_t(1);
-      a[i] = ai;
-      if (normalize)
-        for (int64_t t = 0; t < dm.d; ++t) dst[t] *= ai;
+      a[i] = copy_row(xp + i * dm.d, dm.d, normalize, xs + i * dm.d);
     }
   });
 }
@@ -104,17 +109,7 @@ void gather_block(const scalar_t* wp, const int64_t* idx, int64_t j0, int64_t nc
   at::parallel_for(0, nc * dm.k, 64, [&](int64_t q0, int64_t q1) {
     for (int64_t rr = q0; rr < q1; ++rr) {
       const scalar_t* src = wp + w_row(idx, j0 + rr / dm.k, rr % dm.k, dm.k) * dm.d;
-      acc_t* dst = ws + rr * dm.d;
-      acc_t ss = 0;
-      for (int64_t t = 0; t < dm.d; ++t) {
-        acc_t v = static_cast<acc_t>(src[t]);
-        dst[t] = v;
-        ss += v * v;
-      }
-      acc_t bj = normalize ? inv_norm(ss) : acc_t(1);
-      b[rr] = bj;
-      if (normalize)
-        for (int64_t t = 0; t < dm.d; ++t) dst[t] *= bj;
+      b[rr] = copy_row(src, dm.d, normalize, ws + rr * dm.d);
     }
   });
 }

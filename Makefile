@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test env bench clean
 
-$(VENV)/.installed: pyproject.toml setup.py Makefile $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu)
+$(VENV)/.installed: pyproject.toml setup.py Makefile $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH_SPEC)" triton pybind11 ninja pytest matplotlib tqdm numpy

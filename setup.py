@@ -86,7 +86,8 @@ def extensions():
     # -fno-trapping-math / -fno-math-errno (as torch itself is built) let the compiler
     # vectorize the element-wise loops; NaN and inf semantics are unchanged.
     cxx = ["-O3", "-std=c++20", "-fopenmp-simd", "-fno-trapping-math", "-fno-math-errno"]
-    sources = ["csrc/module.cpp", "csrc/ops.cpp", "csrc/cpu/arcface_cpu.cpp"]
+    sources = ["csrc/module.cpp", "csrc/ops.cpp", "csrc/cpu/arcface_cpu.cpp",
+               "csrc/cuda/host.cpp", "csrc/cuda/dry_run.cpp"]
     name = "arcface_kernels._C"
     if not with_cuda:
         _log("building the C++ CPU kernel (no CUDA: set FORCE_CUDA=1 to compile it)")

@@ -1,10 +1,15 @@
 // The Python module arcface_kernels._C: importing it loads this library, whose static
-// initializers register the ops (ops.cpp, cpu/, cuda/). It has no functions, only facts
-// about the build, read by arcface_kernels/_cpp.py and the tests.
+// initializers register the ops (ops.cpp, cpu/, cuda/). Its attributes are facts about the
+// build, read by arcface_kernels/_cpp.py and the tests, and the dry run of the CUDA host
+// code for the static kernel report (cuda/dry_run.cpp).
 #include <Python.h>
 
 #include "arcface_math.h"
 #include "ops.h"
+
+namespace arcface::cuda {
+bool add_dry_run_functions(PyObject* module);  // cuda/dry_run.cpp
+}
 
 // A CUDA compile check against a CPU-only torch is built under another name (setup.py).
 #ifdef ARCFACE_CUDA_CHECK_MODULE
@@ -31,7 +36,7 @@ extern "C" PyMODINIT_FUNC AK_MODULE_INIT(void) {
                                     arcface::GRAD_STRAIGHT_THROUGH) == 0 &&
             PyModule_AddObject(m, "NORM_EPS", PyFloat_FromDouble(arcface::NORM_EPS)) == 0 &&
             PyModule_AddObject(m, "SIN2_MIN", PyFloat_FromDouble(arcface::SIN2_MIN)) == 0;
-  if (!ok) {
+  if (!ok || !arcface::cuda::add_dry_run_functions(m)) {
     Py_DECREF(m);
     return nullptr;
   }

@@ -1,4 +1,6 @@
-// CUDA kernel of the forward / backward primitive (shared/design.md section 3).
+// CUDA kernels of the forward / backward primitive, and the runner that launches them.
+// The host side (checks, tile split, backward chunks, buffers, the order of the launches
+// and of the cuBLAS calls) is host.cpp, shared with the dry run of the static report.
 //
 // Tiles of BM = 64 rows x TW = 64 rows of w (TC = TW / K classes).
 //   * Logits: S = x_tile . w_tile^T on tensor cores for float16 / bfloat16 (WMMA
@@ -67,18 +69,16 @@
 
 #include "../arcface_math.h"
 #include "../ops.h"
+#include "host.h"
 
-namespace arcface {
+namespace arcface::cuda {
 namespace {
 
-constexpr int BM = 64;        // rows of x per tile
-constexpr int TW = 64;        // rows of w per tile
+// BM, TW, THREADS, MAX_K (tile shape) and Params come from host.h.
 constexpr int BK = 32;        // features per step of the tile product
 constexpr int LDF = TW + 4;   // leading dimension of float tiles (multiple of 4 for WMMA)
 constexpr int LDH = BK + 8;   // leading dimension of 16-bit tiles (multiple of 8)
 constexpr int LDK = BK + 1;   // leading dimension of float operand tiles (FMA path)
-constexpr int THREADS = 128;  // 4 warps
-constexpr int MAX_K = TW;     // sub-centers per class supported by one tile
 
 // c10 types -> CUDA's native 16-bit types (same bits).
 template <typename T>
@@ -112,14 +112,6 @@ __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
 __device__ __forceinline__ int64_t w_row(const int64_t* idx, int64_t p, int64_t K) {
   return (idx ? idx[p / K] : p / K) * K + p % K;
 }
-
-struct Params {
-  int64_t n, d, r, k, c;  // rows, features, rows of w, sub-centers, shard classes
-  int64_t tc;             // classes per tile
-  int64_t ntiles;         // class tiles
-  int64_t tiles_per_split;
-  Margin<float> mp;
-};
 
 // Shared memory of one block: the tile of dot products (G in place in the backward),
 // and a union of the operand tiles of the logits product (16-bit or float).
@@ -499,266 +491,153 @@ __global__ void dx_finish_kernel(const T* __restrict__ x, const float* __restric
   }
 }
 
-// float32 / float16 / bfloat16 (the CUDA kernel has no float64 path).
+
+// float32 / float16 / bfloat16 (the CUDA kernel has no float64 path; host.cpp rejects it).
 #define AK_DISPATCH_CUDA_TYPES(TYPE, NAME, ...)                  \
   AT_DISPATCH_SWITCH(TYPE, NAME,                                 \
                      AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)   \
                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)    \
                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
-int num_sms(int device) {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return std::max(sms, 1);
-}
-
-Params make_params(const Dims& dm, const Margin<float>& mp, int device) {
-  Params p;
-  p.n = dm.n;
-  p.d = dm.d;
-  p.r = dm.r;
-  p.k = dm.k;
-  p.c = dm.c;
-  p.mp = mp;
-  p.tc = std::max<int64_t>(1, TW / dm.k);
-  p.ntiles = std::max<int64_t>(1, (dm.c + p.tc - 1) / p.tc);
-  const int64_t row_tiles = (dm.n + BM - 1) / BM;
-  // enough blocks for 4 waves over the SMs, never more splits than tiles
-  int64_t want = (4LL * num_sms(device) + row_tiles - 1) / std::max<int64_t>(row_tiles, 1);
-  int64_t splits = std::min<int64_t>(std::max<int64_t>(want, 1), p.ntiles);
-  splits = std::min<int64_t>(splits, 65535);
-  p.tiles_per_split = (p.ntiles + splits - 1) / splits;
-  return p;
-}
-
-int64_t num_splits(const Params& p) { return (p.ntiles + p.tiles_per_split - 1) / p.tiles_per_split; }
-
-void check_cuda_args(const at::Tensor& x, const Dims& dm) {
-  TORCH_CHECK(x.is_cuda(), "the CUDA kernel got tensors on ", x.device());
-  TORCH_CHECK(x.scalar_type() != at::kDouble,
-              "the CUDA kernel supports float32/float16/bfloat16, got float64 (use the "
-              "chunked backend for float64 on CUDA)");
-  TORCH_CHECK(dm.k <= MAX_K, "the CUDA kernel supports sub_centers <= ", MAX_K, ", got ",
-              dm.k);
-}
-
+// Typed device pointer of a tensor of c10 type c10_t (CUDA's native type for 16-bit).
 template <typename c10_t>
-void launch_inv_norms(const at::Tensor& v, const int64_t* idx, int64_t rows, int64_t k,
-                      int64_t d, bool normalize, at::Tensor& out, cudaStream_t stream) {
-  using T = typename Native<c10_t>::type;
-  if (rows == 0) return;
-  const int warps = 8;
-  const int64_t blocks = (rows + warps - 1) / warps;
-  inv_norm_kernel<T><<<(unsigned)blocks, warps * 32, 0, stream>>>(
-      reinterpret_cast<const T*>(v.data_ptr<c10_t>()), idx, rows, k, d, normalize,
-      out.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+const typename Native<c10_t>::type* cptr(const at::Tensor& t) {
+  return reinterpret_cast<const typename Native<c10_t>::type*>(t.data_ptr<c10_t>());
 }
+template <typename c10_t>
+typename Native<c10_t>::type* mptr(at::Tensor& t) {
+  return reinterpret_cast<typename Native<c10_t>::type*>(t.data_ptr<c10_t>());
+}
+const int64_t* idx_ptr(const at::Tensor* idx) {
+  return idx ? idx->data_ptr<int64_t>() : nullptr;
+}
+dim3 grid_of(const Launch& l) { return dim3((unsigned)l.grid_x, (unsigned)l.grid_y); }
+
+// Launches each kernel on the current stream of the current device (the caller holds a
+// CUDAGuard for x's device), with a launch check after it.
+class CudaRunner final : public KernelRunner {
+ public:
+  int num_sms(const at::Tensor& x) override {
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
+                                          x.get_device()));
+    return std::max(sms, 1);
+  }
+
+  void inv_norm(const Launch& l, const at::Tensor& v, const at::Tensor* idx, int64_t rows,
+                int64_t k, int64_t d, bool normalize, at::Tensor& out) override {
+    AK_DISPATCH_CUDA_TYPES(v.scalar_type(), "inv_norm", [&] {
+      inv_norm_kernel<<<grid_of(l), l.threads, 0, stream()>>>(
+          cptr<scalar_t>(v), idx_ptr(idx), rows, k, d, normalize, out.data_ptr<float>());
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  void fwd(const Launch& l, const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
+           const at::Tensor* idx, const at::Tensor& anorm, const at::Tensor& bnorm,
+           const Params& p, at::Tensor& target, at::Tensor& part,
+           at::Tensor& part_a) override {
+    AK_DISPATCH_CUDA_TYPES(x.scalar_type(), "fwd", [&] {
+      fwd_kernel<<<grid_of(l), l.threads, 0, stream()>>>(
+          cptr<scalar_t>(x), cptr<scalar_t>(w), labels.data_ptr<int64_t>(), idx_ptr(idx),
+          anorm.data_ptr<float>(), bnorm.data_ptr<float>(), p, target.data_ptr<float>(),
+          part[0].data_ptr<float>(), part[1].data_ptr<float>(), part[2].data_ptr<float>(),
+          part[3].data_ptr<float>(), part_a.data_ptr<int64_t>());
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  void fwd_combine(const Launch& l, const at::Tensor& part, const at::Tensor& part_a,
+                   int64_t n, int64_t splits, float s, at::Tensor& lse, at::Tensor& sum_z,
+                   at::Tensor& max_z, at::Tensor& argmax) override {
+    fwd_combine_kernel<<<grid_of(l), l.threads, 0, stream()>>>(
+        part[0].data_ptr<float>(), part[1].data_ptr<float>(), part[2].data_ptr<float>(),
+        part[3].data_ptr<float>(), part_a.data_ptr<int64_t>(), n, splits, s,
+        lse.data_ptr<float>(), sum_z.data_ptr<float>(), max_z.data_ptr<float>(),
+        argmax.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  void scaled_rows(const Launch& l, const at::Tensor& v, const at::Tensor* idx, int64_t row0,
+                   int64_t rows, int64_t k, int64_t d, const at::Tensor& scale,
+                   at::Tensor& out) override {
+    AK_DISPATCH_CUDA_TYPES(v.scalar_type(), "scaled_rows", [&] {
+      scaled_rows_kernel<<<grid_of(l), l.threads, 0, stream()>>>(
+          cptr<scalar_t>(v), idx_ptr(idx), row0, rows, k, d, scale.data_ptr<float>(),
+          mptr<scalar_t>(out));
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  void grad_chunk(const Launch& l, const at::Tensor& x, const at::Tensor& w,
+                  const at::Tensor& labels, const at::Tensor* idx, const at::Tensor& anorm,
+                  const at::Tensor& bnorm, const at::Tensor& lse, const at::Tensor& gp,
+                  const at::Tensor& gt, const at::Tensor& gs, const Params& p, int64_t j0,
+                  int64_t jn, at::Tensor& g) override {
+    AK_DISPATCH_CUDA_TYPES(x.scalar_type(), "grad_chunk", [&] {
+      grad_chunk_kernel<<<grid_of(l), l.threads, 0, stream()>>>(
+          cptr<scalar_t>(x), cptr<scalar_t>(w), labels.data_ptr<int64_t>(), idx_ptr(idx),
+          anorm.data_ptr<float>(), bnorm.data_ptr<float>(), lse.data_ptr<float>(),
+          gp.data_ptr<float>(), gt.data_ptr<float>(), gs.data_ptr<float>(), p, j0, jn,
+          mptr<scalar_t>(g));
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  void dw_chunk_finish(const Launch& l, const at::Tensor& w, const at::Tensor* idx,
+                       const at::Tensor& bnorm, int64_t row0, int64_t rows, int64_t k,
+                       int64_t d, bool normalize, at::Tensor& dwc,
+                       at::Tensor* dw_direct) override {
+    AK_DISPATCH_CUDA_TYPES(w.scalar_type(), "dw_chunk_finish", [&] {
+      dw_chunk_finish_kernel<<<grid_of(l), l.threads, 0, stream()>>>(
+          cptr<scalar_t>(w), idx_ptr(idx), bnorm.data_ptr<float>(), row0, rows, k, d,
+          normalize, mptr<scalar_t>(dwc), dw_direct ? mptr<scalar_t>(*dw_direct) : nullptr);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  void dx_finish(const Launch& l, const at::Tensor& x, const at::Tensor& anorm,
+                 const at::Tensor& dx_acc, int64_t n, int64_t d, bool normalize,
+                 at::Tensor& dx) override {
+    AK_DISPATCH_CUDA_TYPES(x.scalar_type(), "dx_finish", [&] {
+      dx_finish_kernel<<<grid_of(l), l.threads, 0, stream()>>>(
+          cptr<scalar_t>(x), anorm.data_ptr<float>(), dx_acc.data_ptr<float>(), n, d,
+          normalize, mptr<scalar_t>(dx));
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+ private:
+  static cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpp_fwd_cuda(
-    const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& labels_in,
-    const std::optional<at::Tensor>& index_in, double s, double m1, double m2, double m3,
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
+    const std::optional<at::Tensor>& index, double s, double m1, double m2, double m3,
     int64_t wrap_mode, int64_t grad_mode, bool normalize, int64_t sub_centers,
     int64_t block) {
-  Dims dm = check_fwd_args(x_in, w_in, labels_in, index_in, s, m1, m2, m3, wrap_mode,
-                           grad_mode, normalize, sub_centers, block);
-  check_cuda_args(x_in, dm);
-  c10::cuda::CUDAGuard guard(x_in.device());
-  check_values(labels_in, index_in, dm);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const ContiguousInputs in = make_contiguous(x_in, w_in, labels_in, index_in);
-  const at::Tensor &x = in.x, &w = in.w, &labels = in.labels;
-  const int64_t* idx = in.idx();
-  auto fopt = x.options().dtype(at::kFloat);
-  at::Tensor lse = at::empty({dm.n}, fopt), target = at::zeros({dm.n}, fopt),
-             sum_z = at::empty({dm.n}, fopt), max_z = at::empty({dm.n}, fopt),
-             argmax = at::empty({dm.n}, x.options().dtype(at::kLong));
-  if (dm.n == 0) return {lse, target, sum_z, max_z, argmax};
-  auto mp = make_margin<float>(s, m1, m2, m3, wrap_mode, grad_mode, normalize);
-  Params p = make_params(dm, mp, x.get_device());
-  const int64_t splits = num_splits(p);
-  at::Tensor anorm = at::empty({dm.n}, fopt), bnorm = at::empty({std::max<int64_t>(dm.c * dm.k, 1)}, fopt);
-  at::Tensor part = at::empty({4, splits, dm.n}, fopt);
-  at::Tensor part_a = at::empty({splits, dm.n}, x.options().dtype(at::kLong));
-  AK_DISPATCH_CUDA_TYPES(x.scalar_type(), "cpp_fwd_cuda", [&] {
-    using T = typename Native<scalar_t>::type;
-    launch_inv_norms<scalar_t>(x, nullptr, dm.n, 1, dm.d, normalize, anorm, stream);
-    launch_inv_norms<scalar_t>(w, idx, dm.c * dm.k, dm.k, dm.d, normalize, bnorm, stream);
-    {
-      dim3 grid((unsigned)((dm.n + BM - 1) / BM), (unsigned)splits);
-      if (dm.c > 0) {
-        fwd_kernel<T><<<grid, THREADS, 0, stream>>>(
-            reinterpret_cast<const T*>(x.data_ptr<scalar_t>()),
-            reinterpret_cast<const T*>(w.data_ptr<scalar_t>()), labels.data_ptr<int64_t>(),
-            idx, anorm.data_ptr<float>(), bnorm.data_ptr<float>(), p, target.data_ptr<float>(),
-            part[0].data_ptr<float>(), part[1].data_ptr<float>(), part[2].data_ptr<float>(),
-            part[3].data_ptr<float>(), part_a.data_ptr<int64_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      } else {  // empty shard: lse = -inf, sums 0
-        part[0].fill_(-std::numeric_limits<float>::infinity());
-        part[1].zero_();
-        part[2].zero_();
-        part[3].fill_(-std::numeric_limits<float>::infinity());
-        part_a.fill_(std::numeric_limits<int64_t>::max());
-      }
-      fwd_combine_kernel<<<(unsigned)((dm.n + 255) / 256), 256, 0, stream>>>(
-          part[0].data_ptr<float>(), part[1].data_ptr<float>(), part[2].data_ptr<float>(),
-          part[3].data_ptr<float>(), part_a.data_ptr<int64_t>(), dm.n, splits, mp.s,
-          lse.data_ptr<float>(), sum_z.data_ptr<float>(), max_z.data_ptr<float>(),
-          argmax.data_ptr<int64_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  });
-  return {lse, target, sum_z, max_z, argmax};
-}
-
-// Bytes of the backward's per-chunk buffers: the G workspace [N, chunk rows] and the
-// chunk's W_hat / dW [chunk rows, D] are each at most this large (unless one class's
-// K rows alone exceed it).
-constexpr int64_t kWorkspaceBytes = int64_t(16) << 20;
-
-// Blocks of WARP_ROWS warps for the one-warp-per-row kernels.
-constexpr int WARP_ROWS = 8;
-unsigned warp_row_blocks(int64_t rows) {
-  const int64_t blocks = (rows + WARP_ROWS - 1) / WARP_ROWS;
-  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "too many rows for one launch: ",
-              rows);
-  return (unsigned)blocks;
-}
-
-// Classes per backward chunk: as many as fit the workspace bound (whole tiles of p.tc
-// classes when there is more than one tile's worth), or fewer when the block hint asks
-// for fewer (a larger hint is capped: the bound holds whatever the hint).
-int64_t bwd_chunk_classes(const Dims& dm, const Params& p, int64_t block, int64_t elem) {
-  const int64_t rows_cap = kWorkspaceBytes / (elem * std::max<int64_t>({dm.n, dm.d, 1}));
-  int64_t cc = std::max<int64_t>(1, rows_cap / dm.k);
-  if (cc >= p.tc) cc -= cc % p.tc;
-  if (block > 0) cc = std::min(cc, block);
-  return std::max<int64_t>(1, std::min(cc, dm.c));
+  c10::cuda::CUDAGuard guard(x.device());
+  CudaRunner run;
+  return fwd_host(run, x, w, labels, index, s, m1, m2, m3, wrap_mode, grad_mode, normalize,
+                  sub_centers, block);
 }
 
 std::tuple<at::Tensor, at::Tensor> cpp_bwd_cuda(
-    const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& labels_in,
-    const std::optional<at::Tensor>& index_in, const at::Tensor& lse_in,
-    const at::Tensor& gp_in, const at::Tensor& gt_in, const at::Tensor& gs_in, double s,
-    double m1, double m2, double m3, int64_t wrap_mode, int64_t grad_mode, bool normalize,
-    int64_t sub_centers, int64_t block) {
-  Dims dm = check_fwd_args(x_in, w_in, labels_in, index_in, s, m1, m2, m3, wrap_mode,
-                           grad_mode, normalize, sub_centers, block);
-  check_cuda_args(x_in, dm);
-  check_row_vector(lse_in, "lse", dm.n, x_in);
-  check_row_vector(gp_in, "g_p", dm.n, x_in);
-  check_row_vector(gt_in, "g_t", dm.n, x_in);
-  check_row_vector(gs_in, "g_s", dm.n, x_in);
-  c10::cuda::CUDAGuard guard(x_in.device());
-  check_values(labels_in, index_in, dm);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const ContiguousInputs in = make_contiguous(x_in, w_in, labels_in, index_in);
-  const at::Tensor &x = in.x, &w = in.w, &labels = in.labels;
-  const std::optional<at::Tensor>& index = in.index;
-  const int64_t* idx = in.idx();
-  auto fopt = x.options().dtype(at::kFloat);
-  // Rows of w outside the shard (index given) get 0; without an index every row of w is
-  // a shard row and is written by its chunk.
-  at::Tensor dx = at::empty({dm.n, dm.d}, x.options());
-  at::Tensor dw = idx ? at::zeros({dm.r, dm.d}, w.options())
-                      : at::empty({dm.r, dm.d}, w.options());
-  if (dm.n == 0 || dm.c == 0 || dm.d == 0) {  // no logits: both gradients are 0
-    dx.zero_();
-    dw.zero_();
-    return {dx, dw};
-  }
-  auto vec = [&](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
-  at::Tensor lse = vec(lse_in), gp = vec(gp_in), gt = vec(gt_in), gs = vec(gs_in);
-  auto mp = make_margin<float>(s, m1, m2, m3, wrap_mode, grad_mode, normalize);
-  Params p = make_params(dm, mp, x.get_device());
-  const bool is_f32 = x.scalar_type() == at::kFloat;
-  const int64_t cc = bwd_chunk_classes(dm, p, block, x.element_size());
-  const int64_t nr = cc * dm.k;  // rows of w per chunk
-  at::Tensor anorm = at::empty({dm.n}, fopt), bnorm = at::empty({dm.c * dm.k}, fopt);
-  // Per-chunk buffers (bounded), in the input dtype: the G workspace, W_hat, dW.
-  at::Tensor g_ws = at::empty({dm.n * nr}, x.options());
-  at::Tensor wh_ws = at::empty({nr, dm.d}, x.options());
-  at::Tensor dw_ws = at::empty({nr, dm.d}, x.options());
-  // dX_acc = sum over chunks of G W_hat, in fp32; for 16-bit inputs each chunk's
-  // product comes from cuBLAS in the input dtype (fp32 accumulation inside) and is added.
-  at::Tensor dx_acc = at::zeros({dm.n, dm.d}, fopt);
-  at::Tensor dx_part = is_f32 ? at::Tensor() : at::empty({dm.n, dm.d}, x.options());
-  // Rows of w of the shard rows, for index_add (index given).
-  at::Tensor shard_rows;
-  if (idx) {
-    shard_rows = (index->unsqueeze(1) * dm.k +
-                  at::arange(dm.k, index->options()).unsqueeze(0)).reshape({-1});
-  }
-  AK_DISPATCH_CUDA_TYPES(x.scalar_type(), "cpp_bwd_cuda", [&] {
-    using T = typename Native<scalar_t>::type;
-    const T* xp = reinterpret_cast<const T*>(x.data_ptr<scalar_t>());
-    const T* wp = reinterpret_cast<const T*>(w.data_ptr<scalar_t>());
-    launch_inv_norms<scalar_t>(x, nullptr, dm.n, 1, dm.d, normalize, anorm, stream);
-    launch_inv_norms<scalar_t>(w, idx, dm.c * dm.k, dm.k, dm.d, normalize, bnorm, stream);
-    // X_hat (x itself when not normalizing)
-    at::Tensor xh = x;
-    if (normalize) {
-      xh = at::empty({dm.n, dm.d}, x.options());
-      scaled_rows_kernel<T><<<warp_row_blocks(dm.n), WARP_ROWS * 32, 0, stream>>>(
-          xp, nullptr, 0, dm.n, 1, dm.d, anorm.data_ptr<float>(),
-          reinterpret_cast<T*>(xh.data_ptr<scalar_t>()));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    for (int64_t j0 = 0; j0 < dm.c; j0 += cc) {
-      const int64_t jn = std::min(cc, dm.c - j0), nrc = jn * dm.k, row0 = j0 * dm.k;
-      // 1) G [N, nrc] into the workspace
-      at::Tensor g = g_ws.narrow(0, 0, dm.n * nrc).view({dm.n, nrc});
-      const int64_t tiles = (jn + p.tc - 1) / p.tc;
-      dim3 grid((unsigned)((dm.n + BM - 1) / BM),
-                (unsigned)std::min<int64_t>(tiles, 65535));
-      grad_chunk_kernel<T><<<grid, THREADS, 0, stream>>>(
-          xp, wp, labels.data_ptr<int64_t>(), idx, anorm.data_ptr<float>(),
-          bnorm.data_ptr<float>(), lse.data_ptr<float>(), gp.data_ptr<float>(),
-          gt.data_ptr<float>(), gs.data_ptr<float>(), p, j0, jn,
-          reinterpret_cast<T*>(g.data_ptr<scalar_t>()));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      // 2) W_hat of the chunk [nrc, D] (a view of w when there is nothing to gather/scale)
-      at::Tensor wh;
-      if (!normalize && !idx) {
-        wh = w.narrow(0, row0, nrc);
-      } else {
-        wh = wh_ws.narrow(0, 0, nrc);
-        scaled_rows_kernel<T><<<warp_row_blocks(nrc), WARP_ROWS * 32, 0, stream>>>(
-            wp, idx, row0, nrc, dm.k, dm.d, bnorm.data_ptr<float>(),
-            reinterpret_cast<T*>(wh.data_ptr<scalar_t>()));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-      // 3) dX_acc += G W_hat ; dW_chunk = G^T X_hat (cuBLAS; tensor cores for 16-bit)
-      if (is_f32) {
-        dx_acc.addmm_(g, wh);
-      } else {
-        at::mm_out(dx_part, g, wh);
-        dx_acc.add_(dx_part);
-      }
-      at::Tensor dwc = dw_ws.narrow(0, 0, nrc);
-      at::mm_out(dwc, g.t(), xh);
-      // 4) the chunk's rows of dw (normalization term), written or index_added
-      dw_chunk_finish_kernel<T><<<warp_row_blocks(nrc), WARP_ROWS * 32, 0, stream>>>(
-          wp, idx, bnorm.data_ptr<float>(), row0, nrc, dm.k, dm.d, normalize,
-          reinterpret_cast<T*>(dwc.data_ptr<scalar_t>()),
-          idx ? nullptr : reinterpret_cast<T*>(dw.data_ptr<scalar_t>()));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (idx) dw.index_add_(0, shard_rows.narrow(0, row0, nrc), dwc);
-    }
-    // 5) dx = a (dX_acc - r x_hat)
-    dx_finish_kernel<T><<<warp_row_blocks(dm.n), WARP_ROWS * 32, 0, stream>>>(
-        xp, anorm.data_ptr<float>(), dx_acc.data_ptr<float>(), dm.n, dm.d, normalize,
-        reinterpret_cast<T*>(dx.data_ptr<scalar_t>()));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {dx, dw};
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
+    const std::optional<at::Tensor>& index, const at::Tensor& lse, const at::Tensor& g_p,
+    const at::Tensor& g_t, const at::Tensor& g_s, double s, double m1, double m2, double m3,
+    int64_t wrap_mode, int64_t grad_mode, bool normalize, int64_t sub_centers,
+    int64_t block) {
+  c10::cuda::CUDAGuard guard(x.device());
+  CudaRunner run;
+  return bwd_host(run, x, w, labels, index, lse, g_p, g_t, g_s, s, m1, m2, m3, wrap_mode,
+                  grad_mode, normalize, sub_centers, block);
 }
 
 }  // namespace
-}  // namespace arcface
+}  // namespace arcface::cuda
 
 TORCH_LIBRARY_IMPL(arcface_kernels, CUDA, m) {
-  m.impl("cpp_fwd", &arcface::cpp_fwd_cuda);
-  m.impl("cpp_bwd", &arcface::cpp_bwd_cuda);
+  m.impl("cpp_fwd", &arcface::cuda::cpp_fwd_cuda);
+  m.impl("cpp_bwd", &arcface::cuda::cpp_bwd_cuda);
 }

@@ -1,0 +1,141 @@
+// Dry run of the CUDA backend's host code (host.cpp) for the static kernel report
+// (bench/static): the same checks, buffers, ATen calls and launch order as a real call,
+// with a runner that records each kernel launch instead of making it. Compiled into every
+// build, GPU or not.
+//
+//   arcface_kernels._C.cuda_dry_run_fwd(x, w, labels, index, s, m1, m2, m3, wrap_mode,
+//       grad_mode, normalize, sub_centers, block, num_sms) -> (outputs, launches)
+//   arcface_kernels._C.cuda_dry_run_bwd(x, w, labels, index, lse, g_p, g_t, g_s, s, ...,
+//       block, num_sms) -> (outputs, launches)
+//
+// The tensors are CUDA tensors of a torch FakeTensorMode (or real ones: nothing is read or
+// launched); the ATen calls of the host code then go through the caller's dispatch modes,
+// which see its allocations, ops and host syncs. `launches` is a list of dicts: kernel,
+// grid [x, y], threads, dtype and the sizes the kernel's cost depends on.
+#include <torch/extension.h>
+
+#include <string>
+#include <vector>
+
+#include "host.h"
+
+namespace arcface::cuda {
+namespace {
+
+class RecordingRunner final : public KernelRunner {
+ public:
+  explicit RecordingRunner(int sms) : sms_(sms) {}
+  int num_sms(const at::Tensor&) override { return sms_; }
+
+  void inv_norm(const Launch& l, const at::Tensor& v, const at::Tensor* idx, int64_t rows,
+                int64_t k, int64_t d, bool normalize, at::Tensor&) override {
+    add("inv_norm_kernel", l, v, {{"rows", rows}, {"k", k}, {"d", d},
+                                  {"indexed", idx != nullptr}, {"normalize", normalize}});
+  }
+  void fwd(const Launch& l, const at::Tensor& x, const at::Tensor&, const at::Tensor&,
+           const at::Tensor* idx, const at::Tensor&, const at::Tensor&, const Params& p,
+           at::Tensor&, at::Tensor&, at::Tensor&) override {
+    add("fwd_kernel", l, x, params(p, idx));
+  }
+  void fwd_combine(const Launch& l, const at::Tensor& part, const at::Tensor&, int64_t n,
+                   int64_t splits, float, at::Tensor&, at::Tensor&, at::Tensor&,
+                   at::Tensor&) override {
+    add("fwd_combine_kernel", l, part, {{"n", n}, {"splits", splits}});
+  }
+  void scaled_rows(const Launch& l, const at::Tensor& v, const at::Tensor* idx, int64_t row0,
+                   int64_t rows, int64_t k, int64_t d, const at::Tensor&,
+                   at::Tensor&) override {
+    add("scaled_rows_kernel", l, v, {{"row0", row0}, {"rows", rows}, {"k", k}, {"d", d},
+                                     {"indexed", idx != nullptr}});
+  }
+  void grad_chunk(const Launch& l, const at::Tensor& x, const at::Tensor&, const at::Tensor&,
+                  const at::Tensor* idx, const at::Tensor&, const at::Tensor&,
+                  const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                  const Params& p, int64_t j0, int64_t jn, at::Tensor&) override {
+    auto v = params(p, idx);
+    v.push_back({"j0", j0});
+    v.push_back({"jn", jn});
+    add("grad_chunk_kernel", l, x, v);
+  }
+  void dw_chunk_finish(const Launch& l, const at::Tensor& w, const at::Tensor* idx,
+                       const at::Tensor&, int64_t row0, int64_t rows, int64_t k, int64_t d,
+                       bool normalize, at::Tensor&, at::Tensor* dw_direct) override {
+    add("dw_chunk_finish_kernel", l, w, {{"row0", row0}, {"rows", rows}, {"k", k}, {"d", d},
+                                         {"indexed", idx != nullptr},
+                                         {"normalize", normalize},
+                                         {"direct", dw_direct != nullptr}});
+  }
+  void dx_finish(const Launch& l, const at::Tensor& x, const at::Tensor&, const at::Tensor&,
+                 int64_t n, int64_t d, bool normalize, at::Tensor&) override {
+    add("dx_finish_kernel", l, x, {{"n", n}, {"d", d}, {"normalize", normalize}});
+  }
+
+  py::list launches() const { return launches_; }
+
+ private:
+  using Sizes = std::vector<std::pair<std::string, int64_t>>;
+
+  static Sizes params(const Params& p, const at::Tensor* idx) {
+    return {{"n", p.n}, {"d", p.d}, {"r", p.r}, {"k", p.k}, {"c", p.c}, {"tc", p.tc},
+            {"ntiles", p.ntiles}, {"tiles_per_split", p.tiles_per_split},
+            {"indexed", idx != nullptr}};
+  }
+
+  // `typed`: the tensor whose dtype selects the kernel's template instance.
+  void add(const char* kernel, const Launch& l, const at::Tensor& typed, const Sizes& sizes) {
+    py::dict rec;
+    rec["kernel"] = kernel;
+    rec["grid"] = py::make_tuple(l.grid_x, l.grid_y);
+    rec["threads"] = l.threads;
+    rec["dtype"] = std::string(c10::toString(typed.scalar_type()));
+    py::dict s;
+    for (const auto& [name, value] : sizes) s[py::str(name)] = value;
+    rec["sizes"] = s;
+    launches_.append(rec);
+  }
+
+  int sms_;
+  py::list launches_;
+};
+
+py::tuple dry_run_fwd(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
+                      const std::optional<at::Tensor>& index, double s, double m1, double m2,
+                      double m3, int64_t wrap_mode, int64_t grad_mode, bool normalize,
+                      int64_t sub_centers, int64_t block, int num_sms) {
+  RecordingRunner run(num_sms);
+  auto out = fwd_host(run, x, w, labels, index, s, m1, m2, m3, wrap_mode, grad_mode,
+                      normalize, sub_centers, block);
+  return py::make_tuple(out, run.launches());
+}
+
+py::tuple dry_run_bwd(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
+                      const std::optional<at::Tensor>& index, const at::Tensor& lse,
+                      const at::Tensor& g_p, const at::Tensor& g_t, const at::Tensor& g_s,
+                      double s, double m1, double m2, double m3, int64_t wrap_mode,
+                      int64_t grad_mode, bool normalize, int64_t sub_centers, int64_t block,
+                      int num_sms) {
+  RecordingRunner run(num_sms);
+  auto out = bwd_host(run, x, w, labels, index, lse, g_p, g_t, g_s, s, m1, m2, m3, wrap_mode,
+                      grad_mode, normalize, sub_centers, block);
+  return py::make_tuple(out, run.launches());
+}
+
+}  // namespace
+
+bool add_dry_run_functions(PyObject* module) {
+  try {
+    py::module_ m = py::reinterpret_borrow<py::module_>(module);
+    m.def("cuda_dry_run_fwd", &dry_run_fwd,
+          "Host path of the CUDA forward with launches recorded, not made "
+          "(-> (outputs, launches))");
+    m.def("cuda_dry_run_bwd", &dry_run_bwd,
+          "Host path of the CUDA backward with launches recorded, not made "
+          "(-> (outputs, launches))");
+    return true;
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ImportError, e.what());
+    return false;
+  }
+}
+
+}  // namespace arcface::cuda

@@ -1,0 +1,99 @@
+// Host side of the CUDA backend, written once and compiled into every build (no CUDA
+// headers here): the argument checks, the tiling and chunking decisions, the buffers and
+// the order of the kernel launches and cuBLAS / ATen calls of the forward and backward.
+//
+// The kernels themselves are reached through `KernelRunner`:
+//   * CudaRunner (arcface_cuda.cu) launches them on the current CUDA stream;
+//   * RecordingRunner (dry_run.cpp) only records each launch (grid, threads, sizes).
+// The dry run executes this same host code on meta / fake tensors, so that the static
+// kernel report (bench/static) sees exactly the allocations, ATen ops, host syncs and
+// launches of a real call, without a GPU.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "../arcface_math.h"
+#include "../ops.h"
+
+namespace arcface::cuda {
+
+constexpr int BM = 64;         // rows of x per tile
+constexpr int TW = 64;         // rows of w per tile
+constexpr int THREADS = 128;   // threads of the tile kernels (4 warps)
+constexpr int MAX_K = TW;      // sub-centers per class supported by one tile
+constexpr int WARP_ROWS = 8;   // warps (one row each) per block of the row kernels
+constexpr int COMBINE_THREADS = 256;
+
+// Bytes of the backward's per-chunk buffers: the G workspace [N, chunk rows] and the
+// chunk's W_hat / dW [chunk rows, D] are each at most this large (unless one class's K
+// rows alone exceed it).
+constexpr int64_t kWorkspaceBytes = int64_t(16) << 20;
+
+// Sizes of one call, passed by value to the tile kernels.
+struct Params {
+  int64_t n, d, r, k, c;  // rows, features, rows of w, sub-centers, shard classes
+  int64_t tc;             // classes per tile
+  int64_t ntiles;         // class tiles
+  int64_t tiles_per_split;
+  Margin<float> mp;
+};
+
+// Grid (x, y) and threads per block of one launch.
+struct Launch {
+  int64_t grid_x, grid_y;
+  int threads;
+};
+
+// The kernels of the backend (arcface_cuda.cu documents each). Tensors are passed whole;
+// a runner takes their data pointers. `idx` is the Partial-FC index or nullptr.
+class KernelRunner {
+ public:
+  virtual ~KernelRunner() = default;
+  // Streaming multiprocessors of x's device (the forward splits its classes to fill them).
+  virtual int num_sms(const at::Tensor& x) = 0;
+  virtual void inv_norm(const Launch& l, const at::Tensor& v, const at::Tensor* idx,
+                        int64_t rows, int64_t k, int64_t d, bool normalize,
+                        at::Tensor& out) = 0;
+  virtual void fwd(const Launch& l, const at::Tensor& x, const at::Tensor& w,
+                   const at::Tensor& labels, const at::Tensor* idx, const at::Tensor& anorm,
+                   const at::Tensor& bnorm, const Params& p, at::Tensor& target,
+                   at::Tensor& part, at::Tensor& part_a) = 0;
+  virtual void fwd_combine(const Launch& l, const at::Tensor& part, const at::Tensor& part_a,
+                           int64_t n, int64_t splits, float s, at::Tensor& lse,
+                           at::Tensor& sum_z, at::Tensor& max_z, at::Tensor& argmax) = 0;
+  virtual void scaled_rows(const Launch& l, const at::Tensor& v, const at::Tensor* idx,
+                           int64_t row0, int64_t rows, int64_t k, int64_t d,
+                           const at::Tensor& scale, at::Tensor& out) = 0;
+  virtual void grad_chunk(const Launch& l, const at::Tensor& x, const at::Tensor& w,
+                          const at::Tensor& labels, const at::Tensor* idx,
+                          const at::Tensor& anorm, const at::Tensor& bnorm,
+                          const at::Tensor& lse, const at::Tensor& gp, const at::Tensor& gt,
+                          const at::Tensor& gs, const Params& p, int64_t j0, int64_t jn,
+                          at::Tensor& g) = 0;
+  // dw_direct: dw itself (no index), or nullptr (the rows stay in dwc for index_add_).
+  virtual void dw_chunk_finish(const Launch& l, const at::Tensor& w, const at::Tensor* idx,
+                               const at::Tensor& bnorm, int64_t row0, int64_t rows,
+                               int64_t k, int64_t d, bool normalize, at::Tensor& dwc,
+                               at::Tensor* dw_direct) = 0;
+  virtual void dx_finish(const Launch& l, const at::Tensor& x, const at::Tensor& anorm,
+                         const at::Tensor& dx_acc, int64_t n, int64_t d, bool normalize,
+                         at::Tensor& dx) = 0;
+};
+
+// The forward / backward primitive (schemas in ops.cpp) on x's device through `run`.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_host(
+    KernelRunner& run, const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
+    const std::optional<at::Tensor>& index, double s, double m1, double m2, double m3,
+    int64_t wrap_mode, int64_t grad_mode, bool normalize, int64_t sub_centers, int64_t block);
+
+std::tuple<at::Tensor, at::Tensor> bwd_host(
+    KernelRunner& run, const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
+    const std::optional<at::Tensor>& index, const at::Tensor& lse, const at::Tensor& g_p,
+    const at::Tensor& g_t, const at::Tensor& g_s, double s, double m1, double m2, double m3,
+    int64_t wrap_mode, int64_t grad_mode, bool normalize, int64_t sub_centers, int64_t block);
+
+}  // namespace arcface::cuda

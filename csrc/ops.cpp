@@ -58,6 +58,7 @@ Dims check_fwd_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   return dims;
 }
 
+namespace {
 void check_row_vector(const at::Tensor& t, const char* name, int64_t n, const at::Tensor& x) {
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, name, " must be 1-D of length N=", n,
               ", got shape ", t.sizes());
@@ -65,6 +66,21 @@ void check_row_vector(const at::Tensor& t, const char* name, int64_t n, const at
               t.scalar_type());
   TORCH_CHECK_VALUE(t.device() == x.device(), name, " must be on x's device ", x.device(),
               ", got ", t.device());
+}
+}  // namespace
+
+Dims check_bwd_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
+                    const std::optional<at::Tensor>& index, const at::Tensor& lse,
+                    const at::Tensor& g_p, const at::Tensor& g_t, const at::Tensor& g_s,
+                    double s, double m1, double m2, double m3, int64_t wrap_mode,
+                    int64_t grad_mode, bool normalize, int64_t sub_centers, int64_t block) {
+  Dims dm = check_fwd_args(x, w, labels, index, s, m1, m2, m3, wrap_mode, grad_mode,
+                           normalize, sub_centers, block);
+  check_row_vector(lse, "lse", dm.n, x);
+  check_row_vector(g_p, "g_p", dm.n, x);
+  check_row_vector(g_t, "g_t", dm.n, x);
+  check_row_vector(g_s, "g_s", dm.n, x);
+  return dm;
 }
 
 void check_values(const at::Tensor& labels, const std::optional<at::Tensor>& index,

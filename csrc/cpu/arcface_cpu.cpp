@@ -478,13 +478,9 @@ std::tuple<at::Tensor, at::Tensor> cpp_bwd_cpu(
     const at::Tensor& gp_in, const at::Tensor& gt_in, const at::Tensor& gs_in, double s,
     double m1, double m2, double m3, int64_t wrap_mode, int64_t grad_mode, bool normalize,
     int64_t sub_centers, int64_t block) {
-  Dims dm = check_fwd_args(x_in, w_in, labels_in, index_in, s, m1, m2, m3, wrap_mode,
-                           grad_mode, normalize, sub_centers, block);
+  Dims dm = check_bwd_args(x_in, w_in, labels_in, index_in, lse_in, gp_in, gt_in, gs_in, s, m1,
+                           m2, m3, wrap_mode, grad_mode, normalize, sub_centers, block);
   check_cpu(x_in);
-  check_row_vector(lse_in, "lse", dm.n, x_in);
-  check_row_vector(gp_in, "g_p", dm.n, x_in);
-  check_row_vector(gt_in, "g_t", dm.n, x_in);
-  check_row_vector(gs_in, "g_s", dm.n, x_in);
   check_values(labels_in, index_in, dm);
   const ContiguousInputs in = make_contiguous(x_in, w_in, labels_in, index_in);
   const at::Tensor &x = in.x, &w = in.w, &labels = in.labels;

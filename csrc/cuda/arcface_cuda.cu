@@ -251,7 +251,7 @@ __device__ __forceinline__ float class_cosine(const Smem<T>& sm, int i, int jj, 
   int t0 = jj * (int)p.k;
   float best = cosine(sm.s[i][t0] * ai * sm.b[t0], p.mp.normalize);
   int bc = t0;
-  for (int kk = 1; kk < p.k; ++kk) {
+  for (int kk = 1; kk < p.k; ++kk) {  // @trips[k - 1] (static report: bench/static)
     float v = cosine(sm.s[i][t0 + kk] * ai * sm.b[t0 + kk], p.mp.normalize);
     if (better_max(v, (int64_t)kk, best, (int64_t)(bc - t0))) {
       best = v;
@@ -288,7 +288,7 @@ __global__ void __launch_bounds__(THREADS)
     const int64_t j0 = tile * p.tc;
     const int tc = (int)min(p.tc, p.c - j0);
     if (row_ok) {
-      for (int jj = h; jj < tc; jj += 2) {
+      for (int jj = h; jj < tc; jj += 2) {  // @trips[tc / 2]
         int col;
         const float c = class_cosine(sm, i, jj, ai, p, &col);
         const int64_t j = j0 + jj;
@@ -397,7 +397,7 @@ __global__ void __launch_bounds__(THREADS)
     const int tc = (int)min(p.tc, j_end - jt);
     if (row_ok) {
       // class jj's K columns are read and written by this thread only: G goes in place
-      for (int jj = h; jj < tc; jj += 2) {
+      for (int jj = h; jj < tc; jj += 2) {  // @trips[tc / 2]
         int col;
         const float c = class_cosine(sm, i, jj, ai, p, &col);
         const float g = (jt + jj == li) ? grad_target(c, lsei, gpi, gti, gsi, p.mp)

@@ -1,0 +1,314 @@
+"""The compiled kernels of both GPU backends, and what each launch asks of them.
+
+* Triton: every launch the traced step made (kernel, arguments, constexprs, warps,
+  stages) is compiled for a target with ``triton.compile`` against
+  ``GPUTarget("cuda", 90 or 80, 32)``, specialized exactly as Triton's launcher would
+  specialize those arguments (its own binder does it: divisibility by 16, alignment).
+* cpp: the extension's CUDA objects from its own FORCE_CUDA build (``setup.py build_ext``
+  with ``TORCH_CUDA_ARCH_LIST="8.0;9.0a"``), one template instance per dtype.
+
+:data:`SPECS` says, per kernel, its role and how much work one launch is: programs
+(blocks), tiles per program, tensor-core FLOPs per tile and compulsory HBM bytes (every
+operand read once and every result written once; re-reads are assumed to hit L2). These
+formulas restate the kernels' own tiling; change them with the kernels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import math
+import os
+import re
+import subprocess
+import sys
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from . import sass
+from .trace import TensorArg
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ARCHES = {"sm_90a": 90, "sm_80": 80}
+
+
+@dataclasses.dataclass
+class Work:
+    """One launch: ``programs`` blocks of ``threads`` threads, each doing ``tiles`` tiles of
+    ``tile_flops`` tensor-core (or FMA) FLOPs; ``bytes`` of compulsory HBM traffic."""
+    programs: int
+    threads: int
+    tiles: float = 1.0
+    tile_flops: float = 0.0
+    bytes: float = 0.0
+
+
+@dataclasses.dataclass
+class Spec:
+    role: str                                 # fwd_main, bwd_main or aux
+    work: Callable[[dict], Work]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _elt(dtype) -> int:
+    if isinstance(dtype, str):
+        return {"BFloat16": 2, "Half": 2, "Float": 4, "bfloat16": 2, "float16": 2,
+                "float32": 4, "float64": 8}[dtype]
+    return dtype.itemsize
+
+
+def _programs(grid) -> int:
+    n = 1
+    for g in grid:
+        n *= int(g)
+    return n
+
+
+# --------------------------------------------------------------------------- Triton
+def _targs(launch: dict) -> Dict[str, object]:
+    """The launch's arguments by the kernel's parameter names."""
+    names = [p.name for p in launch["kernel"].params]
+    return dict(zip(names, launch["args"]))
+
+
+def _t_inv_norm(l: dict) -> Work:
+    a = _targs(l)
+    m, d = int(a["M"]), int(a["D"])
+    src: TensorArg = a["src_ptr"]
+    return Work(_programs(l["grid"]), 32 * l["meta"]["num_warps"],
+                bytes=m * d * _elt(src.dtype) + 4 * m)
+
+
+def _t_tile_flops(meta: dict, d: int) -> float:
+    return 2.0 * meta["BLOCK_N"] * meta["BLOCK_C"] * meta.get("K", 1) \
+        * _cdiv(d, meta["BLOCK_D"]) * meta["BLOCK_D"]
+
+
+def _t_fwd(l: dict) -> Work:
+    a, meta = _targs(l), l["meta"]
+    n, c, d = int(a["N"]), int(a["C"]), int(a["D"])
+    k = meta.get("K", 1)
+    elt = _elt(a["x_ptr"].dtype)
+    programs = _programs(l["grid"])
+    tiles = _cdiv(n, meta["BLOCK_N"]) * _cdiv(c, meta["BLOCK_C"])
+    splits = int(l["grid"][1])
+    return Work(programs, 32 * meta["num_warps"], tiles / programs,
+                _t_tile_flops(meta, d),
+                bytes=(n + c * k) * d * elt + 4 * (n + c * k) + 8 * n + 48 * n * splits)
+
+
+def _t_combine(l: dict) -> Work:
+    a = _targs(l)
+    n, sp = int(a["N"]), int(a["SPLITS"])
+    return Work(_programs(l["grid"]), 32 * l["meta"].get("num_warps", 4),
+                bytes=48 * n * sp + 40 * n)
+
+
+def _t_bwd(l: dict) -> Work:
+    a, meta = _targs(l), l["meta"]
+    n, cc, d = int(a["N"]), int(a["C_chunk"]), int(a["D"])
+    k = meta.get("K", 1)
+    elt = _elt(a["x_ptr"].dtype)
+    programs = _programs(l["grid"])
+    partials = n * _cdiv(cc, meta["BLOCK_C"]) + cc * k * _cdiv(n, meta["BLOCK_N"])
+    return Work(programs, 32 * meta["num_warps"], 1.0, _t_tile_flops(meta, d),
+                bytes=(n + cc * k) * d * elt + n * cc * k * elt + 4 * (n + cc * k)
+                + 24 * n + 4 * partials)
+
+
+# ----------------------------------------------------------------------------- CUDA
+CUDA_BM, CUDA_TW, CUDA_BK = 64, 64, 32   # csrc/cuda/host.h, arcface_cuda.cu
+
+
+def _c_tile_flops(d: int) -> float:
+    return 2.0 * CUDA_BM * CUDA_TW * _cdiv(d, CUDA_BK) * CUDA_BK
+
+
+def _c_rows(l: dict, rows: int, d: int, passes: float) -> Work:
+    return Work(_programs(l["grid"]), l["threads"], bytes=passes * rows * d * _elt(l["dtype"])
+                + 4 * rows)
+
+
+def _c_fwd(l: dict) -> Work:
+    s = l["sizes"]
+    n, d, c, k = s["n"], s["d"], s["c"], s["k"]
+    programs = _programs(l["grid"])
+    tiles = _cdiv(n, CUDA_BM) * s["ntiles"]
+    return Work(programs, l["threads"], tiles / programs, _c_tile_flops(d),
+                bytes=(n + c * k) * d * _elt(l["dtype"]) + 4 * (n + c * k) + 8 * n
+                + 24 * n * l["grid"][1])
+
+
+def _c_grad(l: dict) -> Work:
+    s = l["sizes"]
+    n, d, k, jn = s["n"], s["d"], s["k"], s["jn"]
+    programs = _programs(l["grid"])
+    tiles = _cdiv(n, CUDA_BM) * _cdiv(jn, s["tc"])
+    elt = _elt(l["dtype"])
+    return Work(programs, l["threads"], tiles / programs, _c_tile_flops(d),
+                bytes=(n + jn * k) * d * elt + n * jn * k * elt + 4 * (n + jn * k) + 24 * n)
+
+
+SPECS: Dict[Tuple[str, str], Spec] = {
+    ("triton", "inv_norm_kernel"): Spec("aux", _t_inv_norm),
+    ("triton", "fwd_kernel"): Spec("fwd_main", _t_fwd),
+    ("triton", "fwd_combine_kernel"): Spec("aux", _t_combine),
+    ("triton", "bwd_grad_kernel"): Spec("bwd_main", _t_bwd),
+    ("cpp", "inv_norm_kernel"): Spec("aux", lambda l: _c_rows(
+        l, l["sizes"]["rows"], l["sizes"]["d"], 1)),
+    ("cpp", "fwd_kernel"): Spec("fwd_main", _c_fwd),
+    ("cpp", "fwd_combine_kernel"): Spec("aux", lambda l: Work(
+        _programs(l["grid"]), l["threads"],
+        bytes=24 * l["sizes"]["n"] * l["sizes"]["splits"] + 20 * l["sizes"]["n"])),
+    ("cpp", "scaled_rows_kernel"): Spec("aux", lambda l: _c_rows(
+        l, l["sizes"]["rows"], l["sizes"]["d"], 2)),
+    ("cpp", "grad_chunk_kernel"): Spec("bwd_main", _c_grad),
+    ("cpp", "dw_chunk_finish_kernel"): Spec("aux", lambda l: _c_rows(
+        l, l["sizes"]["rows"], l["sizes"]["d"], 3)),
+    ("cpp", "dx_finish_kernel"): Spec("aux", lambda l: Work(
+        _programs(l["grid"]), l["threads"],
+        bytes=l["sizes"]["n"] * l["sizes"]["d"] * (2 * _elt(l["dtype"]) + 4)
+        + 4 * l["sizes"]["n"])),
+}
+
+
+def spec_of(backend: str, name: str) -> Spec:
+    try:
+        return SPECS[(backend, name)]
+    except KeyError:
+        raise KeyError(f"bench/static/kernels.py has no spec for the {backend} kernel "
+                       f"{name!r}: add its role and work to SPECS") from None
+
+
+# ------------------------------------------------------------------ Triton compilation
+_BINDERS: Dict[Tuple[int, int], tuple] = {}
+
+
+def _binder(fn, cap: int):
+    """Triton's own argument binder / specializer for ``fn`` on a target of capability
+    ``cap`` (what a launch on such a GPU runs), built once per kernel."""
+    key = (id(fn), cap)
+    if not hasattr(fn, "_pack_args"):
+        import triton
+        raise RuntimeError(f"the static report compiles Triton kernels through Triton's own "
+                           f"launcher binder (JITFunction._pack_args, triton >= 3.3); this "
+                           f"is triton {triton.__version__}")
+    if key not in _BINDERS:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
+        target = GPUTarget("cuda", cap, 32)
+        backend = make_backend(target)
+        _BINDERS[key] = (fn, target, backend,
+                         create_function_from_signature(fn.signature, fn.params, backend))
+    return _BINDERS[key][1:]
+
+
+def triton_variant_key(launch: dict) -> str:
+    """What makes two launches the same compiled kernel: the kernel, its constexprs and
+    options, and the specialization of its runtime arguments (Triton's cache key)."""
+    _, _, binder = _binder(launch["kernel"], 90)
+    _, spec, opts = binder(*launch["args"], **launch["meta"])
+    return f"{launch['name']}|{spec}|{sorted(opts.items())}"
+
+
+def compile_triton(launch: dict, arch: str):
+    """The launch's kernel compiled for ``arch`` (sm_90a / sm_80): (cubin bytes, metadata
+    dict with num_warps, shared, name)."""
+    import triton
+    from triton.compiler import ASTSource
+    fn = launch["kernel"]
+    target, backend, binder = _binder(fn, ARCHES[arch])
+    meta = dict(launch["meta"])
+    bound, specialization, options = binder(*launch["args"], **meta)
+    options, signature, constexprs, attrs = fn._pack_args(backend, meta, bound,
+                                                          specialization, options)
+    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                            options=options.__dict__)
+    md = kernel.metadata
+    return kernel.asm["cubin"], dict(num_warps=md.num_warps, shared=md.shared,
+                                     name=md.name, num_stages=getattr(md, "num_stages", None))
+
+
+def triton_sizes(launch: dict) -> dict:
+    """The launch's integer arguments and constexprs by name (for ``@trips`` annotations)."""
+    out = {k: v for k, v in _targs(launch).items() if isinstance(v, (int, float))}
+    out.update({k: v for k, v in launch["meta"].items() if isinstance(v, (int, float))})
+    return out
+
+
+# ------------------------------------------------------------------------ CUDA objects
+def cuda_build(build_dir: str, log=None) -> str:
+    """The extension's CUDA object (csrc/cuda/arcface_cuda.cu) compiled for sm_80 and
+    sm_90a by setup.py's own FORCE_CUDA build into ``build_dir`` (ninja: a no-op when
+    up to date). Returns the object's path."""
+    env = dict(os.environ, FORCE_CUDA="1", TORCH_CUDA_ARCH_LIST="8.0;9.0a",
+               MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
+    cmd = [sys.executable, "setup.py", "build_ext", "--build-lib",
+           os.path.join(build_dir, "lib"), "--build-temp", os.path.join(build_dir, "tmp")]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError("the extension's CUDA build failed:\n" + out.stderr[-4000:])
+    objs = glob.glob(os.path.join(build_dir, "tmp", "**", "arcface_cuda.o"), recursive=True)
+    if not objs:
+        raise RuntimeError(f"no arcface_cuda.o under {build_dir}")
+    return objs[0]
+
+
+_CUDA_TYPES = {"BFloat16": "__nv_bfloat16", "Half": "__half", "Float": "float"}
+
+
+def cuda_function(codes: Dict[str, sass.Code], names: Dict[str, str], kernel: str,
+                  dtype: str) -> Optional[sass.Code]:
+    """The Code of ``kernel``'s template instance for ``dtype`` (c10 name, e.g.
+    BFloat16) among the cubin's functions (``names``: mangled -> demangled)."""
+    want = _CUDA_TYPES.get(dtype, dtype)
+    for mangled, code in codes.items():
+        dem = names.get(mangled, mangled).replace("(anonymous namespace)::", "")
+        if dem.startswith("void "):
+            dem = dem[5:]
+        head = re.split(r"[<(]", dem, maxsplit=1)[0]
+        if head.split("::")[-1] != kernel:
+            continue
+        rest = dem[len(head):]
+        if not rest.startswith("<"):
+            return code
+        if rest[1:].split(">", 1)[0].strip() == want:
+            return code
+    return None
+
+
+def source_line(path: str, line: int) -> str:
+    """A line of a source file named in the line info (the build may have run in
+    another checkout: matched by the path under csrc/ or triton_kernels/)."""
+    cands = [path]
+    for root in ("csrc/", "triton_kernels/"):
+        if root in path:
+            cands.append(os.path.join(REPO, root + path.split(root, 1)[1]))
+    for p in cands:
+        if os.path.exists(p):
+            with open(p) as f:
+                lines = f.readlines()
+            return lines[line - 1] if 0 < line <= len(lines) else ""
+    return ""
+
+
+def loop_trips(loop: sass.Loop, sizes: dict) -> Optional[float]:
+    """Trip count of a loop outside the main loop from a ``@trips[EXPR]`` annotation on
+    its source line (a comment; EXPR over the launch's sizes), or None."""
+    if loop.line is None:
+        return None
+    m = re.search(r"@trips\[([^\]]*)\]", source_line(*loop.line))
+    if m is None:
+        return None
+    expr = m.group(1)
+    env = dict(sizes, cdiv=_cdiv, ceil=math.ceil, min=min, max=max)
+    return float(eval(expr, {"__builtins__": {}}, env))
+
+
+def hash_of(*parts) -> str:
+    return hashlib.sha1("|".join(str(p) for p in parts).encode()).hexdigest()[:12]

@@ -1,0 +1,205 @@
+"""The cost model: a predicted time for every kernel of a traced step, from the compiled
+code and the ceilings of :mod:`bench.static.hardware`. Every figure it gives is a
+prediction, to be calibrated by a GPU run, never a measurement.
+
+A kernel launch (``programs`` blocks, ``tiles`` tiles each; :class:`kernels.Work`) on a
+GPU with S SMs, each SM running ``occ`` blocks at once (the occupancy rules), takes the
+larger of three bounds, for the busiest SM (ceil(programs / S) blocks: the last wave):
+
+    tensor   = blocks x tiles x tile FLOPs / (tensor-core rate / S)
+    memory   = compulsory bytes / HBM bandwidth
+    issue    = blocks x warps x instructions per warp / (4 warp instructions per clock)
+
+Instructions per warp of one block, from the machine code (:mod:`bench.static.sass`):
+
+    rest + tiles x (epilogue + iterations x main-loop body)
+
+where ``iterations`` = tile FLOPs per warp / FLOPs of one pass over the main-loop body
+(the tensor-core or FMA instructions must add up to the tile's FLOPs, however the loop
+was unrolled or pipelined), ``epilogue`` = the tile loop's instructions outside the main
+loop (a loop in it counts its ``@trips[...]`` annotation's trips, else once), ``rest``
+= the instructions outside the tile loop. A kernel without a main loop counts its
+instructions once per block.
+
+When only one block fits on an SM (and the kernel is not warp-specialized), nothing
+overlaps the epilogue with the next tile's matrix multiply: the time is then
+max(max(tensor, main-loop issue) + epilogue issue, memory) instead of the larger of the
+three. Tensor-core rates: wgmma (HGMMA) at the measured cuBLAS rate; mma.sync (HMMA) on
+Hopper at 2/3 of it; TF32 at half; FP32 FMA in the issue bound.
+
+ATen ops of the launch path: a GEMM (mm, addmm) takes max(2MNK / rate, bytes / HBM);
+any other op bytes / HBM. Every launch adds a device-side gap.
+
+Host: the launch path's CPU time is the count of its events times their costs (Triton
+launches, ATen ops with and without a kernel, C++ launches, custom-op calls). A phase
+(forward, backward) takes max(device, host) when it has no host sync (the host runs
+ahead of the GPU), device + host when it has one (each sync drains the queue).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Dict, List, Optional, Tuple
+
+from . import hardware as hw
+from . import sass
+from .kernels import Work, loop_trips
+
+
+@dataclasses.dataclass
+class Compiled:
+    """A kernel's compiled code with its launch configuration's occupancy."""
+    code: sass.Code
+    threads: int
+    smem: int
+    blocks_per_sm: int
+    limiter: str
+    warp_specialized: bool = False
+
+
+@dataclasses.dataclass
+class KernelTime:
+    tensor_s: float
+    memory_s: float
+    issue_main_s: float
+    issue_epilogue_s: float
+    time_s: float
+    bound: str
+    insts_per_warp: float
+    iterations_per_tile: float
+    epilogue_per_tile: float
+
+
+def tensor_kind(code: sass.Code) -> Optional[str]:
+    ops = code.main.counts if code.main is not None else code.counts
+    if any(o.startswith(("HGMMA", "QGMMA")) for o in ops):
+        return "hgmma"
+    if any(o.startswith("HMMA") and ".TF32" in o for o in ops):
+        return "hmma_tf32"
+    if any(o.startswith("HMMA") for o in ops):
+        return "hmma"
+    return None
+
+
+def _inside(inner: sass.Loop, outer: sass.Loop) -> bool:
+    return outer.head <= inner.head and inner.tail <= outer.tail and inner is not outer
+
+
+def epilogue_per_tile(code: sass.Code, sizes: dict) -> float:
+    """Instructions per warp of one tile's epilogue: the static count, with each loop
+    in it weighted by its annotated trips (times those of the annotated loops around
+    it; an unannotated loop counts once)."""
+    if code.epilogue is None:
+        return 0.0
+    region = code.tile_loop
+    main = code.main_loop
+    loops = [lp for lp in code.loops
+             if lp is not region and lp is not main
+             and (region is None or _inside(lp, region))
+             and not _inside(lp, main) and not _inside(main, lp)]
+    total = float(code.epilogue.size)
+    for lp in loops:
+        own = lp.size - sum(o.size for o in loops if _inside(o, lp)
+                            and not any(_inside(o, m) and _inside(m, lp) for m in loops))
+        weight = 1.0
+        for anc in [lp] + [o for o in loops if _inside(lp, o)]:
+            t = loop_trips(anc, sizes)
+            weight *= 1.0 if t is None else t
+        total += (weight - 1.0) * own
+    return max(total, 0.0)
+
+
+def kernel_time(gpu: hw.Gpu, comp: Compiled, work: Work, sizes: dict) -> KernelTime:
+    code = comp.code
+    warps = max(1, comp.threads // 32)
+    per_sm_blocks = math.ceil(work.programs / gpu.sms)
+    issue_per_sm = gpu.issue_rate / gpu.sms
+    has_main = code.main is not None and work.tile_flops > 0
+    kind = tensor_kind(code) if has_main else None
+    if not has_main:   # an aux kernel: its instructions once per block
+        iters, epi = 0.0, float(code.size)
+        main_w, epi_w = 0.0, float(code.size)
+        insts = float(code.size)
+    else:
+        per_iter = code.main.mma_flops_per_warp if kind else code.main.fma_flops_per_warp
+        iters = (work.tile_flops / warps) / per_iter if per_iter > 0 else 1.0
+        epi = epilogue_per_tile(code, sizes)
+        main_w = code.rest.size + work.tiles * iters * code.main.size
+        epi_w = work.tiles * epi
+        insts = main_w + epi_w
+    tensor_s = 0.0
+    if kind is not None:
+        tensor_s = per_sm_blocks * work.tiles * work.tile_flops / (
+            gpu.tensor_flops(kind) / gpu.sms)
+    memory_s = work.bytes / gpu.hbm_bytes
+    issue_main_s = per_sm_blocks * warps * main_w / issue_per_sm
+    issue_epi_s = per_sm_blocks * warps * epi_w / issue_per_sm
+    serial = comp.blocks_per_sm < 2 and not comp.warp_specialized and has_main
+    if serial:
+        compute = max(tensor_s, issue_main_s) + issue_epi_s
+        time_s = max(compute, memory_s)
+        bound = ("memory" if memory_s >= compute else
+                 "tensor+epilogue" if tensor_s >= issue_main_s else "issue")
+    else:
+        parts = {"tensor": tensor_s, "memory": memory_s, "issue": issue_main_s + issue_epi_s}
+        bound = max(parts, key=parts.get)
+        time_s = parts[bound]
+    return KernelTime(tensor_s, memory_s, issue_main_s, issue_epi_s,
+                      time_s + hw.DEVICE_LAUNCH_GAP_S, bound, insts, iters, epi)
+
+
+def aten_time(gpu: hw.Gpu, op) -> Tuple[float, str]:
+    mem = op.bytes / gpu.hbm_bytes
+    if op.flops:
+        rate = gpu.fp32_flops if op.dtype in ("float32", "float64") else gpu.matmul_flops
+        t = op.flops / rate
+        return max(t, mem) + hw.DEVICE_LAUNCH_GAP_S, ("tensor" if t >= mem else "memory")
+    return mem + hw.DEVICE_LAUNCH_GAP_S, "memory"
+
+
+HOST_COST = {"triton_launches": hw.HOST_TRITON_LAUNCH_S,
+             "aten_kernel_ops": hw.HOST_ATEN_KERNEL_OP_S,
+             "aten_meta_ops": hw.HOST_ATEN_META_OP_S,
+             "cuda_launches": hw.HOST_CUDA_LAUNCH_S,
+             "custom_ops": hw.HOST_CUSTOM_OP_S}
+
+
+def host_seconds(events: Dict[str, int]) -> float:
+    return sum(HOST_COST[k] * v for k, v in events.items())
+
+
+def predict(trace, resolve: Callable, gpu: hw.Gpu = hw.H200) -> dict:
+    """Predicted times of a traced step. ``resolve(op)`` gives (Compiled, Work, sizes)
+    for a kernel launch record of the trace."""
+    device = {"fwd": 0.0, "bwd": 0.0}
+    per_kernel: Dict[str, dict] = {}
+    for op in trace.ops:
+        if op.kind == "aten":
+            t, bound = aten_time(gpu, op)
+            key = f"aten.{op.name}" + (" (GEMM)" if op.flops else "")
+            flops = op.flops
+        else:
+            comp, work, sizes = resolve(op)
+            kt = kernel_time(gpu, comp, work, sizes)
+            t, bound = kt.time_s, kt.bound
+            key = op.name
+            flops = work.programs * work.tiles * work.tile_flops
+        device[op.phase] += t
+        agg = per_kernel.setdefault(f"{op.phase}:{key}", dict(
+            phase=op.phase, name=key, kind=op.kind, launches=0, ms=0.0, flops=0.0,
+            bounds={}))
+        agg["launches"] += 1
+        agg["ms"] += t * 1e3
+        agg["flops"] += flops
+        agg["bounds"][bound] = agg["bounds"].get(bound, 0) + 1
+    host = {ph: host_seconds(ev) for ph, ev in trace.host_events.items()}
+    synced = {ph: any(s.phase == ph for s in trace.syncs) for ph in ("fwd", "bwd")}
+    phase = {}
+    for ph in ("fwd", "bwd"):
+        phase[ph] = device[ph] + host[ph] if synced[ph] else max(device[ph], host[ph])
+    total = phase["fwd"] + phase["bwd"]
+    return dict(device_ms={k: v * 1e3 for k, v in device.items()},
+                host_ms={k: v * 1e3 for k, v in host.items()},
+                predicted_ms=dict(fwd=phase["fwd"] * 1e3, bwd=phase["bwd"] * 1e3,
+                                  total=total * 1e3),
+                kernels=sorted(per_kernel.values(), key=lambda a: -a["ms"]))

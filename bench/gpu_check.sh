@@ -3,20 +3,26 @@
 #
 #   bash bench/gpu_check.sh [RESULTS_DIR]        (default: bench/results/)
 #
-# 1. installs the package offline against the torch already there
-#    (FORCE_CUDA=1 MAX_JOBS=16 pip install --no-build-isolation --no-deps --no-index -e .),
+# 1. builds the extension in place for sm_80 and sm_90a (FORCE_CUDA=1 setup.py build_ext
+#    --inplace, objects kept in build/gpu_build for the static report) and installs the
+#    package offline against the torch already there (pip install --no-build-isolation
+#    --no-deps --no-index -e . with ARCFACE_NO_EXTENSION=1: the in-place build is used),
 # 2. runs the test suite on the GPU (pytest; GPU tests included),
 # 3. runs compute-sanitizer memcheck on a small cpp CUDA case, where the tool exists,
-# 4. runs the headline benchmarks (N=8192 C=262144 D=512 bf16; N=1024 C=1M D=512 bf16;
+# 4. calibrates the static report: measures the steps it predicts (bench/static/
+#    calibrate.py: time per phase, memory, host syncs, per-kernel device time), then writes
+#    the report with the measured column (static_gpu.md; reduced: sm_90a, bf16),
+# 5. runs the headline benchmarks (N=8192 C=262144 D=512 bf16; N=1024 C=1M D=512 bf16;
 #    a sweep over C at N=1024; the reference wherever its N x C copies fit), then
 #    torch.compile(reference) at the two headline shapes if time is left,
-# 5. prints a short table last.
+# 6. prints a short table last.
 #
-# Every step runs under `timeout` within one overall budget (BUDGET_S, default 460 s, so
-# that the whole ends within 8 minutes); a failing step is recorded, never fatal to the
+# Every step runs under `timeout` within one overall budget (BUDGET_S, default 520 s, so
+# that the whole ends within 9 minutes); a failing step is recorded, never fatal to the
 # later ones; the exit status is 0 only if every step passed. Outputs (few files, as the
 # device machine sends back at most 8): gpu_check.log, gpu_bf16.csv, gpu_bf16.md,
-# gpu_bf16.json, gpu_bf16_full_N1024_D512.png, pytest.txt.
+# gpu_bf16.json, gpu_bf16_full_N1024_D512.png, pytest.txt, static_measured.json,
+# static_gpu.md (8: the device machine sends back at most 8 files).
 #
 # Environment: PYTHON (default python3), BUDGET_S, PYTEST_ARGS (default: -m "not slow" tests),
 # SKIP_BUILD=1 (use the package as installed).
@@ -26,7 +32,7 @@ OUT="${1:-bench/results}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 PY="${PYTHON:-python3}"
-BUDGET_S="${BUDGET_S:-460}"
+BUDGET_S="${BUDGET_S:-520}"
 LOG="$OUT/gpu_check.log"
 : > "$LOG"
 export PYTHONUNBUFFERED=1
@@ -66,8 +72,9 @@ step "machine" 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_versi
     $PY -c 'import triton; print(\"triton\", triton.__version__)'; command -v nvcc && nvcc --version | tail -2"
 
 if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
-    step "build" 240 env FORCE_CUDA=1 MAX_JOBS=16 "$PY" -m pip install --no-build-isolation \
-        --no-deps --no-index -e .
+    step "build" 240 bash -c "FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST='8.0;9.0a' MAX_JOBS=16 \
+        '$PY' setup.py build_ext --inplace --build-temp build/gpu_build/tmp && \
+        ARCFACE_NO_EXTENSION=1 '$PY' -m pip install --no-build-isolation --no-deps --no-index -e ."
 fi
 
 step "backends" 60 "$PY" -c "import torch, arcface_kernels as ak; \
@@ -107,6 +114,14 @@ else
     NAMES+=("memcheck"); RESULTS+=("not run: no compute-sanitizer on PATH")
     say "== memcheck: not run (no compute-sanitizer)"
 fi
+
+# The static report's calibration: the predicted steps measured, then the report (sm_90a,
+# bf16) with the measured column beside the predictions.
+step "static-calibrate" 150 "$PY" -m bench.static.calibrate --out "$OUT/static_measured.json"
+step "static-report" 150 bash -c "env -u TRITON_INTERPRET MAX_JOBS=16 '$PY' -m bench static \
+    --quick --cuda-build build/gpu_build --measured '$OUT/static_measured.json' \
+    --out build/static_gpu --tag static_gpu > build/static_gpu.log && \
+    cp build/static_gpu/static_gpu.md '$OUT/'"
 
 # Benchmarks: our backends, the reference and peers first (the preset's headline shapes
 # come first, then the sweep over C); torch.compile last, at the headline shapes only.

@@ -79,6 +79,7 @@ constexpr int BK = 32;        // features per step of the tile product
 constexpr int LDF = TW + 4;   // leading dimension of float tiles (multiple of 4 for WMMA)
 constexpr int LDH = BK + 8;   // leading dimension of 16-bit tiles (multiple of 8)
 constexpr int LDK = BK + 1;   // leading dimension of float operand tiles (FMA path)
+static_assert(BM == TW && (BM * BK) % THREADS == 0, "tile copy: whole rounds of THREADS");
 
 // c10 types -> CUDA's native 16-bit types (same bits).
 template <typename T>
@@ -165,8 +166,10 @@ __device__ void tile_dots(const T* __restrict__ x, const T* __restrict__ w, int6
     for (int a = 0; a < 8; ++a)
 #pragma unroll
       for (int b2 = 0; b2 < 4; ++b2) acc[a][b2] = 0.f;
-    for (int64_t k0 = 0; k0 < p.d; k0 += BK) {
-      for (int e = tid; e < BM * BK; e += THREADS) {
+    for (int64_t k0 = 0; k0 < p.d; k0 += BK) {  // @trips[cdiv(d, 32)]
+#pragma unroll
+      for (int it = 0; it < BM * BK / THREADS; ++it) {  // fixed trips: fully unrolled
+        const int e = tid + it * THREADS;
         int i = e / BK, kk = e % BK;
         int64_t gi = r0 + i, gk = k0 + kk;
         sm.u.f.x[i][kk] = (gi < p.n && gk < p.d) ? x[gi * p.d + gk] : 0.f;
@@ -199,8 +202,10 @@ __device__ void tile_dots(const T* __restrict__ x, const T* __restrict__ w, int6
 #pragma unroll
     for (int f = 0; f < TW / 16; ++f) wmma::fill_fragment(acc[f], 0.f);
     const T zero = from_f<T>(0.f);
-    for (int64_t k0 = 0; k0 < p.d; k0 += BK) {
-      for (int e = tid; e < BM * BK; e += THREADS) {
+    for (int64_t k0 = 0; k0 < p.d; k0 += BK) {  // @trips[cdiv(d, 32)]
+#pragma unroll
+      for (int it = 0; it < BM * BK / THREADS; ++it) {  // fixed trips: fully unrolled
+        const int e = tid + it * THREADS;
         int i = e / BK, kk = e % BK;
         int64_t gi = r0 + i, gk = k0 + kk;
         sm.u.h.x[i][kk] = (gi < p.n && gk < p.d) ? x[gi * p.d + gk] : zero;
@@ -616,7 +621,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpp_fwd_c
     const std::optional<at::Tensor>& index, double s, double m1, double m2, double m3,
     int64_t wrap_mode, int64_t grad_mode, bool normalize, int64_t sub_centers,
     int64_t block) {
-  c10::cuda::CUDAGuard guard(x.device());
+  c10::cuda::OptionalCUDAGuard guard;   // x on another device: the host code's checks say so
+  if (x.is_cuda()) guard.set_device(x.device());
   CudaRunner run;
   return fwd_host(run, x, w, labels, index, s, m1, m2, m3, wrap_mode, grad_mode, normalize,
                   sub_centers, block);
@@ -628,7 +634,8 @@ std::tuple<at::Tensor, at::Tensor> cpp_bwd_cuda(
     const at::Tensor& g_t, const at::Tensor& g_s, double s, double m1, double m2, double m3,
     int64_t wrap_mode, int64_t grad_mode, bool normalize, int64_t sub_centers,
     int64_t block) {
-  c10::cuda::CUDAGuard guard(x.device());
+  c10::cuda::OptionalCUDAGuard guard;
+  if (x.is_cuda()) guard.set_device(x.device());
   CudaRunner run;
   return bwd_host(run, x, w, labels, index, lse, g_p, g_t, g_s, s, m1, m2, m3, wrap_mode,
                   grad_mode, normalize, sub_centers, block);

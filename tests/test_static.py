@@ -153,6 +153,55 @@ def test_sync_in_the_backward_is_attributed_to_it():
     assert [(s.phase, s.what) for s in tr.syncs] == [("bwd", "item")]
 
 
+def test_synchronize_is_a_sync_and_cpu_item_is_not():
+    def step(x):
+        torch.cuda.synchronize()
+        torch.ones(3).sum().item()          # a CPU tensor: no device to wait for
+        return x.sum()
+    tr = _fake_step(step, _sync_inputs)
+    assert [s.what for s in tr.syncs] == ["torch.cuda.synchronize"]
+
+
+_LIB = torch.library.Library("static_test", "FRAGMENT")
+_LIB.define("halves(Tensor x) -> Tensor")
+_LIB.impl("halves", lambda x: x.float().contiguous() * 0.5, "CompositeExplicitAutograd")
+torch.library.register_fake("static_test::halves")(lambda x: x.new_empty(x.shape,
+                                                                         dtype=torch.float32))
+
+
+def test_compositions_inside_an_op_are_decomposed_and_counted():
+    """Inside an op's implementation (below autograd) .float() reaches the tracer whole:
+    it is decomposed, so its copy is a counted kernel with its 8 MiB result."""
+    def inputs():
+        return (torch.empty(1024, 1024, device="cuda", dtype=torch.bfloat16),)
+
+    tr = _fake_step(lambda x: torch.ops.static_test.halves(x).sum(), inputs)
+    assert [o.name for o in tr.ops] == ["_to_copy", "mul", "sum"]
+    # the fp32 copy and the product; the copy is freed before the sum's 512 bytes
+    assert tr.peak_bytes == 2 * 4 * MiB
+
+
+def test_backward_walk_matches_the_engine():
+    """Gradients are cast to their input's dtype and summed over uses; the gradients
+    themselves are plain tensors (no graph: run under no_grad)."""
+    def inputs():
+        return (torch.empty(64, device="cuda", dtype=torch.float32).requires_grad_(),)
+
+    def step(x):
+        return (x.double() * 2).sum() + (x * 3).sum()
+
+    def run():
+        with FakeTensorMode():
+            T.install_fake_cuda_guard()
+            (x,) = inputs()
+            loss = step(x)
+            T.run_backward(loss)
+            return x
+    x = run()
+    assert x.grad is not None and x.grad.dtype == torch.float32
+    assert not x.grad.requires_grad and x.grad.grad_fn is None
+
+
 # -------------------------------------------------------------------- backends traced
 def test_triton_step_plan_at_a_headline_shape():
     """The Triton backend at N=8192, C=262144, D=512 bf16: one forward tile launch, one
@@ -314,11 +363,64 @@ def test_occupancy_rules():
 
 
 # ---------------------------------------------------------------------- cost model
-def _code(main_size=100, epi=1000, rest=50, blocks_flops=65536.0):
-    main = sass.Region(main_size, {"HGMMA.64x128x16.F32.BF16": 1}, blocks_flops, 0.0, 0)
-    return sass.Code("k", "sm_90a", 128, 0, 0, 0, main_size + epi + rest,
-                     {"HGMMA.64x128x16.F32.BF16": 1}, {}, 0, 0, [], main,
-                     sass.Region(epi, {}, 0.0, 0.0, 0), sass.Region(rest, {}, 0.0, 0.0, 0))
+def _code(main_size=100, epi=1000, rest=50):
+    """Machine code of a kernel with a tile loop around a main loop: ``rest`` instructions
+    outside the tile loop, ``epi`` in it outside the main loop, ``main_size`` in the main
+    loop, one HGMMA.64x128x16 (65536 FLOPs per warp) among them."""
+    lines, pc = [], 0
+
+    def emit(text):
+        nonlocal pc
+        lines.append(f"        /*{pc:04x}*/                   {text} ;")
+        pc += 16
+    lines.insert(0, "        .text.k:")
+    for _ in range(rest - 1):
+        emit("MOV R1, R2")
+    tile_head = pc
+    for _ in range(epi - 1):
+        emit("FADD R1, R2, R3")
+    main_head = pc
+    emit("HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24")
+    for _ in range(main_size - 2):
+        emit("IADD3 R0, R0, 0x1, RZ")
+    emit(f"@P0 BRA 0x{main_head:x}")
+    emit(f"@P1 BRA 0x{tile_head:x}")
+    lines.append("        /*ffff*/                   EXIT ;")
+    code = sass.analyze_instrs("k", "sm_90a", sass.parse_listing("\n".join(lines))["k"],
+                               {"REG": 128})
+    assert (code.main.size, code.epilogue.size, code.rest.size) == (main_size, epi, rest)
+    assert code.main.mma_flops_per_warp == 65536.0
+    return code
+
+
+def test_loop_annotations_weight_instruction_counts(tmp_path):
+    """An annotated loop in the epilogue counts its trips; one nested in the main loop
+    multiplies the main loop's body."""
+    src = tmp_path / "k.cu"
+    src.write_text("for (int jj = 0; jj < tc; ++jj) {  // @trips[tc / 2]\n"
+                   "for (int e = 0; e < 4; ++e) {  // @trips[4]\n")
+    f = str(src)
+    listing = "\n".join([
+        "        .text.k:",
+        "        /*0000*/                   MOV R1, R2 ;",
+        "        /*0010*/                   FADD R1, R2, R3 ;",        # tile loop head
+        "        /*0020*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;",
+        f'\t//## File "{f}", line 2',
+        "        /*0030*/                   LDG.E R4, desc[UR4][R2.64] ;",   # inner loop
+        "        /*0040*/               @P2 BRA 0x30 ;",
+        "        /*0050*/               @P0 BRA 0x20 ;",                    # main loop
+        "        /*0060*/                   MUFU.EX2 R5, R5 ;",            # epilogue loop
+        "        /*0070*/                   FADD R6, R5, R6 ;",
+        f'\t//## File "{f}", line 1',
+        "        /*0080*/               @P3 BRA 0x60 ;",
+        "        /*0090*/               @P1 BRA 0x10 ;",                    # tile loop
+        "        /*00a0*/                   EXIT ;"])
+    code = sass.analyze_instrs("k", "sm_90a", sass.parse_listing(listing)["k"], {})
+    assert (code.main_loop.head, code.tile_loop.head) == (0x20, 0x10)
+    n = M.instruction_counts(code, {"tc": 64})
+    assert n.main == 1 + 4 * 2 + 1          # HGMMA, 4 x (LDG, BRA), BRA
+    assert n.epilogue == 1 + 32 * 3 + 1     # FADD, 32 x (MUFU, FADD, BRA), BRA
+    assert n.rest == 2                      # MOV, EXIT
 
 
 def test_model_serial_when_one_block_fits_and_overlapped_otherwise():

@@ -98,14 +98,14 @@ def _t_fwd(l: dict) -> Work:
     splits = int(l["grid"][1])
     return Work(programs, 32 * meta["num_warps"], tiles / programs,
                 _t_tile_flops(meta, d),
-                bytes=(n + c * k) * d * elt + 4 * (n + c * k) + 8 * n + 48 * n * splits)
+                bytes=(n + c * k) * d * elt + 4 * (n + c * k) + 8 * n + 28 * n * splits)
 
 
 def _t_combine(l: dict) -> Work:
     a = _targs(l)
     n, sp = int(a["N"]), int(a["SPLITS"])
     return Work(_programs(l["grid"]), 32 * l["meta"].get("num_warps", 4),
-                bytes=48 * n * sp + 40 * n)
+                bytes=28 * n * sp + 24 * n)   # 5 fp32 + 1 int64 partials, 4 + 1 outputs
 
 
 def _t_bwd(l: dict) -> Work:

@@ -17,9 +17,9 @@ Instructions per warp of one block, from the machine code (:mod:`bench.static.sa
 where ``iterations`` = tile FLOPs per warp / FLOPs of one pass over the main-loop body
 (the tensor-core or FMA instructions must add up to the tile's FLOPs, however the loop
 was unrolled or pipelined), ``epilogue`` = the tile loop's instructions outside the main
-loop (a loop in it counts its ``@trips[...]`` annotation's trips, else once), ``rest``
-= the instructions outside the tile loop. A kernel without a main loop counts its
-instructions once per block.
+loop, ``rest`` = the instructions outside the tile loop; any other loop counts its
+``@trips[...]`` annotation's trips (a comment on its source line), else once
+(:class:`Counts`). A kernel without a main loop counts its instructions once per block.
 
 When only one block fits on an SM (and the kernel is not warp-specialized), nothing
 overlaps the epilogue with the next tile's matrix multiply: the time is then
@@ -81,32 +81,56 @@ def tensor_kind(code: sass.Code) -> Optional[str]:
     return None
 
 
-def _inside(inner: sass.Loop, outer: sass.Loop) -> bool:
-    return outer.head <= inner.head and inner.tail <= outer.tail and inner is not outer
+def _contains(lp: sass.Loop, pc: int) -> bool:
+    return lp.head <= pc <= lp.tail
+
+
+def _strictly_inside(inner: sass.Loop, outer: sass.Loop) -> bool:
+    return inner is not outer and outer.head <= inner.head and inner.tail <= outer.tail
+
+
+@dataclasses.dataclass
+class Counts:
+    """Instructions per warp: one main-loop iteration, one tile's epilogue, the rest (once
+    per block). Every instruction counts once (both sides of a branch: an upper bound
+    within a loop body), times the ``@trips`` of the annotated loops around it (an
+    unannotated loop counts once): inside the main loop, the loops nested in it; elsewhere,
+    every loop but the main and the tile loop (whose trips the tile count and the FLOP
+    rule give)."""
+    main: float
+    epilogue: float
+    rest: float
+
+
+def instruction_counts(code: sass.Code, sizes: dict) -> Counts:
+    main, tile = code.main_loop, code.tile_loop
+    trips = {}
+    for lp in code.loops:
+        if lp is main or lp is tile:
+            continue
+        t = loop_trips(lp, sizes)
+        if t is not None:
+            trips[id(lp)] = max(t, 0.0)
+    annotated = [lp for lp in code.loops if id(lp) in trips]
+    counts = Counts(0.0, 0.0, 0.0)
+    for ins in code.instrs:
+        in_main = main is not None and _contains(main, ins.pc)
+        w = 1.0
+        for lp in annotated:
+            if _contains(lp, ins.pc) and (not in_main or _strictly_inside(lp, main)):
+                w *= trips[id(lp)]
+        if in_main:
+            counts.main += w
+        elif main is not None and (tile is None or _contains(tile, ins.pc)):
+            counts.epilogue += w
+        else:
+            counts.rest += w
+    return counts
 
 
 def epilogue_per_tile(code: sass.Code, sizes: dict) -> float:
-    """Instructions per warp of one tile's epilogue: the static count, with each loop
-    in it weighted by its annotated trips (times those of the annotated loops around
-    it; an unannotated loop counts once)."""
-    if code.epilogue is None:
-        return 0.0
-    region = code.tile_loop
-    main = code.main_loop
-    loops = [lp for lp in code.loops
-             if lp is not region and lp is not main
-             and (region is None or _inside(lp, region))
-             and not _inside(lp, main) and not _inside(main, lp)]
-    total = float(code.epilogue.size)
-    for lp in loops:
-        own = lp.size - sum(o.size for o in loops if _inside(o, lp)
-                            and not any(_inside(o, m) and _inside(m, lp) for m in loops))
-        weight = 1.0
-        for anc in [lp] + [o for o in loops if _inside(lp, o)]:
-            t = loop_trips(anc, sizes)
-            weight *= 1.0 if t is None else t
-        total += (weight - 1.0) * own
-    return max(total, 0.0)
+    """Instructions per warp of one tile's epilogue (see :class:`Counts`)."""
+    return instruction_counts(code, sizes).epilogue if code.main is not None else 0.0
 
 
 def kernel_time(gpu: hw.Gpu, comp: Compiled, work: Work, sizes: dict) -> KernelTime:
@@ -123,8 +147,9 @@ def kernel_time(gpu: hw.Gpu, comp: Compiled, work: Work, sizes: dict) -> KernelT
     else:
         per_iter = code.main.mma_flops_per_warp if kind else code.main.fma_flops_per_warp
         iters = (work.tile_flops / warps) / per_iter if per_iter > 0 else 1.0
-        epi = epilogue_per_tile(code, sizes)
-        main_w = code.rest.size + work.tiles * iters * code.main.size
+        n = instruction_counts(code, sizes)
+        epi = n.epilogue
+        main_w = n.rest + work.tiles * iters * n.main
         epi_w = work.tiles * epi
         insts = main_w + epi_w
     tensor_s = 0.0

@@ -194,7 +194,8 @@ class Report:
             global_access={k: v for k, v in code.access.items()
                            if k.startswith(("ldg", "stg", "ldgsts", "tma"))},
             opcodes=dict(sorted(base.items(), key=lambda kv: -kv[1])),
-            main_loop_insts_per_iter=main.size if main else None,
+            main_loop_insts_per_iter=round(M.instruction_counts(code, sizes).main, 1)
+            if main else None,
             main_loop_flops_per_warp=(main.mma_flops_per_warp or main.fma_flops_per_warp)
             if main else None,
             epilogue_insts_per_tile=round(M.epilogue_per_tile(code, sizes), 1) if main else None,

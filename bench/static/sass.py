@@ -142,6 +142,7 @@ class Code:
     rest: Region                    # everything outside the tile loop (or the main loop)
     main_loop: Optional[Loop] = None
     tile_loop: Optional[Loop] = None
+    instrs: List[Instr] = dataclasses.field(default_factory=list, repr=False)
 
     def base_counts(self) -> Dict[str, int]:
         out: Dict[str, int] = {}
@@ -223,7 +224,7 @@ def _access_counts(instrs: List[Instr]) -> Dict[str, int]:
             out["ldl"] += 1
         elif b == "STL":
             out["stl"] += 1
-        elif b in ("RED", "ATOMG", "ATOM"):
+        elif b in ("RED", "REDG", "ATOMG", "ATOM"):
             out["atomic_global"] += 1
     return out
 
@@ -273,8 +274,14 @@ def find_loops(instrs: List[Instr]) -> List[Loop]:
     """Natural loops from the backward branches (BRA to an earlier or the same pc), one
     per loop head, with their nesting depth."""
     heads: Dict[int, Loop] = {}
+    # code placed out of line after the last EXIT (slow paths) jumps back into the body:
+    # such branches are returns, not loops
+    exits = [i.pc for i in instrs if i.base == "EXIT"]
+    last_exit = max(exits) if exits else None
     for ins in instrs:
         if ins.base not in ("BRA", "JMP"):
+            continue
+        if last_exit is not None and ins.pc > last_exit:
             continue
         m = re.search(r"0x([0-9a-f]+)|\.L_x_\d+", ins.text)
         if not m or m.group(1) is None:
@@ -322,7 +329,8 @@ def main_and_tile_loops(instrs: List[Instr], loops: List[Loop]
                         ) -> Tuple[Optional[Loop], Optional[Loop]]:
     """(main loop, tile loop). The main loop is the loop whose own body holds the most
     tensor-core FLOPs (FMA FLOPs when no loop has tensor-core instructions), innermost on
-    ties; the tile loop is the nearest loop enclosing it."""
+    ties; the tile loop is the outermost loop enclosing it (loops between the two, e.g.
+    a k-loop around an FMA loop, are weighted by their trips inside the tile)."""
     if not loops:
         return None, None
 
@@ -339,7 +347,7 @@ def main_and_tile_loops(instrs: List[Instr], loops: List[Loop]
         return None, None
     around = [o for o in loops if o is not best and o.head <= best.head
               and best.tail <= o.tail]
-    tile = max(around, key=lambda o: o.depth) if around else None
+    tile = min(around, key=lambda o: o.depth) if around else None
     return best, tile
 
 
@@ -368,7 +376,7 @@ def analyze_instrs(name: str, arch: str, instrs: List[Instr], res: Dict[str, int
                 static_smem=res.get("SHARED", 0), local=res.get("LOCAL", 0),
                 size=len(instrs), counts=counts, access=_access_counts(instrs),
                 spill_store_bytes=st, spill_load_bytes=ld, loops=loops, main=main_r,
-                epilogue=epi_r, rest=rest, main_loop=main, tile_loop=tile)
+                epilogue=epi_r, rest=rest, main_loop=main, tile_loop=tile, instrs=instrs)
 
 
 def resource_usage(cubin_path: str) -> Dict[str, Dict[str, int]]:

@@ -11,7 +11,8 @@ kernels are stubbed, everything else runs for real:
 * the cpp backend's CUDA host code (``csrc/cuda/host.cpp``) runs in the extension's dry run
   (``arcface_kernels._C.cuda_dry_run_fwd/bwd``), whose runner records each kernel launch;
 * the backward is the autograd graph of the step, walked node by node in the order of
-  the engine (the engine itself needs a CUDA build of torch to run on CUDA tensors).
+  the engine (:func:`run_backward`; the engine itself needs a CUDA build of torch to run
+  on CUDA tensors).
 
 :class:`Tracer`, a TorchDispatchMode above the FakeTensorMode, sees every ATen op of all
 of it, the ones the C++ host code issues included, and records:
@@ -23,10 +24,12 @@ of it, the ones the C++ host code issues included, and records:
 * device work: every op that is not a view, an allocation or a metadata query launches one
   kernel (a GEMM for mm / addmm, else element-wise or reduction work over its operands);
 * host syncs: ``.item()`` / ``bool(tensor)`` / ``.tolist()`` (``_local_scalar_dense``,
-  ``is_nonzero``), ops with data-dependent output shapes (``nonzero``, boolean indexing,
-  ...), copies between the CPU and the GPU (``copy_`` waits for the stream), and
-  ``torch.cuda.synchronize``. Each is given a stand-in result (0, False, an empty
-  tensor) and the step goes on.
+  ``is_nonzero``) of a GPU tensor, ops with data-dependent output shapes (``nonzero``,
+  ``masked_select``, ...), copies between the CPU and the GPU (``copy_`` waits for the
+  stream), and ``torch.cuda.synchronize``. Each is given a stand-in result (0, False, an
+  empty tensor) and the step goes on. Ops that are only compositions (``.to``,
+  ``.contiguous``, ``reshape``, ...) are decomposed, so that the copies they make are
+  counted too.
 
 Nothing here is imported by the library.
 """
@@ -259,8 +262,18 @@ class Tracer(TorchDispatchMode):
                                                _tensors(out))))
             return out
         if func in SYNC_OPS:
-            self.sync(SYNC_OPS[func])
+            if any(t.device.type != "cpu" for t in _tensors(args)):
+                self.sync(SYNC_OPS[func])
             return _stand_in(func, args)
+        if func.namespace == "aten" and torch._C._dispatch_has_kernel_for_dispatch_key(
+                func.name(), "CompositeImplicitAutograd"):
+            # an op that is only a composition (.to, .float, .contiguous, reshape, ...):
+            # it reaches this mode whole inside the backends' implementations (below
+            # autograd); run its parts here so that copies and syncs among them are seen
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
         name = func._schema.name.split("::")[-1]
         if name in ("_to_copy", "copy_", "copy") and _crosses_devices(func, args, kwargs):
             self.sync(f"{name} between the CPU and the GPU")
@@ -290,17 +303,28 @@ class Tracer(TorchDispatchMode):
             return
         self.host[self.phase]["aten_kernel_ops"] += 1
         ins = _tensors(args) + _tensors(kwargs)
-        rec = OpRecord(self.phase, "aten", name,
-                       bytes=sum(_nbytes(t) for t in ins + outs),
+        rec = OpRecord(self.phase, "aten", name, bytes=_op_bytes(name, args, ins, outs),
                        dtype=str(outs[0].dtype).replace("torch.", "") if outs else "")
         if name in MM_OPS or name.startswith("mm") or name.startswith("addmm"):
             rec.flops = _mm_flops(name, args)
+            rec.dtype = str(ins[0].dtype).replace("torch.", "")   # the operands' rate
         self.ops.append(rec)
 
     def launch(self, kind: str, name: str, detail: dict) -> None:
         self.host[self.phase]["triton_launches" if kind == "triton" else "cuda_launches"] += 1
         self.ops.append(OpRecord(self.phase, kind, name, dtype=detail.get("dtype", ""),
                                  detail=detail))
+
+
+def _op_bytes(name: str, args, ins, outs) -> int:
+    """Bytes an op moves: its operands and results, except for the indexed ones, which
+    touch only the indexed rows (index_select: read and write the result; index_add_:
+    read the source, read and write as many rows of the destination)."""
+    if name in ("index_select",) and outs:
+        return 2 * _nbytes(outs[0]) + sum(_nbytes(t) for t in ins[1:2])
+    if name in ("index_add_", "index_add", "index_copy_", "index_copy") and len(ins) >= 3:
+        return 3 * _nbytes(ins[2]) + _nbytes(ins[1])
+    return sum(_nbytes(t) for t in ins + outs)
 
 
 def _stand_in(func, args):
@@ -340,9 +364,13 @@ def _mm_flops(name: str, args) -> float:
 
 # ----------------------------------------------------------------------------- backward
 def run_backward(root: torch.Tensor) -> None:
-    """loss.backward() without the autograd engine: every node of root's graph is called
-    once its gradients are complete, leaves get ``.grad`` (the engine's order and
-    buffering; the engine cannot run on fake CUDA tensors with a CPU build of torch)."""
+    """loss.backward() without the autograd engine (which cannot run on fake CUDA tensors
+    with a CPU build of torch): the graph's nodes run under no_grad in the engine's order
+    (the ready node with the highest sequence number first), each once all its incoming
+    gradients are summed; each gradient is cast to its input's dtype and summed to its
+    shape as the engine does, and leaves get ``.grad``. Unlike the engine, saved tensors
+    are not released node by node (in a loss step they are O(N) vectors)."""
+    import heapq
     if root.grad_fn is None:   # nothing requires a gradient
         return
     deps: Dict[Any, int] = {}
@@ -357,28 +385,38 @@ def run_backward(root: torch.Tensor) -> None:
                 seen.add(nxt)
                 stack.append(nxt)
     buffers: Dict[Any, list] = {root.grad_fn: [torch.ones_like(root)]}
-    ready = [root.grad_fn]
-    while ready:
-        node = ready.pop()
-        grads = buffers.pop(node)
-        if type(node).__name__ == "AccumulateGrad" or node.name().endswith("AccumulateGrad"):
-            v = node.variable
-            v.grad = grads[0] if v.grad is None else v.grad + grads[0]
-            continue
-        outs = node(*grads) if callable(node) else node.apply(*grads)
-        del grads
-        if not isinstance(outs, tuple):
-            outs = (outs,)
-        for (nxt, nr), g in zip(node.next_functions, outs):
-            if nxt is None:
+    ready = [(-root.grad_fn._sequence_nr(), 0, root.grad_fn)]
+    tick = 1
+    with torch.no_grad():
+        while ready:
+            node = heapq.heappop(ready)[2]
+            grads = buffers.pop(node)
+            if node.name().endswith("AccumulateGrad"):
+                v, g = node.variable, grads[0]
+                if g is not None:
+                    v.grad = g if v.grad is None else v.grad + g
                 continue
-            buf = buffers.setdefault(nxt, [None] * len(nxt._input_metadata))
-            if g is not None:
-                buf[nr] = g if buf[nr] is None else buf[nr] + g
-            deps[nxt] -= 1
-            if deps[nxt] == 0:
-                ready.append(nxt)
-        del outs
+            outs = node(*grads) if callable(node) else node.apply(*grads)
+            del grads
+            if not isinstance(outs, tuple):
+                outs = (outs,)
+            for (nxt, nr), g in zip(node.next_functions, outs):
+                if nxt is None:
+                    continue
+                meta = nxt._input_metadata
+                buf = buffers.setdefault(nxt, [None] * len(meta))
+                if g is not None:
+                    want = meta[nr]
+                    if g.dtype != want.dtype:
+                        g = g.to(want.dtype)
+                    if tuple(g.shape) != tuple(want.shape):
+                        g = g.sum_to_size(want.shape)
+                    buf[nr] = g if buf[nr] is None else buf[nr] + g
+                deps[nxt] -= 1
+                if deps[nxt] == 0:
+                    heapq.heappush(ready, (-nxt._sequence_nr(), tick, nxt))
+                    tick += 1
+            del outs
 
 
 # ----------------------------------------------------------------------- the fake GPU
@@ -433,6 +471,15 @@ def install_fake_cuda_guard() -> None:
     mod.install()
 
 
+_ACTIVE: List["Tracer"] = []   # the tracer of the step being traced
+
+
+def _synchronize(*args, **kwargs) -> None:
+    """torch.cuda.synchronize in a traced step: a host sync."""
+    if _ACTIVE:
+        _ACTIVE[-1].sync("torch.cuda.synchronize")
+
+
 class _Props:
     def __init__(self, gpu: hw.Gpu):
         self.multi_processor_count = gpu.sms
@@ -451,6 +498,7 @@ def fake_gpu(gpu: hw.Gpu = hw.H200):
              ("get_device_properties", "is_current_stream_capturing", "synchronize")}
     torch.cuda.get_device_properties = lambda *a, **k: _Props(gpu)
     torch.cuda.is_current_stream_capturing = lambda *a, **k: False
+    torch.cuda.synchronize = _synchronize
     try:
         yield
     finally:
@@ -560,12 +608,16 @@ def trace_step(step: Callable[[], torch.Tensor], backend: str, inputs: Callable[
             tracer = Tracer(ops)
             tracer.adopt(list(tensors))
             t0 = time.perf_counter()
-            with tracer:
-                tracer.phase = "fwd"
-                loss = step(*tensors)
-                tracer.phase = "bwd"
-                run_backward(loss)
-                tracer._sweep()
+            _ACTIVE.append(tracer)
+            try:
+                with tracer:
+                    tracer.phase = "fwd"
+                    loss = step(*tensors)
+                    tracer.phase = "bwd"
+                    run_backward(loss)
+                    tracer._sweep()
+            finally:
+                _ACTIVE.pop()
             wall = time.perf_counter() - t0
             grads = [t.grad for t in tensors if isinstance(t, torch.Tensor)
                      and t.grad is not None]

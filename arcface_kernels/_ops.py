@@ -173,7 +173,13 @@ def _local_labels_impl(labels: Tensor, class_start: int, num_local: int, num_cla
                        ignore_index: int) -> Tensor:
     ignored = labels == ignore_index
     bad = ~ignored & ((labels < 0) | (labels >= num_classes))
-    if bool(bad.any()):
+    if labels.is_cuda:
+        # no host sync on the GPU (a training step must be capturable in a CUDA graph):
+        # a device-side assert, which stops the process with this message
+        torch._assert_async(torch.logical_not(bad.any()),
+                            f"labels must be in [0, {num_classes}) or equal "
+                            f"ignore_index={ignore_index}")
+    elif bool(bad.any()):
         first = int(labels[bad][0])
         raise ValueError(
             f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}; "

@@ -206,7 +206,7 @@ def test_backward_walk_matches_the_engine():
 def test_triton_step_plan_at_a_headline_shape():
     """The Triton backend at N=8192, C=262144, D=512 bf16: one forward tile launch, one
     backward tile launch per 16 MiB chunk of gradient tiles (1024 classes at N = 8192),
-    and its label check is a host sync."""
+    and no host sync."""
     pytest.importorskip("triton")
     tr = T.trace_arcface("triton", 8192, 262144, 512, torch.bfloat16)
     names = [o.name for o in tr.ops if o.kind == "triton"]
@@ -214,7 +214,8 @@ def test_triton_step_plan_at_a_headline_shape():
     assert names.count("bwd_grad_kernel") == 262144 // 1024
     fwd = next(o for o in tr.ops if o.name == "fwd_kernel")
     assert fwd.detail["meta"]["BLOCK_N"] == 128 and fwd.detail["grid"][0] == 8192 // 128
-    assert any(s.what == "bool(tensor)" for s in tr.syncs)
+    assert tr.syncs == []    # the label check is a device-side assert on CUDA
+    assert "_assert_async" in [o.name for o in tr.ops if o.phase == "fwd"]
     assert tr.grad_bytes == (8192 + 262144) * 512 * 2
     assert 0 < tr.extra_bytes < 256 * MiB
 

@@ -308,9 +308,13 @@ def test_gradcheck():
 # --- bad and special input ---------------------------------------------------------------
 def test_bad_input_same_errors_as_chunked():
     x, w, y = (t.to(DEVICE) for t in make_inputs(5, 7, 3))
+    # label values are checked on the host only for CPU tensors (on CUDA: a device-side
+    # assert, test_bad_values_on_cuda_are_device_asserts)
     cases = [
         (x, w, torch.tensor([0, 1, 7, 2, 3], device=DEVICE), {}),            # label >= C
         (x, w, torch.tensor([0, 1, -3, 2, 3], device=DEVICE), {}),           # bad negative
+    ] if DEVICE == "cpu" else []
+    cases += [
         (x, w.float(), y, {}),                                               # dtype mismatch
         (x, w, y.int(), {}),                                                 # int32 labels
         (x, w[:, :2], y, {}),                                                # D differs
@@ -327,12 +331,47 @@ def test_bad_input_same_errors_as_chunked():
         assert errs[0] == errs[1]
 
 
+_DEVICE_ASSERT = r"""
+import sys, torch, arcface_kernels as ak
+from arcface_kernels._config import MarginConfig
+x = torch.randn(5, 16, device="cuda"); w = torch.randn(7, 16, device="cuda")
+if sys.argv[1] == "labels":
+    ak.arcface_loss(x, w, torch.tensor([0, 1, 7, 2, 3], device="cuda"), backend="triton")
+else:
+    from arcface_kernels.backends import resolve_backend
+    op = resolve_backend("triton", torch.device("cuda")).fwd
+    op(x, w, torch.tensor([0, 1, 2, -1, 0], device="cuda"),
+       torch.tensor([0, 7, 2], device="cuda"), *MarginConfig().op_args(), 0)
+torch.cuda.synchronize()
+print("no error")
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("what, message", [
+    ("labels", "labels must be in [0, 7)"),
+    ("index", "index values must be in [0, 7)"),
+])
+def test_bad_values_on_cuda_are_device_asserts(what, message):
+    """On CUDA the value checks do not sync with the host: a bad label or index stops
+    the process with a device-side assert naming the argument (in a subprocess: the
+    assert poisons the CUDA context)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", _DEVICE_ASSERT, what], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode != 0 and "no error" not in out.stdout
+    assert message in out.stderr, out.stderr[-2000:]
+
+
 def test_bad_op_arguments():
     tops = _ops()
     x, w, y = (t.to(DEVICE) for t in make_inputs(5, 7, 3))
     args = MarginConfig().op_args() + (0,)
-    with pytest.raises(ValueError, match="index values must be in"):
-        tops.FWD_OP(x, w, y.clamp(min=-1) % 3, torch.tensor([0, 7, 2], device=DEVICE), *args)
+    if DEVICE == "cpu":   # on CUDA a device-side assert (see below)
+        with pytest.raises(ValueError, match="index values must be in"):
+            tops.FWD_OP(x, w, y.clamp(min=-1) % 3, torch.tensor([0, 7, 2], device=DEVICE),
+                        *args)
     with pytest.raises(TypeError, match="index must be int64, got torch.int32"):
         tops.FWD_OP(x, w, y.clamp(min=-1), torch.tensor([0, 1], dtype=torch.int32,
                                                         device=DEVICE), *args)

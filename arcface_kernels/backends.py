@@ -9,7 +9,6 @@ arcface_kernels never imports triton or touches CUDA.
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -55,7 +54,7 @@ def _load(name: str) -> Optional[Backend]:
         elif name == "triton":
             if importlib.util.find_spec("triton") is None:
                 raise ImportError("triton is not installed")
-            mod = importlib.import_module("triton_kernels.ops")
+            from . import _triton as mod
             devices = ("cuda", "cpu") if triton_interpreted() else ("cuda",)
             be = Backend(name, mod.FWD_OP, mod.BWD_OP, devices)
         elif name == "cpp":

@@ -27,8 +27,13 @@ GRID_SHAPES = [SHAPES[0], SHAPES[3], SHAPES[5]]
 
 
 def _ops():
-    import triton_kernels.ops as tops
+    import arcface_kernels._triton as tops
     return tops
+
+
+def _launch():
+    from arcface_kernels.triton_kernels import launch
+    return launch
 
 
 # --- registration --------------------------------------------------------------------
@@ -45,7 +50,7 @@ def test_schema_matches_shared_schema():
 
 
 def test_math_constants_match_python():
-    from triton_kernels import math as tmath
+    from arcface_kernels.triton_kernels import math as tmath
     assert tmath.WRAP_FALLBACK.value == WRAP_MODES["fallback"]
     assert tmath.WRAP_EASY.value == WRAP_MODES["easy"]
     assert tmath.WRAP_NONE.value == WRAP_MODES["none"]
@@ -132,11 +137,10 @@ def test_backward_chunks(chunk_size, mode):
 def test_launch_geometry():
     """The backward workspace stays within its byte budget at the design's shapes, and
     the forward's class splits cover every class block once and fill >= 2 waves."""
-    tops = _ops()
-    from triton_kernels import configs
+    tops = _launch()
     for n, c, k in ((8192, 1 << 20, 1), (1024, 1 << 20, 1), (8192, 262144, 3)):
-        cb = tops._chunk_classes(n, k, 2, c, 0, 128)
-        assert cb % 128 == 0 and n * cb * k * 2 <= configs.WORKSPACE_BYTES
+        cb = tops.chunk_classes(n, k, 2, c, 0, 128)
+        assert cb % 128 == 0 and n * cb * k * 2 <= tops.OPTIONS.workspace_bytes
     for row_blocks, class_blocks in ((8, 8192), (64, 2048), (1, 1), (3, 2), (128, 700)):
         sp, per = tops._class_splits(row_blocks, class_blocks, 16, 264)
         assert per % 16 == 0 and sp == -(-class_blocks * 16 // per)
@@ -288,8 +292,10 @@ def test_float16_extreme_norms():
 
 @pytest.mark.parametrize("mode", ["arcface", "sub_centers"])
 def test_float16_dw_fp32(mode, monkeypatch):
-    """The fp32 dW option (ARCFACE_TRITON_DW_FP32=1 sets triton_kernels.ops.DW_FP32)."""
-    monkeypatch.setattr(_ops(), "DW_FP32", True)
+    """The fp32 dW option (ARCFACE_TRITON_DW_FP32=1 sets OPTIONS.dw_fp32)."""
+    import dataclasses
+    launch = _launch()
+    monkeypatch.setattr(launch, "OPTIONS", dataclasses.replace(launch.OPTIONS, dw_fp32=True))
     assert_low_precision_ok(BACKEND, (33, 70, 24), MODES[mode], torch.float16, device=DEVICE)
 
 

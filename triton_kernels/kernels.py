@@ -1,24 +1,37 @@
-"""The Triton kernels of the triton backend (launchers and the design are in ops.py).
+"""The Triton kernels of the triton backend (launchers and the design: launch.py).
 
-* :func:`inv_norm_kernel`: inverse L2 norms of rows (of x, or of the shard's rows of w,
+* :func:`inv_norm_kernel`: inverse L2 norms of rows (of x, or of the shard's rows of w
   read through the Partial-FC index).
-* :func:`fwd_kernel`: for a block of rows and one split of the shard's classes, the
-  partial online log-sum-exp, sum of logits, margin target logit and top-1 class.
-* :func:`fwd_combine_kernel`: merges the per-split partials into the [N] outputs.
-* :func:`bwd_grad_kernel`: recomputes one [BLOCK_N, BLOCK_C] tile of logits and writes
-  the tile of G = dL/dc_ij (routed to the arg-max sub-center) into the backward's
-  bounded workspace, with the partial sums r_i, q_j of G_ij * c_ij.
+* :func:`target_kernel`: per row, the target class's cosine (max over its sub-centers),
+  margin logit s psi(c), psi'(c) and sub-center; with BWD, also the target's entry of the
+  gradient tile H (below). One row dot product each: the tile kernels never evaluate the
+  margin.
+* :func:`fwd_kernel`: for a block of rows and a split of the shard's classes, the partial
+  online log-sum-exp over the non-target classes, their sum of logits, and the running
+  max of the logits (all classes, no margin) with its class: one max serves the lse and
+  the top-1.
+* :func:`fwd_combine_kernel`: merges the splits' partials and adds the target's margin
+  logit.
+* :func:`grad_kernel`: recomputes a [BLOCK_N, BLOCK_C] tile of logits exactly as the
+  forward does and writes H_ij = a_i b_j dL/dc_ij (routed to the arg-max sub-center) into
+  the backward's bounded workspace, in full tiles (16-byte stores).
+* :func:`bwd_mm_kernel`: both gradient products of a chunk in one launch:
+  dX partials += H @ W_chunk (raw rows of w, through the index) and U partials =
+  H^T @ X (raw x), split over K where the tiles alone would not fill the GPU.
+* :func:`proj_rows_kernel`: sums a row's split partials and removes the radial part
+  (the normalization backward): dx_i = V_i - <x_i, V_i> a_i^2 x_i, and the same for dw.
 
 Conventions: the last dimension of x and w is contiguous; row offsets are int64 (N*D and
-C*K*D may pass 2^31); ``a_ptr``'s element type is the accumulation type (float32, or
-float64 for float64 inputs); margins are read from a float64 parameter tensor
-[s, m1, m2, m3]. The per-element math comes from ``triton_kernels.math`` only.
+C*K*D may pass 2^31); column indices within the shard are int32 (C < 2^31); ``a_ptr``'s
+element type is the accumulation type (float32, or float64 for float64 inputs); margins
+are read from a float64 parameter tensor [s, m1, m2, m3]. Logits inside the tile kernels
+are in base 2 (y = z log2(e), exp2 instead of exp: one multiply less per logit). The
+per-element math comes from ``math.py`` only.
 """
 import triton
 import triton.language as tl
 
-from .math import clamp_unit, inv_norm, lse_finish, lse_merge, lse_update, margin_dpsi, \
-    margin_psi
+from .math import clamp_unit, from_base2, inv_norm, margin_dpsi, margin_psi, to_base2
 
 # How a tile's dot products are computed (``DOT_MODE``):
 DOT_TENSOR_CORE = 0   # fp16 / bf16 operands, fp32 accumulation
@@ -28,11 +41,30 @@ DOT_FP64 = 3          # float64: broadcast multiply + sum (no fp64 tensor-core p
 
 
 @triton.jit
-def _dot_tile(x_ptr, w_ptr, x_off, w_off, rmask, wmask, D, acc,
-              DOT_MODE: tl.constexpr, FP32_PREC: tl.constexpr,
-              BLOCK_D: tl.constexpr):
+def _dot(a, b, acc, DOT_MODE: tl.constexpr, FP32_PREC: tl.constexpr):
+    """acc + a [M, K] @ b [K, N] in the accumulation dtype."""
+    if DOT_MODE == 0:
+        acc = tl.dot(a, b, acc)
+    elif DOT_MODE == 1:
+        if FP32_PREC == 0:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        elif FP32_PREC == 1:
+            acc = tl.dot(a, b, acc, input_precision="tf32")
+        else:
+            acc = tl.dot(a, b, acc, input_precision="tf32x3")
+    elif DOT_MODE == 2:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc += tl.sum(a.to(acc.dtype)[:, :, None] * b.to(acc.dtype)[None, :, :], axis=1)
+    return acc
+
+
+@triton.jit
+def _logit_tile(x_ptr, w_ptr, x_off, w_off, rmask, wmask, D, acc,
+                DOT_MODE: tl.constexpr, FP32_PREC: tl.constexpr, BLOCK_D: tl.constexpr):
     """acc [BN, BC] += x[rows] . w[wrows]^T over D; x_off [BN], w_off [BC] int64 offsets
-    of the rows' starts; masked rows / columns read zeros."""
+    of the rows' starts; masked rows / columns read zeros. The forward and the backward
+    run exactly this loop on the same tiles, so their logits are bitwise equal."""
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         dmask = dd < D
@@ -40,72 +72,64 @@ def _dot_tile(x_ptr, w_ptr, x_off, w_off, rmask, wmask, D, acc,
                      mask=rmask[:, None] & dmask[None, :], other=0.0)
         wt = tl.load(w_ptr + w_off[None, :] + dd[:, None],
                      mask=wmask[None, :] & dmask[:, None], other=0.0)   # [BD, BC]
-        if DOT_MODE == 0:
-            acc = tl.dot(xt, wt, acc)
-        elif DOT_MODE == 1:
-            if FP32_PREC == 0:
-                acc = tl.dot(xt, wt, acc, input_precision="ieee")
-            elif FP32_PREC == 1:
-                acc = tl.dot(xt, wt, acc, input_precision="tf32")
-            else:
-                acc = tl.dot(xt, wt, acc, input_precision="tf32x3")
-        elif DOT_MODE == 2:
-            acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc += tl.sum(xt.to(acc.dtype)[:, :, None] * wt.to(acc.dtype)[None, :, :], axis=1)
+        acc = _dot(xt, wt, acc, DOT_MODE, FP32_PREC)
     return acc
 
 
 @triton.jit
-def _class_cosines(x_ptr, w_ptr, idx_ptr, b_ptr, a, rows, rmask, cols, cmask,
+def _class_rows(idx_ptr, cols, cmask, NUM_W_CLASSES, HAS_INDEX: tl.constexpr):
+    """Classes of w (int64) of shard positions ``cols`` and the mask of the readable ones."""
+    if HAS_INDEX:
+        cls = tl.load(idx_ptr + cols, mask=cmask, other=0)
+        return cls, cmask & (cls >= 0) & (cls < NUM_W_CLASSES)   # never read outside w
+    return cols.to(tl.int64), cmask
+
+
+@triton.jit
+def _scaled_logits(x_ptr, w_ptr, idx_ptr, b_ptr, row_scale, rows, rmask, cols, cmask,
                    NUM_W_CLASSES, D, stride_x, stride_w,
                    K: tl.constexpr, HAS_INDEX: tl.constexpr, NORMALIZE: tl.constexpr,
                    DOT_MODE: tl.constexpr, FP32_PREC: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Cosines c [BN, BC] of rows x shard classes ``cols`` (max over the K sub-centers;
-    plain dot products without NORMALIZE) and the arg-max sub-center kbest [BN, BC].
-
-    ``b_ptr`` holds the inverse norms of the shard's rows (position col*K + k)."""
-    if HAS_INDEX:
-        cls = tl.load(idx_ptr + cols, mask=cmask, other=0)
-        wmask = cmask & (cls >= 0) & (cls < NUM_W_CLASSES)   # never read outside w
-    else:
-        cls = cols
-        wmask = cmask
+    """Base-2 logits y [BN, BC] = row_scale_i * b_j * <x_i, w_j> of rows x shard classes
+    ``cols`` (row_scale = s a_i log2(e); b = 1 without normalization), the max over the K
+    sub-centers, and the arg-max sub-center [BN, BC] (int32)."""
+    acc_t: tl.constexpr = row_scale.dtype
+    cls, wmask = _class_rows(idx_ptr, cols, cmask, NUM_W_CLASSES, HAS_INDEX)
     x_off = rows * stride_x
-    best = tl.zeros((BLOCK_N, BLOCK_C), a.dtype)
+    best = tl.zeros((BLOCK_N, BLOCK_C), acc_t)
     kbest = tl.zeros((BLOCK_N, BLOCK_C), tl.int32)
     for k in tl.static_range(K):
-        w_off = (cls * K + k) * stride_w
-        dot = _dot_tile(x_ptr, w_ptr, x_off, w_off, rmask, wmask, D,
-                        tl.zeros((BLOCK_N, BLOCK_C), a.dtype), DOT_MODE, FP32_PREC, BLOCK_D)
+        dot = _logit_tile(x_ptr, w_ptr, x_off, (cls * K + k) * stride_w, rmask, wmask, D,
+                          tl.zeros((BLOCK_N, BLOCK_C), acc_t), DOT_MODE, FP32_PREC, BLOCK_D)
         if NORMALIZE:
             bk = tl.load(b_ptr + cols * K + k, mask=cmask, other=0.0)
-            c = clamp_unit(dot * a[:, None] * bk[None, :])
+            y = (dot * row_scale[:, None]) * bk[None, :]
         else:
-            c = dot
+            y = dot * row_scale[:, None]
         if k == 0:
-            best = c
+            best = y
         else:
-            upd = (c > best) | (c != c)   # a NaN sticks, as in torch.max
-            best = tl.where(upd, c, best)
+            upd = (y > best) | (y != y)   # a NaN sticks, as in torch.max
+            best = tl.where(upd, y, best)
             kbest = tl.where(upd, k, kbest)
     return best, kbest
 
 
 @triton.jit
-def _row_block(pid_n, N, lab_ptr, a_ptr, NORMALIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The rows of row block ``pid_n`` (int64), their mask, labels (-1 past N) and inverse
-    norms a (zeros without normalization)."""
-    acc_t: tl.constexpr = a_ptr.dtype.element_ty
+def _rows(pid_n, N, lab_ptr, BLOCK_N: tl.constexpr):
+    """Rows (int64) of row block ``pid_n``, their mask and int32 labels (-1 past N)."""
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     rmask = rows < N
-    labels = tl.load(lab_ptr + rows, mask=rmask, other=-1)
+    labels = tl.load(lab_ptr + rows, mask=rmask, other=-1).to(tl.int32)
+    return rows, rmask, labels
+
+
+@triton.jit
+def _row_norms(a_ptr, rows, rmask, NORMALIZE: tl.constexpr, acc_t: tl.constexpr):
     if NORMALIZE:
-        a = tl.load(a_ptr + rows, mask=rmask, other=0.0)
-    else:
-        a = tl.zeros((BLOCK_N,), acc_t)
-    return rows, rmask, labels, a
+        return tl.load(a_ptr + rows, mask=rmask, other=0.0)
+    return tl.full(rows.shape, 1.0, acc_t)
 
 
 @triton.jit
@@ -117,27 +141,10 @@ def _load_params(prm_ptr, dtype: tl.constexpr):
     return s, m1, m2, m3
 
 
-@triton.jit
-def _target_terms(c, cols, cmask, labels, m1, m2, m3,
-                  WRAP: tl.constexpr, GRAD: tl.constexpr, M1_IS_ONE: tl.constexpr,
-                  WITH_DPSI: tl.constexpr):
-    """(is_t [BN, BC], has_t [BN], psi_t [BN], dpsi_t [BN]): the target column of each row
-    in this tile, and the margin (and its derivative) evaluated once per row."""
-    is_t = (cols[None, :] == labels[:, None]) & cmask[None, :]
-    c_t = tl.sum(tl.where(is_t, c, 0.0), axis=1)
-    has_t = tl.sum(is_t.to(tl.int32), axis=1) > 0
-    psi_t = margin_psi(c_t, m1, m2, m3, WRAP, M1_IS_ONE)
-    if WITH_DPSI:
-        dpsi_t = margin_dpsi(c_t, m1, m2, WRAP, GRAD, M1_IS_ONE)
-    else:
-        dpsi_t = psi_t
-    return is_t, has_t, psi_t, dpsi_t
-
-
 # Shape-like integer arguments that only bound masks and loops are not specialized on
 # (Triton otherwise compiles a variant per "== 1" / "% 16 == 0" of each: every new N or
-# chunk start of the backward would cost a recompile); D and the row strides are, for
-# aligned vector loads.
+# chunk start of the backward would cost a recompile); D, the row strides and the
+# workspace's leading dimension are, for aligned vector accesses.
 @triton.jit(do_not_specialize=["M", "NUM_W_CLASSES"])
 def inv_norm_kernel(src_ptr, idx_ptr, out_ptr, M, D, stride, NUM_W_CLASSES,
                     K: tl.constexpr, HAS_INDEX: tl.constexpr,
@@ -164,143 +171,426 @@ def inv_norm_kernel(src_ptr, idx_ptr, out_ptr, M, D, stride, NUM_W_CLASSES,
     tl.store(out_ptr + r, inv_norm(acc), mask=mask)
 
 
+@triton.jit(do_not_specialize=["N", "NUM_W_CLASSES"])
+def target_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr,
+                  tz_ptr, tc_ptr, tk_ptr, lse_ptr, gp_ptr, gt_ptr, gs_ptr, th_ptr,
+                  N, NUM_W_CLASSES, D, stride_x, stride_w,
+                  K: tl.constexpr, HAS_INDEX: tl.constexpr, NORMALIZE: tl.constexpr,
+                  WRAP: tl.constexpr, GRAD: tl.constexpr, M1_IS_ONE: tl.constexpr,
+                  BWD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per row i with a target t = label_i (>= 0): c_t = max over sub-centers k of the
+    cosine (clamped to [-1, 1]; the plain dot product without normalization),
+
+        tz[i] = s psi(c_t)                        (0 without a target)
+        tc[i] = s c_t                             (0 without a target)
+        tk[i] = the arg-max sub-center            (int32)
+
+    and with BWD, the target's entry of the gradient tile,
+
+        th[i] = a_i b_t s psi'(c_t) (g_p exp(s psi(c_t) - lse) + g_t + g_s)."""
+    pid = tl.program_id(0)
+    acc_t: tl.constexpr = a_ptr.dtype.element_ty
+    rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rmask = rows < N
+    lab = tl.load(lab_ptr + rows, mask=rmask, other=-1)
+    has = rmask & (lab >= 0)
+    labc = tl.where(has, lab, 0)
+    cls, valid = _class_rows(idx_ptr, labc, has, NUM_W_CLASSES, HAS_INDEX)
+    a = _row_norms(a_ptr, rows, rmask, NORMALIZE, acc_t)
+    s, m1, m2, m3 = _load_params(prm_ptr, acc_t)
+    best = tl.zeros((BLOCK_M,), acc_t)
+    bb = tl.zeros((BLOCK_M,), acc_t)
+    kb = tl.zeros((BLOCK_M,), tl.int32)
+    for k in tl.static_range(K):
+        wrow = cls * K + k
+        dot = tl.zeros((BLOCK_M,), acc_t)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            dm = dd < D
+            xv = tl.load(x_ptr + rows[:, None] * stride_x + dd[None, :],
+                         mask=rmask[:, None] & dm[None, :], other=0.0).to(acc_t)
+            wv = tl.load(w_ptr + wrow[:, None] * stride_w + dd[None, :],
+                         mask=valid[:, None] & dm[None, :], other=0.0).to(acc_t)
+            dot += tl.sum(xv * wv, axis=1)
+        if NORMALIZE:
+            bk = tl.load(b_ptr + labc * K + k, mask=has, other=0.0)
+            c = clamp_unit(dot * a * bk)
+        else:
+            bk = tl.full((BLOCK_M,), 1.0, acc_t)
+            c = dot
+        if k == 0:
+            best = c
+            bb = bk
+        else:
+            upd = (c > best) | (c != c)
+            best = tl.where(upd, c, best)
+            bb = tl.where(upd, bk, bb)
+            kb = tl.where(upd, k, kb)
+    psi = margin_psi(best, m1, m2, m3, WRAP, M1_IS_ONE)
+    tz = tl.where(has, s * psi, 0.0)
+    tl.store(tz_ptr + rows, tz, mask=rmask)
+    tl.store(tc_ptr + rows, tl.where(has, s * best, 0.0), mask=rmask)
+    tl.store(tk_ptr + rows, kb, mask=rmask)
+    if BWD:
+        lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0).to(acc_t)
+        g_p = tl.load(gp_ptr + rows, mask=rmask, other=0.0).to(acc_t)
+        g_t = tl.load(gt_ptr + rows, mask=rmask, other=0.0).to(acc_t)
+        g_s = tl.load(gs_ptr + rows, mask=rmask, other=0.0).to(acc_t)
+        dpsi = margin_dpsi(best, m1, m2, WRAP, GRAD, M1_IS_ONE)
+        g = s * dpsi * (g_p * tl.exp(tz - lse) + g_t + g_s)
+        tl.store(th_ptr + rows, tl.where(has, g * a * bb, 0.0), mask=rmask)
+
+
+@triton.jit
+def _fwd_tile(x_ptr, w_ptr, idx_ptr, b_ptr, row_scale, rows, rmask, labels, j0, j_end,
+              run_max, run_sum, sum_y, arg, first, NUM_W_CLASSES, D, stride_x, stride_w,
+              K: tl.constexpr, HAS_INDEX: tl.constexpr, NORMALIZE: tl.constexpr,
+              DOT_MODE: tl.constexpr, FP32_PREC: tl.constexpr, MASKED: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Fold the class tile starting at j0 into the running (max, sum, sum of y, arg).
+    MASKED: the tile may pass j_end (only a split's last tile); the others carry no
+    column mask at all."""
+    cols = j0 + tl.arange(0, BLOCK_C)
+    if MASKED:
+        cmask = cols < j_end
+    else:
+        cmask = tl.full((BLOCK_C,), True, tl.int1)
+    y, _kb = _scaled_logits(x_ptr, w_ptr, idx_ptr, b_ptr, row_scale, rows, rmask, cols,
+                            cmask, NUM_W_CLASSES, D, stride_x, stride_w, K, HAS_INDEX,
+                            NORMALIZE, DOT_MODE, FP32_PREC, BLOCK_N, BLOCK_C, BLOCK_D)
+    if MASKED:
+        y = tl.where(cmask[None, :], y, float("-inf"))
+    tile_max = tl.max(y, axis=1)
+    tile_arg = tl.argmax(y, axis=1).to(tl.int32) + j0
+    # the first tile always sets the arg-max (NaN rows included); later tiles only when
+    # strictly larger, so ties keep the lower class
+    upd = first | (tile_max > run_max)
+    arg = tl.where(upd, tile_arg, arg)
+    new_max = tl.maximum(run_max, tile_max)
+    ref = tl.where(new_max == float("-inf"), 0.0, new_max)
+    # the target's exp is left out here (its margin logit is added in the combine); the
+    # sum of y keeps it (the combine subtracts the target's plain logit: no mask per y)
+    yt = tl.where(cols[None, :] == labels[:, None], float("-inf"), y)
+    run_sum = run_sum * tl.exp2(run_max - ref) + tl.sum(tl.exp2(yt - ref[:, None]), axis=1)
+    if MASKED:
+        y = tl.where(cmask[None, :], y, 0.0)
+    sum_y += tl.sum(y, axis=1)
+    return new_max, run_sum, sum_y, arg
+
+
 @triton.jit(do_not_specialize=["N", "C", "NUM_W_CLASSES", "cls_per_split"])
 def fwd_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr,
-               pmax_ptr, psum_ptr, psz_ptr, pbest_ptr, parg_ptr, ptgt_ptr,
+               pmax_ptr, psum_ptr, psz_ptr, parg_ptr,
                N, C, NUM_W_CLASSES, D, stride_x, stride_w, cls_per_split,
                K: tl.constexpr, HAS_INDEX: tl.constexpr, NORMALIZE: tl.constexpr,
-               WRAP: tl.constexpr, M1_IS_ONE: tl.constexpr,
                DOT_MODE: tl.constexpr, FP32_PREC: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid (row blocks, class splits). Partials [N, splits] of: running max and sum of
-    exp (online lse), sum of logits, best cosine and its class, target logit."""
+    """Grid (row blocks, class splits). Partials [N, splits], in base 2 (y = z log2 e):
+    the running max of y over all the split's classes (no margin) and its class, the sum
+    of exp2(y - max) over the non-target classes and the sum of all their y. Whole tiles
+    first, without column masks; then the split's partial last tile, if any."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     acc_t: tl.constexpr = a_ptr.dtype.element_ty
-    rows, rmask, labels, a = _row_block(pid_n, N, lab_ptr, a_ptr, NORMALIZE, BLOCK_N)
-    s, m1, m2, m3 = _load_params(prm_ptr, acc_t)
+    rows, rmask, labels = _rows(pid_n, N, lab_ptr, BLOCK_N)
+    a = _row_norms(a_ptr, rows, rmask, NORMALIZE, acc_t)
+    s = tl.load(prm_ptr).to(acc_t)
+    row_scale = a * to_base2(s)
     run_max = tl.full((BLOCK_N,), float("-inf"), acc_t)
     run_sum = tl.zeros((BLOCK_N,), acc_t)
-    sum_z = tl.zeros((BLOCK_N,), acc_t)
-    tgt = tl.zeros((BLOCK_N,), acc_t)
-    best = tl.full((BLOCK_N,), float("-inf"), acc_t)
-    arg = tl.zeros((BLOCK_N,), tl.int64)
-    j_start = pid_s.to(tl.int64) * cls_per_split
+    sum_y = tl.zeros((BLOCK_N,), acc_t)
+    arg = tl.zeros((BLOCK_N,), tl.int32)
+    j_start = pid_s * cls_per_split
     j_end = tl.minimum(j_start + cls_per_split, C)
-    for j0 in range(j_start, j_end, BLOCK_C):
-        cols = j0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        cmask = cols < j_end
-        c, _kb = _class_cosines(x_ptr, w_ptr, idx_ptr, b_ptr, a, rows, rmask, cols, cmask,
-                                NUM_W_CLASSES, D, stride_x, stride_w, K, HAS_INDEX,
-                                NORMALIZE, DOT_MODE, FP32_PREC, BLOCK_N, BLOCK_C, BLOCK_D)
-        is_t, has_t, psi_t, _d = _target_terms(c, cols, cmask, labels, m1, m2, m3, WRAP, 0,
-                                               M1_IS_ONE, False)
-        z = s * tl.where(is_t, psi_t[:, None], c)
-        z = tl.where(cmask[None, :], z, float("-inf"))
-        tgt += tl.where(has_t, s * psi_t, 0.0)
-        sum_z += tl.sum(tl.where(cmask[None, :], z, 0.0), axis=1)
-        run_max, run_sum = lse_update(run_max, run_sum, z)
-        cm = tl.where(cmask[None, :], c, float("-inf"))
-        blk_best = tl.max(cm, axis=1)
-        blk_arg = tl.argmax(cm, axis=1).to(tl.int64) + j0
-        upd = (j0 == j_start) | (blk_best > best) | ((blk_best != blk_best) & (best == best))
-        best = tl.where(upd, blk_best, best)
-        arg = tl.where(upd, blk_arg, arg)
+    j_full = j_start + (j_end - j_start) // BLOCK_C * BLOCK_C
+    for j0 in range(j_start, j_full, BLOCK_C):
+        run_max, run_sum, sum_y, arg = _fwd_tile(
+            x_ptr, w_ptr, idx_ptr, b_ptr, row_scale, rows, rmask, labels, j0, j_end,
+            run_max, run_sum, sum_y, arg, j0 == j_start, NUM_W_CLASSES, D, stride_x,
+            stride_w, K, HAS_INDEX, NORMALIZE, DOT_MODE, FP32_PREC, False, BLOCK_N, BLOCK_C,
+            BLOCK_D)
+    if j_full < j_end:
+        run_max, run_sum, sum_y, arg = _fwd_tile(
+            x_ptr, w_ptr, idx_ptr, b_ptr, row_scale, rows, rmask, labels, j_full, j_end,
+            run_max, run_sum, sum_y, arg, j_full == j_start, NUM_W_CLASSES, D, stride_x,
+            stride_w, K, HAS_INDEX, NORMALIZE, DOT_MODE, FP32_PREC, True, BLOCK_N, BLOCK_C,
+            BLOCK_D)
     off = rows * tl.num_programs(1) + pid_s   # partials are [N, splits], int64 offsets
     tl.store(pmax_ptr + off, run_max, mask=rmask)
     tl.store(psum_ptr + off, run_sum, mask=rmask)
-    tl.store(psz_ptr + off, sum_z, mask=rmask)
-    tl.store(pbest_ptr + off, best, mask=rmask)
+    tl.store(psz_ptr + off, sum_y, mask=rmask)
     tl.store(parg_ptr + off, arg, mask=rmask)
-    tl.store(ptgt_ptr + off, tgt, mask=rmask)
 
 
 @triton.jit(do_not_specialize=["N", "SPLITS"])
-def fwd_combine_kernel(pmax_ptr, psum_ptr, psz_ptr, pbest_ptr, parg_ptr, ptgt_ptr, prm_ptr,
+def fwd_combine_kernel(pmax_ptr, psum_ptr, psz_ptr, parg_ptr, tz_ptr, tc_ptr, lab_ptr,
                        lse_ptr, tgt_ptr, sz_ptr, maxz_ptr, arg_ptr, N, SPLITS,
                        BLOCK: tl.constexpr):
-    """Merge the [N, SPLITS] partials of fwd_kernel into the [N] outputs (a class-wise
-    tie keeps the lower class, as within a split)."""
+    """Merge the [N, SPLITS] base-2 partials of fwd_kernel and the target's margin logit
+    tz into lse, target, sum_z (the partials' sum of all logits, with the target's plain
+    logit tc replaced by tz), max_z (= max_j s c_ij, no margin) and the arg-max (a tie
+    between splits keeps the lower class, as within a split)."""
     pid = tl.program_id(0)
     acc_t: tl.constexpr = lse_ptr.dtype.element_ty
     rows = (pid * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     mask = rows < N
-    s = tl.load(prm_ptr + 0).to(acc_t)
-    run_max = tl.full((BLOCK,), float("-inf"), acc_t)
-    run_sum = tl.zeros((BLOCK,), acc_t)
-    sum_z = tl.zeros((BLOCK,), acc_t)
-    tgt = tl.zeros((BLOCK,), acc_t)
-    best = tl.full((BLOCK,), float("-inf"), acc_t)
-    arg = tl.zeros((BLOCK,), tl.int64)
+    has = tl.load(lab_ptr + rows, mask=mask, other=-1) >= 0
+    tz = tl.load(tz_ptr + rows, mask=mask, other=0.0)
+    ty = to_base2(tz)
+    big = tl.full((BLOCK,), float("-inf"), acc_t)
+    arg = tl.zeros((BLOCK,), tl.int32)
+    for sp in range(0, SPLITS):
+        m = tl.load(pmax_ptr + rows * SPLITS + sp, mask=mask, other=float("-inf"))
+        g = tl.load(parg_ptr + rows * SPLITS + sp, mask=mask, other=0)
+        upd = (sp == 0) | (m > big)
+        arg = tl.where(upd, g, arg)
+        big = tl.maximum(big, m)
+    top = tl.where(has, tl.maximum(big, ty), big)
+    ref = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.where(has, tl.exp2(ty - ref), 0.0)
+    sum_y = tl.zeros((BLOCK,), acc_t)
     for sp in range(0, SPLITS):
         off = rows * SPLITS + sp
-        run_max, run_sum = lse_merge(run_max, run_sum,
-                                     tl.load(pmax_ptr + off, mask=mask, other=float("-inf")),
-                                     tl.load(psum_ptr + off, mask=mask, other=0.0))
-        sum_z += tl.load(psz_ptr + off, mask=mask, other=0.0)
-        tgt += tl.load(ptgt_ptr + off, mask=mask, other=0.0)
-        b = tl.load(pbest_ptr + off, mask=mask, other=float("-inf"))
-        g = tl.load(parg_ptr + off, mask=mask, other=0)
-        upd = (sp == 0) | (b > best) | ((b != b) & (best == best))
-        best = tl.where(upd, b, best)
-        arg = tl.where(upd, g, arg)
-    run_sum = tl.where(mask, run_sum, 1.0)   # rows past N: no log(0)
-    tl.store(lse_ptr + rows, lse_finish(run_max, run_sum), mask=mask)
-    tl.store(tgt_ptr + rows, tgt, mask=mask)
-    tl.store(sz_ptr + rows, sum_z, mask=mask)
-    tl.store(maxz_ptr + rows, s * best, mask=mask)
-    tl.store(arg_ptr + rows, arg, mask=mask)
+        m = tl.load(pmax_ptr + off, mask=mask, other=float("-inf"))
+        total += tl.load(psum_ptr + off, mask=mask, other=0.0) * tl.exp2(m - ref)
+        sum_y += tl.load(psz_ptr + off, mask=mask, other=0.0)
+    total = tl.where(mask, total, 1.0)   # rows past N: no log(0)
+    tl.store(lse_ptr + rows, from_base2(ref + tl.log2(total)), mask=mask)
+    tl.store(tgt_ptr + rows, tz, mask=mask)
+    tc = tl.load(tc_ptr + rows, mask=mask, other=0.0)
+    tl.store(sz_ptr + rows, from_base2(sum_y) - tc + tz, mask=mask)
+    tl.store(maxz_ptr + rows, from_base2(big), mask=mask)
+    tl.store(arg_ptr + rows, arg.to(tl.int64), mask=mask)
 
 
 @triton.jit(do_not_specialize=["N", "j_chunk", "C_chunk", "NUM_W_CLASSES"])
-def bwd_grad_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr,
-                    lse_ptr, gp_ptr, gt_ptr, gs_ptr, h_ptr, stride_h, r_part_ptr, q_part_ptr,
-                    N, j_chunk, C_chunk, NUM_W_CLASSES, D, stride_x, stride_w,
-                    K: tl.constexpr, HAS_INDEX: tl.constexpr, NORMALIZE: tl.constexpr,
-                    WRAP: tl.constexpr, GRAD: tl.constexpr, M1_IS_ONE: tl.constexpr,
-                    DOT_MODE: tl.constexpr, FP32_PREC: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid (row blocks, class blocks of the chunk). For classes j_chunk + [0, C_chunk):
+def grad_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr,
+                lse_ptr, gp_ptr, gs_ptr, th_ptr, tk_ptr, h_ptr, ld_h,
+                N, j_chunk, C_chunk, NUM_W_CLASSES, D, stride_x, stride_w,
+                K: tl.constexpr, HAS_INDEX: tl.constexpr, NORMALIZE: tl.constexpr,
+                DOT_MODE: tl.constexpr, FP32_PREC: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (row blocks, class tiles of the chunk). For classes j_chunk + [0, C_chunk):
 
-        G_ij = s * (g_p exp(z_ij - lse_i) + g_t [j = y_i] + g_s) * (psi'(c_ij) if j = y_i)
-        h[i, jl*K + k] = G_ij at the arg-max sub-center k, 0 at the others
-        r_part[pid_c, i] = sum_j G_ij c_ij        q_part[pid_n, jl*K + k] = sum_i G_ij c_ij
+        H[i, jl*K + k] = a_i b_j s (g_p exp(z_ij - lse_i) + g_s)   at the arg-max k
+                       = th_i (from target_kernel)                  at the target
+                       = 0                                          at other sub-centers
 
-    The caller turns h into dx and dw with two matmuls."""
+    i.e. H = a b dL/dc. The logits are recomputed exactly as in fwd_kernel. The tile is
+    stored whole (columns past the chunk as zeros: the workspace's leading dimension
+    ld_h is a multiple of BLOCK_C K), so every store is a full 16-byte vector."""
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
     acc_t: tl.constexpr = a_ptr.dtype.element_ty
-    rows, rmask, labels, a = _row_block(pid_n, N, lab_ptr, a_ptr, NORMALIZE, BLOCK_N)
-    cl = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    rows, rmask, labels = _rows(pid_n, N, lab_ptr, BLOCK_N)
+    a = _row_norms(a_ptr, rows, rmask, NORMALIZE, acc_t)
+    s = tl.load(prm_ptr).to(acc_t)
+    cl = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cl < C_chunk
     cols = j_chunk + cl
-    s, m1, m2, m3 = _load_params(prm_ptr, acc_t)
-    c, kbest = _class_cosines(x_ptr, w_ptr, idx_ptr, b_ptr, a, rows, rmask, cols, cmask,
-                              NUM_W_CLASSES, D, stride_x, stride_w, K, HAS_INDEX, NORMALIZE,
-                              DOT_MODE, FP32_PREC, BLOCK_N, BLOCK_C, BLOCK_D)
-    is_t, has_t, psi_t, dpsi_t = _target_terms(c, cols, cmask, labels, m1, m2, m3, WRAP,
-                                               GRAD, M1_IS_ONE, True)
-    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0).to(acc_t)
+    y, kbest = _scaled_logits(x_ptr, w_ptr, idx_ptr, b_ptr, a * to_base2(s), rows, rmask,
+                              cols, cmask, NUM_W_CLASSES, D, stride_x, stride_w, K,
+                              HAS_INDEX, NORMALIZE, DOT_MODE, FP32_PREC, BLOCK_N, BLOCK_C,
+                              BLOCK_D)
+    lse2 = to_base2(tl.load(lse_ptr + rows, mask=rmask, other=0.0).to(acc_t))
     g_p = tl.load(gp_ptr + rows, mask=rmask, other=0.0).to(acc_t)
-    g_t = tl.load(gt_ptr + rows, mask=rmask, other=0.0).to(acc_t)
     g_s = tl.load(gs_ptr + rows, mask=rmask, other=0.0).to(acc_t)
-    z = s * tl.where(is_t, psi_t[:, None], c)
-    dz = g_p[:, None] * tl.exp(z - lse[:, None]) + g_s[:, None] \
-        + tl.where(is_t, g_t[:, None], 0.0)
+    th = tl.load(th_ptr + rows, mask=rmask, other=0.0)
+    # per row: H = (c1 p + c0) b_j with c1 = s g_p a_i, c0 = s g_s a_i
+    c1 = s * g_p * a
+    c0 = s * g_s * a
+    is_t = cols[None, :] == labels[:, None]
     valid = rmask[:, None] & cmask[None, :]
-    g = tl.where(valid, s * dz * tl.where(is_t, dpsi_t[:, None], 1.0), 0.0)
-    gc = tl.where(valid, g * c, 0.0)
-    tl.store(r_part_ptr + pid_c.to(tl.int64) * N + rows, tl.sum(gc, axis=1), mask=rmask)
-    h = g
-    h_row = rows[:, None] * stride_h
-    q_row = pid_n.to(tl.int64) * C_chunk * K
+    hrow = rows[:, None] * ld_h
     for k in tl.static_range(K):
+        h = c1[:, None] * tl.exp2(y - lse2[:, None]) + c0[:, None]
+        if NORMALIZE:
+            bk = tl.load(b_ptr + cols * K + k, mask=cmask, other=0.0)
+            h = h * bk[None, :]
         if K == 1:
-            hk = h
-            gck = gc
+            h = tl.where(is_t, th[:, None], h)
         else:
-            hk = tl.where(kbest == k, h, 0.0)
-            gck = tl.where(kbest == k, gc, 0.0)
-        tl.store(h_ptr + h_row + (cl * K + k)[None, :], hk.to(h_ptr.dtype.element_ty),
-                 mask=valid)
-        tl.store(q_part_ptr + q_row + cl * K + k, tl.sum(gck, axis=0), mask=cmask)
+            tk = tl.load(tk_ptr + rows, mask=rmask, other=0)
+            h = tl.where(is_t, tl.where(tk[:, None] == k, th[:, None], 0.0),
+                         tl.where(kbest == k, h, 0.0))
+        h = tl.where(valid, h, 0.0)
+        tl.store(h_ptr + hrow + (cl * K + k)[None, :], h.to(h_ptr.dtype.element_ty),
+                 mask=rmask[:, None])
+
+
+@triton.jit
+def _shard_row_of_w(idx_ptr, p, pmask, K: tl.constexpr, NUM_W_CLASSES,
+                    HAS_INDEX: tl.constexpr):
+    """Rows of w (int64) of shard rows p (class p // K, sub-center p % K), and which of
+    them are readable (in pmask, and for an index: a class of w)."""
+    p = p.to(tl.int64)
+    if HAS_INDEX:
+        cls = tl.load(idx_ptr + p // K, mask=pmask, other=0)
+        ok = pmask & (cls >= 0) & (cls < NUM_W_CLASSES)
+        return tl.where(ok, cls, 0) * K + p % K, ok
+    return p, pmask
+
+
+@triton.jit
+def _mm_tile(a_ptr, b_ptr, idx_ptr, a_row, a_col_stride, b_stride, b_row0, b_col, k_lo,
+             k_end, k_valid, amask, bmask, acc, NUM_W_CLASSES, A_T: tl.constexpr,
+             B_SHARD_ROWS: tl.constexpr, K: tl.constexpr, HAS_INDEX: tl.constexpr,
+             DOT_MODE: tl.constexpr, FP32_PREC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc [BM, BN] += A[:, k_lo:k_end] @ B[k_lo:k_end, :] for one output tile (k is
+    int32; k >= k_valid reads zeros of B).
+
+    A is the workspace H. Not A_T: element (m, k) at a_row[m] + k (columns past the
+    chunk are H's zero padding, so only rows are masked: whole-vector loads). A_T: the
+    [BK, BM] tile at k * a_col_stride + a_row[m] (rows k < k_valid), transposed. B: row k
+    is row k of b (b_stride apart), or with B_SHARD_ROWS the row of w of shard row
+    b_row0 + k (through the index); column b_col[n]."""
+    for k0 in range(k_lo, k_end, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        km = kk < k_valid
+        if A_T:
+            at = tl.load(a_ptr + kk[:, None].to(tl.int64) * a_col_stride + a_row[None, :],
+                         mask=km[:, None], other=0.0)
+            at = tl.trans(at)
+        else:
+            at = tl.load(a_ptr + a_row[:, None] + kk[None, :], mask=amask[:, None],
+                         other=0.0)
+        if B_SHARD_ROWS:
+            brow, bm = _shard_row_of_w(idx_ptr, b_row0 + kk, km, K, NUM_W_CLASSES,
+                                       HAS_INDEX)
+        else:
+            brow = kk.to(tl.int64)
+            bm = km
+        bt = tl.load(b_ptr + brow[:, None] * b_stride + b_col[None, :],
+                     mask=bm[:, None] & bmask[None, :], other=0.0)
+        acc = _dot(at, bt, acc, DOT_MODE, FP32_PREC)
+    return acc
+
+
+@triton.jit(do_not_specialize=["N", "j_chunk", "C_chunk", "NUM_W_CLASSES", "TILES_X"])
+def bwd_mm_kernel(h_ptr, ld_h, x_ptr, w_ptr, idx_ptr, vx_ptr, uw_ptr,
+                  N, j_chunk, C_chunk, NUM_W_CLASSES, D, stride_x, stride_w,
+                  TILES_X, SPLIT_X, SPLIT_W, FIRST,
+                  K: tl.constexpr, HAS_INDEX: tl.constexpr,
+                  DOT_MODE: tl.constexpr, FP32_PREC: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Both products of one backward chunk (R = C_chunk K rows of w), one launch:
+
+    programs [0, TILES_X):  dX partials  vx[s] (+)= H[:, part s] @ W_chunk[part s]
+                            ([N, D] fp32 tiles, SPLIT_X parts of the chunk's R columns;
+                            FIRST: the first chunk writes instead of adding)
+    programs [TILES_X, ..): U partials   uw[s] = H[part s, :]^T @ X[part s]
+                            ([R, D] fp32 tiles, SPLIT_W parts of the N rows)
+
+    W_chunk's rows are w's own rows (through the index), X is x itself: no scaled copy of
+    either is made (H carries a_i b_j). Every output tile belongs to one program."""
+    pid = tl.program_id(0)
+    acc_t: tl.constexpr = vx_ptr.dtype.element_ty
+    R = C_chunk * K
+    tn = tl.cdiv(D, BLOCK_N)
+    dn = (pid % tn) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dmask = dn < D
+    acc = tl.zeros((BLOCK_M, BLOCK_N), acc_t)
+    if pid < TILES_X:
+        rest = pid // tn
+        tm = tl.cdiv(N, BLOCK_M)
+        sx = rest // tm
+        m = ((rest % tm) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        mmask = m < N
+        per = tl.cdiv(tl.cdiv(R, SPLIT_X), BLOCK_K) * BLOCK_K
+        k_lo = sx * per
+        k_end = tl.minimum(k_lo + per, tl.cdiv(R, BLOCK_K) * BLOCK_K)
+        acc = _mm_tile(h_ptr, w_ptr, idx_ptr, m * ld_h, 1, stride_w, j_chunk * K, dn, k_lo,
+                       k_end, R, mmask, dmask, acc, NUM_W_CLASSES, False, True, K,
+                       HAS_INDEX, DOT_MODE, FP32_PREC, BLOCK_K)
+        out = vx_ptr + sx.to(tl.int64) * N * D + m[:, None] * D + dn[None, :]
+        omask = mmask[:, None] & dmask[None, :]
+        if FIRST == 0:
+            acc += tl.load(out, mask=omask, other=0.0)
+        tl.store(out, acc, mask=omask)
+    else:
+        q = pid - TILES_X
+        rest = q // tn
+        tr = tl.cdiv(R, BLOCK_M)
+        sw = rest // tr
+        r = (rest % tr) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rm = r < R
+        per = tl.cdiv(tl.cdiv(N, SPLIT_W), BLOCK_K) * BLOCK_K
+        k_lo = sw * per
+        k_end = tl.minimum(k_lo + per, N)
+        acc = _mm_tile(h_ptr, x_ptr, idx_ptr, r, ld_h, stride_x, 0, dn, k_lo, k_end, N, rm,
+                       dmask, acc, NUM_W_CLASSES, True, False, K, HAS_INDEX, DOT_MODE,
+                       FP32_PREC, BLOCK_K)
+        out = uw_ptr + sw.to(tl.int64) * R * D + r[:, None] * D + dn[None, :]
+        tl.store(out, acc, mask=rm[:, None] & dmask[None, :])
+
+
+@triton.jit(do_not_specialize=["rows", "row0", "NUM_W_CLASSES"])
+def proj_rows_kernel(part_ptr, splits, src_ptr, stride_src, scale_ptr, idx_ptr, out_ptr,
+                     stride_out, rows, row0, NUM_W_CLASSES, D,
+                     K: tl.constexpr, HAS_INDEX: tl.constexpr, INDEXED_OUT: tl.constexpr,
+                     NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_D: tl.constexpr, ONE_PASS: tl.constexpr):
+    """The normalization backward of gradient rows from their split partials:
+
+        V_r = sum_s part[s, r]                          (fp32 [rows, D] each)
+        out_r = V_r - <v_r, V_r> scale_r^2 v_r          (NORMALIZE; else V_r)
+
+    with v_r the source row: x_r for dx (scale = a), or row(row0 + r) of w for dw
+    (scale = b, HAS_INDEX: through the Partial-FC index), since <v_r, V_r> = sum of
+    G c over the row's logits. The output row is r of out (dx, or a chunk buffer for
+    index_add_ when INDEXED_OUT) or w's own row in dw. ONE_PASS: the whole row
+    (BLOCK_D >= D) stays in registers; else two passes over D."""
+    pid = tl.program_id(0)
+    r = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    rmask = r < rows
+    srow, ok = _shard_row_of_w(idx_ptr, row0 + r, rmask, K, NUM_W_CLASSES, HAS_INDEX)
+    if INDEXED_OUT:
+        orow = r
+    else:
+        orow = srow
+    acc_t: tl.constexpr = part_ptr.dtype.element_ty
+    if NORMALIZE:
+        scale = tl.load(scale_ptr + row0 + r, mask=rmask, other=0.0).to(acc_t)
+    else:
+        scale = tl.zeros((BLOCK_R,), acc_t)
+    if ONE_PASS:
+        dd = tl.arange(0, BLOCK_D)
+        m2 = ok[:, None] & (dd < D)[None, :]
+        v = tl.zeros((BLOCK_R, BLOCK_D), acc_t)
+        for sp in range(0, splits):
+            v += tl.load(part_ptr + (sp * rows + r)[:, None] * D + dd[None, :], mask=m2,
+                         other=0.0)
+        if NORMALIZE:
+            src = tl.load(src_ptr + srow[:, None] * stride_src + dd[None, :], mask=m2,
+                          other=0.0).to(acc_t)
+            q = tl.sum(src * v, axis=1) * scale * scale
+            v = v - q[:, None] * src
+        tl.store(out_ptr + orow[:, None] * stride_out + dd[None, :],
+                 v.to(out_ptr.dtype.element_ty), mask=m2)
+    else:
+        q = tl.zeros((BLOCK_R,), acc_t)
+        if NORMALIZE:
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + tl.arange(0, BLOCK_D)
+                m2 = ok[:, None] & (dd < D)[None, :]
+                v = tl.zeros((BLOCK_R, BLOCK_D), acc_t)
+                for sp in range(0, splits):
+                    v += tl.load(part_ptr + (sp * rows + r)[:, None] * D + dd[None, :],
+                                 mask=m2, other=0.0)
+                src = tl.load(src_ptr + srow[:, None] * stride_src + dd[None, :], mask=m2,
+                              other=0.0).to(acc_t)
+                q += tl.sum(src * v, axis=1)
+            q = q * scale * scale
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            m2 = ok[:, None] & (dd < D)[None, :]
+            v = tl.zeros((BLOCK_R, BLOCK_D), acc_t)
+            for sp in range(0, splits):
+                v += tl.load(part_ptr + (sp * rows + r)[:, None] * D + dd[None, :],
+                             mask=m2, other=0.0)
+            if NORMALIZE:
+                src = tl.load(src_ptr + srow[:, None] * stride_src + dd[None, :], mask=m2,
+                              other=0.0).to(acc_t)
+                v = v - q[:, None] * src
+            tl.store(out_ptr + orow[:, None] * stride_out + dd[None, :],
+                     v.to(out_ptr.dtype.element_ty), mask=m2)

@@ -18,6 +18,8 @@ import triton.language as tl
 NORM_EPS = tl.constexpr(1e-12)   # as F.normalize (reference.NORM_EPS)
 SIN2_MIN = tl.constexpr(1e-12)   # floor of sin(theta)^2 in psi' (reference.SIN2_MIN)
 PI = tl.constexpr(3.141592653589793)
+_LOG2E = tl.constexpr(1.4426950408889634)   # log2(e)
+_LN2 = tl.constexpr(0.6931471805599453)     # ln(2)
 
 WRAP_FALLBACK = tl.constexpr(0)
 WRAP_EASY = tl.constexpr(1)
@@ -115,6 +117,18 @@ def margin_dpsi(c, m1, m2, WRAP: tl.constexpr, GRAD: tl.constexpr, M1_IS_ONE: tl
         if WRAP != WRAP_NONE:
             d = tl.where(_wrapped(c, m1, m2, WRAP), 1.0, d)
     return d
+
+
+@triton.jit
+def to_base2(z):
+    """z log2(e): logits in base 2, so that exp(z - m) = exp2(y - m log2 e)."""
+    return z * _const_like(z, _LOG2E)
+
+
+@triton.jit
+def from_base2(y):
+    """y ln(2): back from base 2 (a log2-sum-exp2 becomes a log-sum-exp)."""
+    return y * _const_like(y, _LN2)
 
 
 @triton.jit

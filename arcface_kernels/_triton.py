@@ -1,0 +1,52 @@
+"""The "triton" backend: the ops ``arcface_kernels::triton_fwd`` / ``triton_bwd``.
+
+The kernels and their launchers are the leaf package ``arcface_kernels.triton_kernels``
+(source folder ``triton_kernels/``, which imports only torch and triton). Here they are
+registered with ``torch.library.triton_op`` (so torch.compile traces through the
+launches with fullgraph=True), with exactly the schemas of ``arcface_kernels._ops``, the
+scalar checks of :class:`MarginConfig`, and the shared autograd formula. The fake kernels
+come from triton_op's own tracing of the launchers
+(``register_autograd_and_fake(..., with_fake=False)``).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.library import triton_op
+
+from ._config import MarginConfig
+from ._ops import NAMESPACE, register_autograd_and_fake
+from .triton_kernels import launch
+
+FWD_NAME = f"{NAMESPACE}::triton_fwd"
+BWD_NAME = f"{NAMESPACE}::triton_bwd"
+
+
+@triton_op(FWD_NAME, mutates_args=())
+def triton_fwd(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], s: float,
+               m1: float, m2: float, m3: float, wrap_mode: int, grad_mode: int,
+               normalize: bool, sub_centers: int, block: int
+               ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Forward primitive (see ``arcface_kernels._ops``); ``block`` is ignored."""
+    MarginConfig.from_op_args(s, m1, m2, m3, wrap_mode, grad_mode, normalize, sub_centers)
+    return launch.forward(x, w, labels, index, s, m1, m2, m3, wrap_mode, grad_mode,
+                          normalize, sub_centers)
+
+
+@triton_op(BWD_NAME, mutates_args=())
+def triton_bwd(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], lse: Tensor,
+               g_p: Tensor, g_t: Tensor, g_s: Tensor, s: float, m1: float, m2: float,
+               m3: float, wrap_mode: int, grad_mode: int, normalize: bool,
+               sub_centers: int, block: int) -> Tuple[Tensor, Tensor]:
+    """Backward primitive (see ``arcface_kernels._ops``); ``block``: classes per backward
+    chunk (0: as many as the workspace holds)."""
+    MarginConfig.from_op_args(s, m1, m2, m3, wrap_mode, grad_mode, normalize, sub_centers)
+    return launch.backward(x, w, labels, index, lse, g_p, g_t, g_s, s, m1, m2, m3,
+                           wrap_mode, grad_mode, normalize, sub_centers, block)
+
+
+FWD_OP = torch.ops.arcface_kernels.triton_fwd.default
+BWD_OP = torch.ops.arcface_kernels.triton_bwd.default
+register_autograd_and_fake(FWD_NAME, BWD_NAME, FWD_OP, BWD_OP, with_fake=False)

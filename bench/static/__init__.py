@@ -30,7 +30,8 @@ How (details in each module):
 JSON schema (``schema``: "arcface-kernels static report, v1"):
 
 * ``meta``: date_utc, git_commit, git_dirty, sources_sha, torch, triton, python, machine, command,
-  arches, dtypes, backends, prediction (always true).
+  arches, dtypes, backends, prediction (always true), triton_options (the triton
+  backend's switches in effect: autotune, fp32_precision, workspace_bytes, dw_fp32).
 * ``gpu``: the modelled GPU: name, sms, matmul_tflops, datasheet_tflops, hbm_tb_s,
   clock_ghz, issue_rate_per_s, hmma_fraction, device_launch_gap_us.
 * ``goals``: peak_fraction, extra_bytes, host_syncs, llm_head_tflops, peer.

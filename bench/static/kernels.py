@@ -88,6 +88,14 @@ def _t_tile_flops(meta: dict, d: int) -> float:
         * _cdiv(d, meta["BLOCK_D"]) * meta["BLOCK_D"]
 
 
+def _t_target(l: dict) -> Work:
+    a = _targs(l)
+    n, d = int(a["N"]), int(a["D"])
+    k = l["meta"].get("K", 1)
+    return Work(_programs(l["grid"]), 32 * l["meta"]["num_warps"],
+                bytes=n * (1 + k) * d * _elt(a["x_ptr"].dtype) + 40 * n)
+
+
 def _t_fwd(l: dict) -> Work:
     a, meta = _targs(l), l["meta"]
     n, c, d = int(a["N"]), int(a["C"]), int(a["D"])
@@ -98,26 +106,55 @@ def _t_fwd(l: dict) -> Work:
     splits = int(l["grid"][1])
     return Work(programs, 32 * meta["num_warps"], tiles / programs,
                 _t_tile_flops(meta, d),
-                bytes=(n + c * k) * d * elt + 4 * (n + c * k) + 8 * n + 28 * n * splits)
+                bytes=(n + c * k) * d * elt + 4 * (n + c * k) + 8 * n + 16 * n * splits)
 
 
 def _t_combine(l: dict) -> Work:
     a = _targs(l)
     n, sp = int(a["N"]), int(a["SPLITS"])
     return Work(_programs(l["grid"]), 32 * l["meta"].get("num_warps", 4),
-                bytes=28 * n * sp + 24 * n)   # 5 fp32 + 1 int64 partials, 4 + 1 outputs
+                bytes=16 * n * sp + 36 * n)   # 3 fp32 + 1 int32 partials; 4 + 1 outputs
 
 
-def _t_bwd(l: dict) -> Work:
+def _t_grad(l: dict) -> Work:
     a, meta = _targs(l), l["meta"]
     n, cc, d = int(a["N"]), int(a["C_chunk"]), int(a["D"])
     k = meta.get("K", 1)
     elt = _elt(a["x_ptr"].dtype)
     programs = _programs(l["grid"])
-    partials = n * _cdiv(cc, meta["BLOCK_C"]) + cc * k * _cdiv(n, meta["BLOCK_N"])
+    stored = _cdiv(cc, meta["BLOCK_C"]) * meta["BLOCK_C"] * k
     return Work(programs, 32 * meta["num_warps"], 1.0, _t_tile_flops(meta, d),
-                bytes=(n + cc * k) * d * elt + n * cc * k * elt + 4 * (n + cc * k)
-                + 24 * n + 4 * partials)
+                bytes=(n + cc * k) * d * elt + n * stored * elt + 4 * cc * k + 24 * n)
+
+
+def _t_mm(l: dict) -> Work:
+    """Both products of a chunk: 2 N R D FLOPs each (tiles padded), H read once per
+    product, the fp32 partials of dX read (after the first chunk) and written, U's
+    written."""
+    a, meta = _targs(l), l["meta"]
+    n, cc, d = int(a["N"]), int(a["C_chunk"]), int(a["D"])
+    k = meta.get("K", 1)
+    r = cc * k
+    sx, sw, first = int(a["SPLIT_X"]), int(a["SPLIT_W"]), int(a["FIRST"])
+    bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
+    elt = _elt(a["x_ptr"].dtype)
+    acc = 8 if a["vx_ptr"].dtype.itemsize == 8 else 4
+    pad = lambda v, b: _cdiv(v, b) * b   # noqa: E731
+    flops = 2.0 * (pad(n, bm) * pad(r, bk) + pad(r, bm) * pad(n, bk)) * pad(d, bn)
+    programs = _programs(l["grid"])
+    return Work(programs, 32 * meta["num_warps"], 1.0, flops / programs,
+                bytes=2 * n * r * elt + (r + n) * d * elt
+                + sx * n * d * acc * (1 if first else 2) + sw * r * d * acc)
+
+
+def _t_proj(l: dict) -> Work:
+    a, meta = _targs(l), l["meta"]
+    rows, d, splits = int(a["rows"]), int(a["D"]), int(a["splits"])
+    acc = 8 if a["part_ptr"].dtype.itemsize == 8 else 4
+    elt = _elt(a["src_ptr"].dtype)
+    passes = 1 if meta.get("ONE_PASS", True) else 2
+    return Work(_programs(l["grid"]), 32 * meta["num_warps"],
+                bytes=rows * d * (passes * splits * acc + passes * elt + elt) + 4 * rows)
 
 
 # ----------------------------------------------------------------------------- CUDA
@@ -155,9 +192,12 @@ def _c_grad(l: dict) -> Work:
 
 SPECS: Dict[Tuple[str, str], Spec] = {
     ("triton", "inv_norm_kernel"): Spec("aux", _t_inv_norm),
+    ("triton", "target_kernel"): Spec("aux", _t_target),
     ("triton", "fwd_kernel"): Spec("fwd_main", _t_fwd),
     ("triton", "fwd_combine_kernel"): Spec("aux", _t_combine),
-    ("triton", "bwd_grad_kernel"): Spec("bwd_main", _t_bwd),
+    ("triton", "grad_kernel"): Spec("bwd_main", _t_grad),
+    ("triton", "bwd_mm_kernel"): Spec("bwd_main", _t_mm),
+    ("triton", "proj_rows_kernel"): Spec("aux", _t_proj),
     ("cpp", "inv_norm_kernel"): Spec("aux", lambda l: _c_rows(
         l, l["sizes"]["rows"], l["sizes"]["d"], 1)),
     ("cpp", "fwd_kernel"): Spec("fwd_main", _c_fwd),

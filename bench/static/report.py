@@ -244,7 +244,8 @@ class Report:
                       torch=torch.__version__, triton=triton.__version__,
                       python=platform.python_version(), machine=platform.node(),
                       command=" ".join(sys.argv), arches=self.arches, dtypes=self.dtypes,
-                      backends=self.backends, prediction=True),
+                      backends=self.backends, prediction=True,
+                      triton_options=_triton_options()),
             gpu=dict(name=gpu.name, sms=gpu.sms, matmul_tflops=gpu.matmul_flops / 1e12,
                      datasheet_tflops=gpu.datasheet_flops / 1e12,
                      hbm_tb_s=gpu.hbm_bytes / 1e12, clock_ghz=gpu.clock_hz / 1e9,
@@ -253,6 +254,13 @@ class Report:
             goals=dict(GOALS, peer=hw.PEER_LLM_HEAD),
             kernels=self.kernel_rows(),
             shapes=self.shape_rows())
+
+
+def _triton_options() -> dict:
+    """The triton backend's switches in effect (read once from the environment)."""
+    import dataclasses
+    from arcface_kernels.triton_kernels.options import OPTIONS
+    return dataclasses.asdict(OPTIONS)
 
 
 def _dt_name(c10: str) -> str:

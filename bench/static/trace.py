@@ -6,8 +6,8 @@ of a torch ``FakeTensorMode`` (shapes, dtypes and devices, no data, no memory). 
 kernels are stubbed, everything else runs for real:
 
 * the Python layers (``arcface_loss``, the op's autograd formula, the Triton launchers in
-  ``triton_kernels/ops.py``) run as they are; ``triton_kernels.ops._launch`` records each
-  Triton launch (kernel, grid, arguments, constexprs) instead of making it;
+  ``triton_kernels/launch.py``) run as they are; the launch module's ``_launch`` records
+  each Triton launch (kernel, grid, arguments, constexprs) instead of making it;
 * the cpp backend's CUDA host code (``csrc/cuda/host.cpp``) runs in the extension's dry run
   (``arcface_kernels._C.cuda_dry_run_fwd/bwd``), whose runner records each kernel launch;
 * the backward is the autograd graph of the step, walked node by node in the order of
@@ -512,13 +512,14 @@ def fake_gpu(gpu: hw.Gpu = hw.H200):
 
 # -------------------------------------------------------------- the backends' host paths
 def _triton_ops() -> Dict[Any, Callable]:
-    """Triton: the launchers themselves, with ``_launch`` recording (kernel, grid, args,
-    meta) and the eager (not traced) code paths taken."""
-    import triton_kernels.ops as tops
+    """Triton: the registered launchers themselves, with the launch module's ``_launch``
+    recording (kernel, grid, args, meta) and the eager (not traced) code paths taken."""
+    import arcface_kernels._triton as treg
+    from arcface_kernels.triton_kernels import launch as tlaunch
 
     def run(fn):
         def impl(tracer, *args, **kwargs):
-            saved = tops._launch, tops._traced
+            saved = tlaunch._launch, tlaunch._traced
 
             def record(kernel, grid, *kargs, **meta):
                 name = getattr(kernel, "__name__", None) or kernel.fn.__name__
@@ -529,15 +530,15 @@ def _triton_ops() -> Dict[Any, Callable]:
                               dtype=str(kargs[0].dtype).replace("torch.", ""))
                 tracer.triton_launches.append(launch)
                 tracer.launch("triton", name, launch)
-            tops._launch, tops._traced = record, (lambda *t: False)
+            tlaunch._launch, tlaunch._traced = record, (lambda *t: False)
             try:
                 return fn(*args, **kwargs)
             finally:
-                tops._launch, tops._traced = saved
+                tlaunch._launch, tlaunch._traced = saved
         return impl
 
-    return {tops.FWD_OP: run(tops.triton_fwd._init_fn),
-            tops.BWD_OP: run(tops.triton_bwd._init_fn)}
+    return {treg.FWD_OP: run(treg.triton_fwd._init_fn),
+            treg.BWD_OP: run(treg.triton_bwd._init_fn)}
 
 
 def _cpp_ops(gpu: hw.Gpu) -> Dict[Any, Callable]:

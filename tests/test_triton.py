@@ -307,6 +307,17 @@ def test_bfloat16(mode):
                             device=DEVICE)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["arcface", "linear_ce", "smoothing", "sub_centers"])
+def test_bfloat16_medium_shape(mode):
+    """The tensor-core bf16 path (wgmma / mma.sync; the interpreter upcasts bf16) at a
+    medium shape: several row blocks, splits, whole and partial tiles, chunks of the
+    backward with split-K partials; forward and backward against the float64 reference
+    within 4x naive PyTorch's own bf16 error."""
+    assert_low_precision_ok(BACKEND, (777, 20011, 256), MODES[mode], torch.bfloat16,
+                            device=DEVICE)
+
+
 def test_gradcheck():
     assert finite_difference_ok(BACKEND)
 

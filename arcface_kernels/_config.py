@@ -104,6 +104,15 @@ class MarginConfig:
                 self.wrap_code, self.grad_code, self.normalize, self.sub_centers)
 
 
+def check_grad_filter(grad_filter: float) -> float:
+    """The ops' grad_filter argument: eps in [0, 1) (0 = the exact gradient)."""
+    if isinstance(grad_filter, bool) or not isinstance(grad_filter, (int, float)) \
+            or not 0.0 <= grad_filter < 1.0:
+        raise ValueError(f"grad_filter must be in [0, 1) (0 = exact gradient), "
+                         f"got {grad_filter!r}")
+    return float(grad_filter)
+
+
 def check_reduction(reduction: str) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
@@ -128,7 +137,8 @@ class LossOptions:
 
     reduction: "mean" | "sum" | "none"; ignore_index: label of rows that do not count;
     label_smoothing: eps in [0, 1]; chunk_size: classes per chunk / tile hint (None =
-    backend default); backend: a backend name or "auto".
+    backend default); backend: a backend name or "auto"; grad_filter_eps: None (exact
+    gradient) or eps in (0, 1): softmax values below it may count as 0 in the backward.
     """
 
     reduction: str = "mean"
@@ -136,6 +146,7 @@ class LossOptions:
     label_smoothing: float = 0.0
     chunk_size: Optional[int] = None
     backend: str = "auto"
+    grad_filter_eps: Optional[float] = None
 
     def __post_init__(self) -> None:
         check_reduction(self.reduction)
@@ -147,6 +158,11 @@ class LossOptions:
                 or self.chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, "
                              f"got {self.chunk_size!r}")
+        eps = self.grad_filter_eps
+        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float))
+                                or not 0.0 < eps < 1.0):
+            raise ValueError(f"grad_filter_eps must be None or a float in (0, 1), "
+                             f"got {eps!r}")
         if not isinstance(self.backend, str):
             raise TypeError(f"backend must be a str, got {self.backend!r}")
         if self.backend != "auto" and self.backend not in ALL_BACKENDS:
@@ -159,3 +175,8 @@ class LossOptions:
     def block(self) -> int:
         """The ops' ``block`` argument (0 = backend default)."""
         return 0 if self.chunk_size is None else self.chunk_size
+
+    @property
+    def grad_filter(self) -> float:
+        """The ops' ``grad_filter`` argument (0.0 = exact gradient)."""
+        return 0.0 if self.grad_filter_eps is None else float(self.grad_filter_eps)

@@ -4,11 +4,11 @@ Every backend supplies two ops with the schemas below, named
 ``arcface_kernels::<backend>_fwd`` and ``arcface_kernels::<backend>_bwd``:
 
   fwd(x [N, D], w [R, D], labels [N] int64, index [C]? int64,
-      s, m1, m2, m3, wrap_mode, grad_mode, normalize, sub_centers, block)
+      s, m1, m2, m3, wrap_mode, grad_mode, normalize, sub_centers, grad_filter, block)
       -> (lse [N], target [N], sum_z [N], max_z [N], argmax [N] int64)
 
   bwd(x, w, labels, index, lse [N], g_p [N], g_t [N], g_s [N],
-      s, m1, m2, m3, wrap_mode, grad_mode, normalize, sub_centers, block)
+      s, m1, m2, m3, wrap_mode, grad_mode, normalize, sub_centers, grad_filter, block)
       -> (dx [N, D], dw [R, D])
 
 * The shard's classes are ``index`` (class ids into w's C = R / K classes) or, when index
@@ -21,6 +21,10 @@ Every backend supplies two ops with the schemas below, named
 * The backward computes dL/dz_ij = g_p_i exp(z_ij - lse_i) + g_t_i [j = label_i] + g_s_i
   and returns dx, dw in the input dtypes; rows of w outside the shard get zero.
 * ``block`` is a backend tuning hint (class chunk size for chunked); 0 = default.
+* ``grad_filter`` (eps >= 0; the forward ignores it): the backward may treat softmax
+  values p_ij < eps of non-target classes as 0 (Cut Cross-Entropy's gradient filter);
+  0 = the exact gradient. A backend without a filter raises NotImplementedError for
+  eps > 0.
 
 Because the backward takes the three per-row coefficients, autograd registered on the
 fwd op (below, once for all backends) covers any loss built from lse, target and sum_z
@@ -43,15 +47,18 @@ NAMESPACE = "arcface_kernels"
 
 FWD_SCHEMA = (
     "(Tensor x, Tensor w, Tensor labels, Tensor? index, float s, float m1, float m2, "
-    "float m3, int wrap_mode, int grad_mode, bool normalize, int sub_centers, int block)"
+    "float m3, int wrap_mode, int grad_mode, bool normalize, int sub_centers, "
+    "float grad_filter, int block)"
     " -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 BWD_SCHEMA = (
     "(Tensor x, Tensor w, Tensor labels, Tensor? index, Tensor lse, Tensor g_p, "
     "Tensor g_t, Tensor g_s, float s, float m1, float m2, float m3, int wrap_mode, "
-    "int grad_mode, bool normalize, int sub_centers, int block) -> (Tensor, Tensor)"
+    "int grad_mode, bool normalize, int sub_centers, float grad_filter, int block) "
+    "-> (Tensor, Tensor)"
 )
-NUM_SCALARS = 9  # s, m1, m2, m3, wrap_mode, grad_mode, normalize, sub_centers, block
+# s, m1, m2, m3, wrap_mode, grad_mode, normalize, sub_centers, grad_filter, block
+NUM_SCALARS = 10
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op
 
-from ._config import MarginConfig
+from ._config import MarginConfig, check_grad_filter
 from ._ops import NAMESPACE, register_autograd_and_fake
 from .triton_kernels import launch
 
@@ -27,9 +27,10 @@ BWD_NAME = f"{NAMESPACE}::triton_bwd"
 @triton_op(FWD_NAME, mutates_args=())
 def triton_fwd(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], s: float,
                m1: float, m2: float, m3: float, wrap_mode: int, grad_mode: int,
-               normalize: bool, sub_centers: int, block: int
+               normalize: bool, sub_centers: int, grad_filter: float, block: int
                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Forward primitive (see ``arcface_kernels._ops``); ``block`` is ignored."""
+    """Forward primitive (see ``arcface_kernels._ops``); ``grad_filter`` and ``block``
+    are ignored."""
     MarginConfig.from_op_args(s, m1, m2, m3, wrap_mode, grad_mode, normalize, sub_centers)
     return launch.forward(x, w, labels, index, s, m1, m2, m3, wrap_mode, grad_mode,
                           normalize, sub_centers)
@@ -39,12 +40,15 @@ def triton_fwd(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], s:
 def triton_bwd(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], lse: Tensor,
                g_p: Tensor, g_t: Tensor, g_s: Tensor, s: float, m1: float, m2: float,
                m3: float, wrap_mode: int, grad_mode: int, normalize: bool,
-               sub_centers: int, block: int) -> Tuple[Tensor, Tensor]:
-    """Backward primitive (see ``arcface_kernels._ops``); ``block``: classes per backward
-    chunk (0: as many as the workspace holds)."""
+               sub_centers: int, grad_filter: float, block: int) -> Tuple[Tensor, Tensor]:
+    """Backward primitive (see ``arcface_kernels._ops``); ``grad_filter``: skip gradient
+    tiles whose softmax values are all below it (0: exact); ``block``: classes per
+    backward chunk (0: as many as the workspace holds)."""
     MarginConfig.from_op_args(s, m1, m2, m3, wrap_mode, grad_mode, normalize, sub_centers)
+    check_grad_filter(grad_filter)
     return launch.backward(x, w, labels, index, lse, g_p, g_t, g_s, s, m1, m2, m3,
-                           wrap_mode, grad_mode, normalize, sub_centers, block)
+                           wrap_mode, grad_mode, normalize, sub_centers, block,
+                           grad_filter=grad_filter)
 
 
 FWD_OP = torch.ops.arcface_kernels.triton_fwd.default

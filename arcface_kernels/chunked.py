@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._config import check_grad_filter
 from ._ops import acc_dtype, define_python_backend
 from .reference import NORM_EPS, margin_dpsi, margin_psi
 
@@ -129,7 +130,7 @@ def _targets(labels: Tensor, j0: int, j1: int):
 
 def chunked_fwd(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], s: float,
                 m1: float, m2: float, m3: float, wrap_mode: int, grad_mode: int,
-                normalize: bool, sub_centers: int, block: int):
+                normalize: bool, sub_centers: int, grad_filter: float, block: int):
     acc = acc_dtype(x.dtype)
     n, k, dev = x.shape[0], sub_centers, x.device
     shard = _Shard(w, index, k, acc, normalize)
@@ -177,7 +178,8 @@ def chunked_fwd(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], s
 def chunked_bwd(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], lse: Tensor,
                 g_p: Tensor, g_t: Tensor, g_s: Tensor, s: float, m1: float, m2: float,
                 m3: float, wrap_mode: int, grad_mode: int, normalize: bool,
-                sub_centers: int, block: int):
+                sub_centers: int, grad_filter: float, block: int):
+    grad_filter = check_grad_filter(grad_filter)
     acc = acc_dtype(x.dtype)
     n, k = x.shape[0], sub_centers
     shard = _Shard(w, index, k, acc, normalize)
@@ -201,7 +203,10 @@ def chunked_bwd(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], l
         j1 = min(shard.num_classes, j0 + step)
         wc, b = shard.chunk(j0, j1)
         grad, kidx = _chunk_logits(xs, wc, k)
-        grad.sub_(lse).exp_().mul_(coef_p)           # s * g_p * p_ij
+        grad.sub_(lse).exp_()                          # p_ij
+        if grad_filter > 0:                            # the filter: p < eps counts as 0
+            grad.masked_fill_(grad < grad_filter, 0.0)
+        grad.mul_(coef_p)                              # s * g_p * p_ij
         if smoothing:
             grad.add_(coef_s)
         inside, col = _targets(labels, j0, j1)

@@ -116,6 +116,7 @@ def arcface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: float
                  margin_mode: str = "fallback", target_grad: str = "exact",
                  label_smoothing: float = 0.0, normalize: bool = True,
                  sub_centers: int = 1, chunk_size: Optional[int] = None,
+                 grad_filter_eps: Optional[float] = None,
                  return_stats: bool = False) -> Union[Tensor, Tuple[Tensor, LossStats]]:
     """Combined-margin softmax cross-entropy without materializing the N x C logits.
 
@@ -137,6 +138,13 @@ def arcface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: float
         sub_centers: K sub-centers per class (sub-center ArcFace): weight has C*K rows,
             the logit of class j is the max over its K rows.
         chunk_size: classes per chunk (chunked backend) or a tile hint; None = default.
+        grad_filter_eps: None (default: the exact gradient), or eps in (0, 1): in the
+            backward, softmax values p_ij < eps of non-target classes may count as 0
+            (Cut Cross-Entropy's filter; the triton backend skips whole gradient tiles
+            below it, chunked drops single values; reference and cpp raise
+            NotImplementedError). Each dropped value moves a row's gradient by at most
+            s |dL/dloss| eps. Unsafe early in training at large C, where every p is
+            about 1/C yet the negatives together carry most of the gradient.
         return_stats: also return :class:`LossStats` (lse, top-1 prediction, ...).
 
     Returns:
@@ -145,7 +153,8 @@ def arcface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: float
     cfg = MarginConfig(s=s, m1=m1, m2=m2, m3=m3, margin_mode=margin_mode,
                        target_grad=target_grad, normalize=normalize, sub_centers=sub_centers)
     opts = LossOptions(reduction=reduction, ignore_index=ignore_index,
-                       label_smoothing=label_smoothing, chunk_size=chunk_size, backend=backend)
+                       label_smoothing=label_smoothing, chunk_size=chunk_size, backend=backend,
+                       grad_filter_eps=grad_filter_eps)
     check_inputs(embeddings, weight, labels, sub_centers)
     block = opts.block
     be = resolve_backend(backend, embeddings.device)
@@ -153,7 +162,8 @@ def arcface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: float
     local = local_labels(labels, 0, num_classes, num_classes, ignore_index)
     with autocast_off(embeddings.device):
         lse, target, sum_z, max_z, argmax = be.fwd(embeddings, weight, local, None,
-                                                   *cfg.op_args(), block)
+                                                   *cfg.op_args(), opts.grad_filter,
+                                                   block)
     valid = labels != ignore_index
     loss_rows = combine_loss_rows(lse, target, sum_z, label_smoothing, num_classes)
     loss = reduce_rows(loss_rows, valid, reduction)

@@ -14,7 +14,7 @@ class ArcFaceLoss(nn.Module):
     """Margin-softmax head owning the class centres ``weight`` [C * sub_centers, D].
 
     forward(embeddings [N, D], labels [N]) -> loss. Same knobs as
-    :func:`arcface_kernels.arcface_loss`; the weight is initialised N(0, 0.01) as in
+    :func:`arcface_kernels.arcface_loss` (grad_filter_eps included); the weight is initialised N(0, 0.01) as in
     insightface. ``last_stats`` holds the :class:`LossStats` (lse, top-1 prediction) of
     the last forward, for accuracy logging at no extra cost
     (``head.last_stats.accuracy(labels, head.ignore_index)``). Embeddings of another
@@ -28,7 +28,7 @@ class ArcFaceLoss(nn.Module):
                  label_smoothing: float = 0.0, normalize: bool = True, sub_centers: int = 1,
                  reduction: str = "mean", ignore_index: int = -100,
                  chunk_size: Optional[int] = None, backend: str = "auto",
-                 device=None, dtype=None):
+                 grad_filter_eps: Optional[float] = None, device=None, dtype=None):
         super().__init__()
         check_positive_int("embedding_size", embedding_size)
         check_positive_int("num_classes", num_classes)
@@ -36,11 +36,13 @@ class ArcFaceLoss(nn.Module):
                                 target_grad=target_grad, normalize=normalize,
                                 sub_centers=sub_centers)
         LossOptions(reduction=reduction, ignore_index=ignore_index,
-                    label_smoothing=label_smoothing, chunk_size=chunk_size, backend=backend)
+                    label_smoothing=label_smoothing, chunk_size=chunk_size, backend=backend,
+                    grad_filter_eps=grad_filter_eps)
         self.embedding_size, self.num_classes = embedding_size, num_classes
         self.label_smoothing, self.reduction, self.ignore_index = (
             label_smoothing, reduction, ignore_index)
         self.chunk_size, self.backend = chunk_size, backend
+        self.grad_filter_eps = grad_filter_eps
         self.weight = nn.Parameter(torch.empty(num_classes * sub_centers, embedding_size,
                                                device=device, dtype=dtype))
         self.last_stats: Optional[LossStats] = None
@@ -60,7 +62,8 @@ class ArcFaceLoss(nn.Module):
             reduction=self.reduction, ignore_index=self.ignore_index, backend=self.backend,
             margin_mode=c.margin_mode, target_grad=c.target_grad,
             label_smoothing=self.label_smoothing, normalize=c.normalize,
-            sub_centers=c.sub_centers, chunk_size=self.chunk_size, return_stats=True)
+            sub_centers=c.sub_centers, chunk_size=self.chunk_size,
+            grad_filter_eps=self.grad_filter_eps, return_stats=True)
         self.last_stats = stats
         return loss
 

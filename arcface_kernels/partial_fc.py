@@ -67,8 +67,9 @@ class PartialFC(nn.Module):
         sample_rate: fraction of this rank's classes in each step's softmax, in (0, 1];
             1.0 (default) uses every class, exactly.
         s, m1, m2, m3, margin_mode, target_grad, label_smoothing, normalize, sub_centers,
-        chunk_size, backend: as :func:`arcface_kernels.arcface_loss`. With sampling, label
-            smoothing's C is the number of classes in the softmax (sampled, all ranks).
+        chunk_size, backend, grad_filter_eps: as :func:`arcface_kernels.arcface_loss`.
+            With sampling, label smoothing's C is the number of classes in the softmax
+            (sampled, all ranks).
         reduction: "mean" (default: over the global batch's rows not ignored), "sum", or
             "none" (the [W * N] per-row losses of the global batch, rank-major).
         ignore_index: label of rows that do not count.
@@ -101,7 +102,7 @@ class PartialFC(nn.Module):
                  label_smoothing: float = 0.0, normalize: bool = True, sub_centers: int = 1,
                  reduction: str = "mean", ignore_index: int = -100,
                  chunk_size: Optional[int] = None, backend: str = "auto",
-                 process_group=None, generator: Optional[torch.Generator] = None,
+                 grad_filter_eps: Optional[float] = None, process_group=None, generator: Optional[torch.Generator] = None,
                  embedding_grad_scale: Optional[float] = None, track_stats: bool = False,
                  device=None, dtype=None):
         super().__init__()
@@ -113,9 +114,10 @@ class PartialFC(nn.Module):
         self.cfg = MarginConfig(s=s, m1=m1, m2=m2, m3=m3, margin_mode=margin_mode,
                                 target_grad=target_grad, normalize=normalize,
                                 sub_centers=sub_centers)
-        self.block = LossOptions(reduction=reduction, ignore_index=ignore_index,
-                                 label_smoothing=label_smoothing, chunk_size=chunk_size,
-                                 backend=backend).block
+        opts = LossOptions(reduction=reduction, ignore_index=ignore_index,
+                           label_smoothing=label_smoothing, chunk_size=chunk_size,
+                           backend=backend, grad_filter_eps=grad_filter_eps)
+        self.block, self.grad_filter = opts.block, opts.grad_filter
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {generator!r}")
         if embedding_grad_scale is not None and (
@@ -282,7 +284,8 @@ class PartialFC(nn.Module):
             be = resolve_backend(self.backend, x.device)
             with autocast_off(x.device):
                 lse_r, tgt_r, sumz_r, maxz_r, arg_r = be.fwd(
-                    x_all, w, shard_labels, index, *cfg.op_args(), self.block)
+                    x_all, w, shard_labels, index, *cfg.op_args(), self.grad_filter,
+                    self.block)
         else:  # an empty shard: no classes here, but stay in the graph on every rank
             zero = (x_all[:0].sum() + w[:0].sum()).to(acc)
             lse_r = torch.full((x_all.shape[0],), -math.inf, dtype=acc,

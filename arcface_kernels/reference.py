@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._config import GRAD_MODES, WRAP_MODES, MarginConfig, check_reduction
+from ._config import GRAD_MODES, WRAP_MODES, MarginConfig, check_grad_filter, \
+    check_reduction
 from ._ops import acc_dtype, define_python_backend
 
 NORM_EPS = 1e-12   # as F.normalize
@@ -187,7 +188,7 @@ def reference_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: flo
 
 # --- the reference as a backend of the shared primitive (ops "reference_fwd/bwd") -------
 def _reference_fwd_op(x, w, labels, index, s, m1, m2, m3, wrap_mode, grad_mode, normalize,
-                      sub_centers, block):
+                      sub_centers, grad_filter, block):
     cfg = MarginConfig.from_op_args(s, m1, m2, m3, wrap_mode, grad_mode, normalize,
                                     sub_centers)
     with torch.no_grad():
@@ -195,14 +196,17 @@ def _reference_fwd_op(x, w, labels, index, s, m1, m2, m3, wrap_mode, grad_mode, 
 
 
 def _reference_bwd_op(x, w, labels, index, lse, g_p, g_t, g_s, s, m1, m2, m3, wrap_mode,
-                      grad_mode, normalize, sub_centers, block):
+                      grad_mode, normalize, sub_centers, grad_filter, block):
     # The naive backward: the chunked backward with a single chunk, i.e. every N x C
     # matrix materialized at once. (Autograd cannot run inside an op's kernel, which sits
     # below the autograd dispatch key; the oracle for gradients is reference_loss.)
     from .chunked import chunked_bwd
+    if check_grad_filter(grad_filter) > 0:
+        raise NotImplementedError("the reference backend computes the exact gradient: it "
+                                  "has no gradient filter (grad_filter_eps must be None)")
     num_classes = index.numel() if index is not None else w.shape[0] // sub_centers
     return chunked_bwd(x, w, labels, index, lse, g_p, g_t, g_s, s, m1, m2, m3, wrap_mode,
-                       grad_mode, normalize, sub_centers, max(1, num_classes))
+                       grad_mode, normalize, sub_centers, 0.0, max(1, num_classes))
 
 
 FWD_OP, BWD_OP = define_python_backend("reference", _reference_fwd_op, _reference_bwd_op)

@@ -13,7 +13,7 @@ namespace arcface {
 Dims check_fwd_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
                     const std::optional<at::Tensor>& index, double s, double m1, double m2,
                     double m3, int64_t wrap_mode, int64_t grad_mode, bool normalize,
-                    int64_t sub_centers, int64_t block) {
+                    int64_t sub_centers, double grad_filter, int64_t block) {
   TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D [N, D], got shape ", x.sizes());
   TORCH_CHECK_VALUE(w.dim() == 2, "w must be 2-D [C*K, D], got shape ", w.sizes());
   TORCH_CHECK_VALUE(labels.dim() == 1, "labels must be 1-D [N], got shape ", labels.sizes());
@@ -45,6 +45,8 @@ Dims check_fwd_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
               "normalize=False needs m1 == 1 and m2 == 0 (angular margins are undefined on "
               "unbounded logits), got m1=", m1, ", m2=", m2);
   TORCH_CHECK_VALUE(block >= 0, "block must be >= 0 (0 = default), got ", block);
+  TORCH_CHECK_VALUE(std::isfinite(grad_filter) && grad_filter >= 0 && grad_filter < 1,
+                    "grad_filter must be in [0, 1) (0 = exact gradient), got ", grad_filter);
   Dims dims{x.size(0), x.size(1), w.size(0), sub_centers, w.size(0) / sub_centers};
   if (index.has_value()) {
     const auto& idx = *index;
@@ -73,9 +75,14 @@ Dims check_bwd_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
                     const std::optional<at::Tensor>& index, const at::Tensor& lse,
                     const at::Tensor& g_p, const at::Tensor& g_t, const at::Tensor& g_s,
                     double s, double m1, double m2, double m3, int64_t wrap_mode,
-                    int64_t grad_mode, bool normalize, int64_t sub_centers, int64_t block) {
+                    int64_t grad_mode, bool normalize, int64_t sub_centers,
+                    double grad_filter, int64_t block) {
   Dims dm = check_fwd_args(x, w, labels, index, s, m1, m2, m3, wrap_mode, grad_mode,
-                           normalize, sub_centers, block);
+                           normalize, sub_centers, grad_filter, block);
+  TORCH_CHECK_NOT_IMPLEMENTED(grad_filter == 0,
+                              "the cpp backend computes the exact gradient: it has no "
+                              "gradient filter (grad_filter_eps must be None), got ",
+                              grad_filter);
   check_row_vector(lse, "lse", dm.n, x);
   check_row_vector(g_p, "g_p", dm.n, x);
   check_row_vector(g_t, "g_t", dm.n, x);
@@ -124,9 +131,10 @@ TORCH_LIBRARY_FRAGMENT(arcface_kernels, m) {
   m.def(
       "cpp_fwd(Tensor x, Tensor w, Tensor labels, Tensor? index, float s, float m1, "
       "float m2, float m3, int wrap_mode, int grad_mode, bool normalize, int sub_centers, "
-      "int block) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "float grad_filter, int block) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "cpp_bwd(Tensor x, Tensor w, Tensor labels, Tensor? index, Tensor lse, Tensor g_p, "
       "Tensor g_t, Tensor g_s, float s, float m1, float m2, float m3, int wrap_mode, "
-      "int grad_mode, bool normalize, int sub_centers, int block) -> (Tensor, Tensor)");
+      "int grad_mode, bool normalize, int sub_centers, float grad_filter, int block) "
+      "-> (Tensor, Tensor)");
 }

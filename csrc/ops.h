@@ -22,15 +22,17 @@ struct Dims {
 Dims check_fwd_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
                     const std::optional<at::Tensor>& index, double s, double m1, double m2,
                     double m3, int64_t wrap_mode, int64_t grad_mode, bool normalize,
-                    int64_t sub_centers, int64_t block);
+                    int64_t sub_centers, double grad_filter, int64_t block);
 
 // Checks of the backward's arguments: the forward's, and its per-row vectors lse, g_p,
-// g_t, g_s (1-D, N long, floating, on x's device).
+// g_t, g_s (1-D, N long, floating, on x's device). The C++ backends have no gradient
+// filter: grad_filter > 0 raises NotImplementedError.
 Dims check_bwd_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
                     const std::optional<at::Tensor>& index, const at::Tensor& lse,
                     const at::Tensor& g_p, const at::Tensor& g_t, const at::Tensor& g_s,
                     double s, double m1, double m2, double m3, int64_t wrap_mode,
-                    int64_t grad_mode, bool normalize, int64_t sub_centers, int64_t block);
+                    int64_t grad_mode, bool normalize, int64_t sub_centers,
+                    double grad_filter, int64_t block);
 
 // Value checks: labels in [-1, C), index in [0, R / K). One host sync on CUDA.
 void check_values(const at::Tensor& labels, const std::optional<at::Tensor>& index,

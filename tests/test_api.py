@@ -220,7 +220,7 @@ def test_opcheck(backend):
     x, w, y = make_inputs(6, 5, 4)
     y = torch.where(y < 0, -1, y)
     be = resolve_backend(backend, torch.device("cpu"))
-    scalars = (16.0, 1.0, 0.5, 0.0, 0, 0, True, 1, 0)
+    scalars = (16.0, 1.0, 0.5, 0.0, 0, 0, True, 1, 0.0, 0)
     xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
     torch.library.opcheck(be.fwd, (xr, wr, y, None, *scalars))
     idx = torch.tensor([4, 0, 2])
@@ -394,3 +394,64 @@ def test_module_rejects_unknown_backend_at_construction():
         with pytest.raises(ValueError, match=r"backend must be 'auto' or one of \[.*\], "
                                              r"got '(trition|cudnn)'"):
             make()
+
+
+# ------------------------------------------------------------------ gradient filter
+def _filtered_grads(backend, eps, label_smoothing=0.0, seed=11):
+    x, w, y = make_inputs(33, 70, 24, seed=seed)
+    grads = []
+    for e in (None, eps):
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        ak.arcface_loss(xr, wr, y, backend=backend, s=64.0, grad_filter_eps=e,
+                        label_smoothing=label_smoothing).backward()
+        grads.append((xr.grad, wr.grad))
+    return x, w, y, grads
+
+
+@pytest.mark.parametrize("backend", [b for b in ("chunked", "triton")
+                                     if b in ak.available_backends()])
+def test_grad_filter_error_is_bounded(backend):
+    """With grad_filter_eps the gradient moves, by at most the dropped softmax values:
+    each dropped p_ij < eps changes G_ij by at most s g_p eps (g_p = 1 / rows counted),
+    so |d dx_i| <= 2 a_i s g_p eps C and |d dw_j| <= 2 b_j s eps sum_i g_p_i."""
+    eps = 1e-3
+    x, w, y, ((dx0, dw0), (dx1, dw1)) = _filtered_grads(backend, eps)
+    assert not torch.equal(dx0, dx1) and not torch.equal(dw0, dw1)   # it filtered
+    n_valid = int((y != -100).sum())
+    g_p = 1.0 / n_valid
+    s, c = 64.0, w.shape[0]
+    a, b = 1 / x.norm(dim=1), 1 / w.norm(dim=1)
+    assert ((dx1 - dx0).norm(dim=1) <= 2 * a * s * g_p * eps * c * (1 + 1e-9)).all()
+    assert ((dw1 - dw0).norm(dim=1) <= 2 * b * s * eps * g_p * n_valid * (1 + 1e-9)).all()
+
+
+@pytest.mark.parametrize("backend", [b for b in ("chunked", "triton")
+                                     if b in ak.available_backends()])
+def test_grad_filter_below_every_softmax_value_is_exact(backend):
+    """An eps below every p (here 1e-300, with s small enough that no p underflows)
+    drops nothing: the gradient is bitwise the exact one; with label smoothing the
+    filter keeps the smoothing term of dropped tiles."""
+    x, w, y = make_inputs(33, 70, 24, seed=3)
+    out = []
+    for e in (None, 1e-300):
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        ak.arcface_loss(xr, wr, y, backend=backend, s=4.0, grad_filter_eps=e,
+                        label_smoothing=0.1).backward()
+        out.append((xr.grad, wr.grad))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+
+
+def test_grad_filter_refused_where_not_implemented():
+    x, w, y = make_inputs(6, 5, 4)
+    with pytest.raises(NotImplementedError, match="reference backend .* no gradient filter"):
+        ak.arcface_loss(x.requires_grad_(), w, y, backend="reference",
+                        grad_filter_eps=1e-3).backward()
+
+
+@pytest.mark.parametrize("eps", [0, 0.0, 1.0, -1e-3, float("nan"), "1e-3", True])
+def test_grad_filter_eps_checked(eps):
+    x, w, y = make_inputs(6, 5, 4)
+    with pytest.raises(ValueError, match="grad_filter_eps must be None or a float in"):
+        ak.arcface_loss(x, w, y, backend="chunked", grad_filter_eps=eps)
+    with pytest.raises(ValueError, match="grad_filter_eps"):
+        ak.ArcFaceLoss(4, 5, grad_filter_eps=eps)

@@ -127,7 +127,7 @@ def reference_backward(x, w, labels, index, g_p, g_t, g_s, cfg):
 def _op_args(mode: dict) -> tuple:
     cfg = MarginConfig(**{k: v for k, v in mode.items()
                           if k not in ("label_smoothing", "reduction")})
-    return cfg, cfg.op_args()
+    return cfg, cfg.op_args() + (0.0,)   # grad_filter 0: the exact gradient
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -188,7 +188,7 @@ def test_opcheck():
 def _good():
     x, w, y = make_inputs(5, 6, 4, dtype=torch.float32)
     labels = torch.where(y >= 0, y, torch.full_like(y, -1))
-    return x, w, labels, MarginConfig().op_args()
+    return x, w, labels, MarginConfig().op_args() + (0.0,)
 
 
 @pytest.mark.parametrize("case, exc, match", [
@@ -209,6 +209,7 @@ def _good():
     ("m2", ValueError, r"m2 must be in \[0, pi\), got 4"),
     ("linear_margin", ValueError, "normalize=False needs m1 == 1 and m2 == 0"),
     ("block", ValueError, "block must be >= 0"),
+    ("grad_filter", ValueError, r"grad_filter must be in \[0, 1\) .*got 1.5"),
 ])
 def test_bad_input(case, exc, match):
     x, w, labels, args = _good()
@@ -250,9 +251,22 @@ def test_bad_input(case, exc, match):
     elif case == "linear_margin":
         args[6] = False
     elif case == "block":
-        args[8] = -3
+        args[9] = -3
+    elif case == "grad_filter":
+        args[8] = 1.5
     with pytest.raises(exc, match=match):
         _cpp.FWD_OP(x, w, labels, index, *args)
+
+
+def test_no_gradient_filter():
+    """The C++ kernels compute the exact gradient: a filter is refused, not ignored."""
+    x, w, labels, args = _good()
+    z = torch.zeros(5)
+    with pytest.raises(NotImplementedError, match="cpp backend .* no gradient filter"):
+        _cpp.BWD_OP(x, w, labels, None, z, z, z, z, *args[:-1], 1e-3, 0)
+    with pytest.raises(NotImplementedError, match="cpp backend"):
+        ak.arcface_loss(x.requires_grad_(), w, labels.clamp(min=0), backend="cpp",
+                        grad_filter_eps=1e-3).backward()
 
 
 def test_bad_backward_vectors():
@@ -265,7 +279,7 @@ def test_bad_backward_vectors():
 def test_nan_in_nan_out_and_finite_extremes():
     x, w, y = make_inputs(6, 9, 5, dtype=torch.float32)
     labels = torch.where(y >= 0, y, torch.full_like(y, -1))
-    args = MarginConfig().op_args() + (0,)
+    args = MarginConfig().op_args() + (0.0, 0)
     xn = x.clone()
     xn[2, 1] = float("nan")
     lse, tgt, sz, mz, _ = _cpp.FWD_OP(xn, w, labels, None, *args)
@@ -436,7 +450,7 @@ def test_cuda_backward_memory_is_bounded():
     x = torch.randn(n, d, device="cuda", generator=g, dtype=torch.float16)
     w = torch.randn(c, d, device="cuda", generator=g, dtype=torch.float16)
     y = torch.randint(0, c, (n,), device="cuda", generator=g)
-    args = MarginConfig().op_args() + (0,)
+    args = MarginConfig().op_args() + (0.0, 0)
     lse = _cpp.FWD_OP(x, w, y, None, *args)[0]
     ones = torch.ones(n, device="cuda")
 
@@ -463,7 +477,7 @@ def test_cuda_more_than_2_31_logits():
     w = torch.randn(c, d, device="cuda", generator=g, dtype=torch.float16)
     y = torch.randint(0, c, (n,), device="cuda", generator=g)
     y[-1] = c - 1  # the very last logit is a target
-    args = MarginConfig().op_args() + (0,)
+    args = MarginConfig().op_args() + (0.0, 0)
     got = _cpp.FWD_OP(x, w, y, None, *args)
     want = chunked.FWD_OP(x, w, y, None, *args)
     for a, b in zip(got[:4], want[:4]):

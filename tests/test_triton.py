@@ -75,7 +75,7 @@ def test_fake_tensor_shapes():
         x = torch.empty(6, 5, dtype=torch.float16, device=DEVICE)
         w = torch.empty(8, 5, dtype=torch.float16, device=DEVICE)
         y = torch.zeros(6, dtype=torch.long, device=DEVICE)
-        args = MarginConfig(sub_centers=2).op_args() + (0,)
+        args = MarginConfig(sub_centers=2).op_args() + (0.0, 0)
         outs = tops.FWD_OP(x, w, y, None, *args)
         v = torch.zeros(6, dtype=torch.float32, device=DEVICE)
         dx, dw = tops.BWD_OP(x, w, y, None, v, v, v, v, *args)
@@ -93,7 +93,7 @@ def test_opcheck(k):
     x, w, y = (t.to(DEVICE) for t in make_inputs(6, 5, 4, dtype=torch.float32,
                                                   sub_centers=k))
     y = torch.where(y >= 0, y, torch.full_like(y, -1))
-    args = MarginConfig(sub_centers=k).op_args() + (0,)
+    args = MarginConfig(sub_centers=k).op_args() + (0.0, 0)
     v = torch.rand(6, device=DEVICE)
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     if DEVICE == "cuda":
@@ -199,7 +199,7 @@ def test_stats_match_reference():
     cfg = MarginConfig(s=64.0, m2=0.5)
     want = ref.reference_forward(x, w, lab, None, cfg)
     got = _ops().FWD_OP(x.to(DEVICE), w.to(DEVICE), lab.to(DEVICE), None,
-                        *cfg.op_args(), 0)
+                        *cfg.op_args(), 0.0, 0)
     for name, g, r in zip(("lse", "target", "sum_z", "max_z"), got[:4], want[:4]):
         assert g.dtype == torch.float64, name
         assert max_rel_err(g, r) <= 1e-12, name
@@ -233,7 +233,7 @@ def test_index_matches_reference(k, normalize):
                        sub_centers=k)
     want = ref.reference_forward(x, w, lab, index, cfg)
     dev = [t.to(DEVICE) for t in (x, w, lab, index)]
-    got = _ops().FWD_OP(*dev, *cfg.op_args(), 0)
+    got = _ops().FWD_OP(*dev, *cfg.op_args(), 0.0, 0)
     for name, gg, r in zip(("lse", "target", "sum_z", "max_z"), got[:4], want[:4]):
         assert max_rel_err(gg, r) <= 1e-12, name
     # the repeated class ties with itself (to round-off): any arg-max of the cosines is
@@ -246,7 +246,7 @@ def test_index_matches_reference(k, normalize):
     gp, gt, gs = (torch.rand(n, generator=g, dtype=torch.float64) - 0.5 for _ in range(3))
     dx_r, dw_r = _oracle_backward(x, w, lab, index, want[0], gp, gt, gs, cfg)
     dx, dw = _ops().BWD_OP(*dev, *(t.to(DEVICE) for t in (want[0], gp, gt, gs)),
-                           *cfg.op_args(), 5)
+                           *cfg.op_args(), 0.0, 5)
     assert max_rel_err(dx, dx_r) <= 1e-10
     assert max_rel_err(dw, dw_r) <= 1e-10
     rows = (index.unsqueeze(1) * k + torch.arange(k)).reshape(-1)
@@ -261,12 +261,12 @@ def test_empty_shard():
     index = torch.empty(0, dtype=torch.long, device=DEVICE)
     lab = torch.full((5,), -1, dtype=torch.long, device=DEVICE)
     lse, tgt, sz, mz, _ = _ops().FWD_OP(x.to(DEVICE), w.to(DEVICE), lab, index,
-                                        *cfg.op_args(), 0)
+                                        *cfg.op_args(), 0.0, 0)
     assert torch.isneginf(lse).all() and torch.isneginf(mz).all()
     assert (tgt == 0).all() and (sz == 0).all()
     one = torch.ones(5, dtype=torch.float64, device=DEVICE)
     dx, dw = _ops().BWD_OP(x.to(DEVICE), w.to(DEVICE), lab, index, lse, one, one, one,
-                           *cfg.op_args(), 0)
+                           *cfg.op_args(), 0.0, 0)
     assert (dx == 0).all() and (dw == 0).all()
 
 
@@ -358,7 +358,7 @@ else:
     from arcface_kernels.backends import resolve_backend
     op = resolve_backend("triton", torch.device("cuda")).fwd
     op(x, w, torch.tensor([0, 1, 2, -1, 0], device="cuda"),
-       torch.tensor([0, 7, 2], device="cuda"), *MarginConfig().op_args(), 0)
+       torch.tensor([0, 7, 2], device="cuda"), *MarginConfig().op_args(), 0.0, 0)
 torch.cuda.synchronize()
 print("no error")
 """
@@ -384,7 +384,7 @@ def test_bad_values_on_cuda_are_device_asserts(what, message):
 def test_bad_op_arguments():
     tops = _ops()
     x, w, y = (t.to(DEVICE) for t in make_inputs(5, 7, 3))
-    args = MarginConfig().op_args() + (0,)
+    args = MarginConfig().op_args() + (0.0, 0)
     if DEVICE == "cpu":   # on CUDA a device-side assert (see below)
         with pytest.raises(ValueError, match="index values must be in"):
             tops.FWD_OP(x, w, y.clamp(min=-1) % 3, torch.tensor([0, 7, 2], device=DEVICE),

@@ -365,10 +365,10 @@ def fwd_combine_kernel(pmax_ptr, psum_ptr, psz_ptr, parg_ptr, tz_ptr, tc_ptr, la
 
 @triton.jit(do_not_specialize=["N", "j_chunk", "C_chunk", "NUM_W_CLASSES"])
 def grad_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr,
-                lse_ptr, gp_ptr, gs_ptr, th_ptr, tk_ptr, h_ptr, ld_h,
+                lse_ptr, gp_ptr, gs_ptr, th_ptr, tk_ptr, h_ptr, ld_h, flag_ptr, eps,
                 N, j_chunk, C_chunk, NUM_W_CLASSES, D, stride_x, stride_w,
                 K: tl.constexpr, HAS_INDEX: tl.constexpr, NORMALIZE: tl.constexpr,
-                DOT_MODE: tl.constexpr, FP32_PREC: tl.constexpr,
+                DOT_MODE: tl.constexpr, FP32_PREC: tl.constexpr, FILTER: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (row blocks, class tiles of the chunk). For classes j_chunk + [0, C_chunk):
 
@@ -376,9 +376,14 @@ def grad_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr,
                        = th_i (from target_kernel)                  at the target
                        = 0                                          at other sub-centers
 
-    i.e. H = a b dL/dc. The logits are recomputed exactly as in fwd_kernel. The tile is
-    stored whole (columns past the chunk as zeros: the workspace's leading dimension
-    ld_h is a multiple of BLOCK_C K), so every store is a full 16-byte vector."""
+    i.e. H = a b dL/dc. The logits are recomputed exactly as in fwd_kernel. Tiles are
+    stored whole, the grid covering all of the workspace's padded width ld_h (columns
+    past the chunk as zeros, which the products then read instead of masking), so every
+    store is a full 16-byte vector.
+
+    FILTER (the gradient filter, eps > 0): a tile without a target whose softmax values
+    are all below eps drops its p-term; if no row of it has a smoothing term either, the
+    tile is zero and its flag (flag[pid_n, pid_c], int8) is 0, so the products skip it."""
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
     acc_t: tl.constexpr = a_ptr.dtype.element_ty
@@ -402,8 +407,16 @@ def grad_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr,
     is_t = cols[None, :] == labels[:, None]
     valid = rmask[:, None] & cmask[None, :]
     hrow = rows[:, None] * ld_h
+    p = tl.exp2(y - lse2[:, None])
+    if FILTER:
+        p_max = tl.max(tl.max(tl.where(valid, p, 0.0), axis=1), axis=0)
+        t_in = tl.max(tl.max(tl.where(is_t & valid, 1, 0), axis=1), axis=0)
+        drop = (p_max < eps) & (t_in == 0)
+        p = tl.where(drop, 0.0, p)
+        live = tl.where(drop & (tl.max(tl.abs(c0), axis=0) == 0.0), 0, 1)
+        tl.store(flag_ptr + pid_n * tl.num_programs(1) + pid_c, live.to(tl.int8))
     for k in tl.static_range(K):
-        h = c1[:, None] * tl.exp2(y - lse2[:, None]) + c0[:, None]
+        h = c1[:, None] * p + c0[:, None]
         if NORMALIZE:
             bk = tl.load(b_ptr + cols * K + k, mask=cmask, other=0.0)
             h = h * bk[None, :]
@@ -433,9 +446,10 @@ def _shard_row_of_w(idx_ptr, p, pmask, K: tl.constexpr, NUM_W_CLASSES,
 
 @triton.jit
 def _mm_tile(a_ptr, b_ptr, idx_ptr, a_row, a_col_stride, b_stride, b_row0, b_col, k_lo,
-             k_end, k_valid, amask, bmask, acc, NUM_W_CLASSES, A_T: tl.constexpr,
-             B_SHARD_ROWS: tl.constexpr, K: tl.constexpr, HAS_INDEX: tl.constexpr,
-             DOT_MODE: tl.constexpr, FP32_PREC: tl.constexpr, BLOCK_K: tl.constexpr):
+             k_end, k_valid, amask, bmask, acc, NUM_W_CLASSES, flag_base, flag_div,
+             flag_stride, A_T: tl.constexpr, B_SHARD_ROWS: tl.constexpr, K: tl.constexpr,
+             HAS_INDEX: tl.constexpr, DOT_MODE: tl.constexpr, FP32_PREC: tl.constexpr,
+             FILTER: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc [BM, BN] += A[:, k_lo:k_end] @ B[k_lo:k_end, :] for one output tile (k is
     int32; k >= k_valid reads zeros of B).
 
@@ -443,35 +457,52 @@ def _mm_tile(a_ptr, b_ptr, idx_ptr, a_row, a_col_stride, b_stride, b_row0, b_col
     chunk are H's zero padding, so only rows are masked: whole-vector loads). A_T: the
     [BK, BM] tile at k * a_col_stride + a_row[m] (rows k < k_valid), transposed. B: row k
     is row k of b (b_stride apart), or with B_SHARD_ROWS the row of w of shard row
-    b_row0 + k (through the index); column b_col[n]."""
+    b_row0 + k (through the index); column b_col[n]. FILTER: a K step whose gradient tile
+    is flagged zero (flag_base[(k0 // flag_div) * flag_stride] == 0) is skipped."""
     for k0 in range(k_lo, k_end, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        km = kk < k_valid
-        if A_T:
-            at = tl.load(a_ptr + kk[:, None].to(tl.int64) * a_col_stride + a_row[None, :],
-                         mask=km[:, None], other=0.0)
-            at = tl.trans(at)
+        if FILTER:
+            if tl.load(flag_base + (k0 // flag_div) * flag_stride) != 0:
+                acc = _mm_step(a_ptr, b_ptr, idx_ptr, a_row, a_col_stride, b_stride,
+                               b_row0, b_col, k0, k_valid, amask, bmask, acc,
+                               NUM_W_CLASSES, A_T, B_SHARD_ROWS, K, HAS_INDEX, DOT_MODE,
+                               FP32_PREC, BLOCK_K)
         else:
-            at = tl.load(a_ptr + a_row[:, None] + kk[None, :], mask=amask[:, None],
-                         other=0.0)
-        if B_SHARD_ROWS:
-            brow, bm = _shard_row_of_w(idx_ptr, b_row0 + kk, km, K, NUM_W_CLASSES,
-                                       HAS_INDEX)
-        else:
-            brow = kk.to(tl.int64)
-            bm = km
-        bt = tl.load(b_ptr + brow[:, None] * b_stride + b_col[None, :],
-                     mask=bm[:, None] & bmask[None, :], other=0.0)
-        acc = _dot(at, bt, acc, DOT_MODE, FP32_PREC)
+            acc = _mm_step(a_ptr, b_ptr, idx_ptr, a_row, a_col_stride, b_stride, b_row0,
+                           b_col, k0, k_valid, amask, bmask, acc, NUM_W_CLASSES, A_T,
+                           B_SHARD_ROWS, K, HAS_INDEX, DOT_MODE, FP32_PREC, BLOCK_K)
     return acc
 
 
+@triton.jit
+def _mm_step(a_ptr, b_ptr, idx_ptr, a_row, a_col_stride, b_stride, b_row0, b_col, k0,
+             k_valid, amask, bmask, acc, NUM_W_CLASSES, A_T: tl.constexpr,
+             B_SHARD_ROWS: tl.constexpr, K: tl.constexpr, HAS_INDEX: tl.constexpr,
+             DOT_MODE: tl.constexpr, FP32_PREC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One K step of _mm_tile: acc + A[:, k0:k0+BK] @ B[k0:k0+BK, :]."""
+    kk = k0 + tl.arange(0, BLOCK_K)
+    km = kk < k_valid
+    if A_T:
+        at = tl.load(a_ptr + kk[:, None].to(tl.int64) * a_col_stride + a_row[None, :],
+                     mask=km[:, None], other=0.0)
+        at = tl.trans(at)
+    else:
+        at = tl.load(a_ptr + a_row[:, None] + kk[None, :], mask=amask[:, None], other=0.0)
+    if B_SHARD_ROWS:
+        brow, bm = _shard_row_of_w(idx_ptr, b_row0 + kk, km, K, NUM_W_CLASSES, HAS_INDEX)
+    else:
+        brow = kk.to(tl.int64)
+        bm = km
+    bt = tl.load(b_ptr + brow[:, None] * b_stride + b_col[None, :],
+                 mask=bm[:, None] & bmask[None, :], other=0.0)
+    return _dot(at, bt, acc, DOT_MODE, FP32_PREC)
+
+
 @triton.jit(do_not_specialize=["N", "j_chunk", "C_chunk", "NUM_W_CLASSES", "TILES_X"])
-def bwd_mm_kernel(h_ptr, ld_h, x_ptr, w_ptr, idx_ptr, vx_ptr, uw_ptr,
+def bwd_mm_kernel(h_ptr, ld_h, x_ptr, w_ptr, idx_ptr, vx_ptr, uw_ptr, flag_ptr,
                   N, j_chunk, C_chunk, NUM_W_CLASSES, D, stride_x, stride_w,
-                  TILES_X, SPLIT_X, SPLIT_W, FIRST,
+                  TILES_X, SPLIT_X, SPLIT_W, FIRST, FLAG_COLS, FLAG_ROWS, FLAG_W,
                   K: tl.constexpr, HAS_INDEX: tl.constexpr,
-                  DOT_MODE: tl.constexpr, FP32_PREC: tl.constexpr,
+                  DOT_MODE: tl.constexpr, FP32_PREC: tl.constexpr, FILTER: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Both products of one backward chunk (R = C_chunk K rows of w), one launch:
 
@@ -482,7 +513,9 @@ def bwd_mm_kernel(h_ptr, ld_h, x_ptr, w_ptr, idx_ptr, vx_ptr, uw_ptr,
                             ([R, D] fp32 tiles, SPLIT_W parts of the N rows)
 
     W_chunk's rows are w's own rows (through the index), X is x itself: no scaled copy of
-    either is made (H carries a_i b_j). Every output tile belongs to one program."""
+    either is made (H carries a_i b_j). Every output tile belongs to one program. FILTER:
+    K steps over gradient tiles flagged zero by grad_kernel (flag [rows / FLAG_ROWS,
+    FLAG_W], one per FLAG_ROWS x FLAG_COLS tile of H) are skipped."""
     pid = tl.program_id(0)
     acc_t: tl.constexpr = vx_ptr.dtype.element_ty
     R = C_chunk * K
@@ -499,9 +532,10 @@ def bwd_mm_kernel(h_ptr, ld_h, x_ptr, w_ptr, idx_ptr, vx_ptr, uw_ptr,
         per = tl.cdiv(tl.cdiv(R, SPLIT_X), BLOCK_K) * BLOCK_K
         k_lo = sx * per
         k_end = tl.minimum(k_lo + per, tl.cdiv(R, BLOCK_K) * BLOCK_K)
+        fbase = flag_ptr + ((rest % tm) * BLOCK_M // FLAG_ROWS) * FLAG_W
         acc = _mm_tile(h_ptr, w_ptr, idx_ptr, m * ld_h, 1, stride_w, j_chunk * K, dn, k_lo,
-                       k_end, R, mmask, dmask, acc, NUM_W_CLASSES, False, True, K,
-                       HAS_INDEX, DOT_MODE, FP32_PREC, BLOCK_K)
+                       k_end, R, mmask, dmask, acc, NUM_W_CLASSES, fbase, FLAG_COLS, 1,
+                       False, True, K, HAS_INDEX, DOT_MODE, FP32_PREC, FILTER, BLOCK_K)
         out = vx_ptr + sx.to(tl.int64) * N * D + m[:, None] * D + dn[None, :]
         omask = mmask[:, None] & dmask[None, :]
         if FIRST == 0:
@@ -517,9 +551,10 @@ def bwd_mm_kernel(h_ptr, ld_h, x_ptr, w_ptr, idx_ptr, vx_ptr, uw_ptr,
         per = tl.cdiv(tl.cdiv(N, SPLIT_W), BLOCK_K) * BLOCK_K
         k_lo = sw * per
         k_end = tl.minimum(k_lo + per, N)
+        fbase = flag_ptr + (rest % tr) * BLOCK_M // FLAG_COLS
         acc = _mm_tile(h_ptr, x_ptr, idx_ptr, r, ld_h, stride_x, 0, dn, k_lo, k_end, N, rm,
-                       dmask, acc, NUM_W_CLASSES, True, False, K, HAS_INDEX, DOT_MODE,
-                       FP32_PREC, BLOCK_K)
+                       dmask, acc, NUM_W_CLASSES, fbase, FLAG_ROWS, FLAG_W, True, False, K,
+                       HAS_INDEX, DOT_MODE, FP32_PREC, FILTER, BLOCK_K)
         out = uw_ptr + sw.to(tl.int64) * R * D + r[:, None] * D + dn[None, :]
         tl.store(out, acc, mask=rm[:, None] & dmask[None, :])
 

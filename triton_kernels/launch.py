@@ -375,11 +375,13 @@ def _split(tiles: int, target: int, cap: int) -> int:
 def backward(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], lse: Tensor,
              g_p: Tensor, g_t: Tensor, g_s: Tensor, s: float, m1: float, m2: float,
              m3: float, wrap_mode: int, grad_mode: int, normalize: bool, sub_centers: int,
-             block: int) -> Tuple[Tensor, Tensor]:
+             block: int, grad_filter: float = 0.0) -> Tuple[Tensor, Tensor]:
     """Backward primitive: dL/dz_ij = g_p_i exp(z_ij - lse_i) + g_t_i [j = label_i] +
     g_s_i. lse, g_p, g_t, g_s [N]. Returns dx [N, D] and dw [C_w * K, D] in the input
     dtype (zero outside the shard's rows). ``block``: classes per backward chunk (0: as
-    many as the workspace holds)."""
+    many as the workspace holds). ``grad_filter`` eps > 0: a gradient tile without a
+    target whose softmax values are all below eps drops its p-term, and the products
+    skip it when it is then zero (no smoothing term): Cut Cross-Entropy's filter."""
     check_args(x, w, labels, index, sub_centers)
     for name, t in (("lse", lse), ("g_p", g_p), ("g_t", g_t), ("g_s", g_s)):
         if t.shape != (x.shape[0],):
@@ -415,6 +417,13 @@ def backward(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], lse:
     unit = math.lcm(bc * k, bm_, mcfg["BLOCK_K"])
     ld_h = triton.cdiv(cb_max * k, unit) * unit
     ws = torch.empty(n * ld_h, dtype=x.dtype, device=dev)
+    filt = grad_filter > 0
+    flag_w = ld_h // (bc * k)
+    if filt:   # one int8 per gradient tile; the products' steps must fall inside tiles
+        assert bm_ == bn and bn % mcfg["BLOCK_K"] == 0 and (bc * k) % bm_ == 0 \
+            and (bc * k) % mcfg["BLOCK_K"] == 0, (cfg, mcfg)
+    flags = torch.empty((triton.cdiv(n, bn) * flag_w) if filt else 1, dtype=torch.int8,
+                        device=dev)
     tn = triton.cdiv(d, bn_)
     target = cfgs.MM_PROGRAMS * _sms(dev)
     acc_size = torch.finfo(acc).bits // 8
@@ -436,14 +445,15 @@ def backward(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], lse:
     for i, j0 in enumerate(range(0, num_classes, cb_max)):
         cb = min(cb_max, num_classes - j0)
         r = cb * k
-        _launch(kernel, (triton.cdiv(n, bn), ld_h // (bc * k)),
-                x, w, labels, idx, a, b, prm, lse, g_p, g_s, th, tk, ws, ld_h,
-                n, j0, cb, num_w, d, x.stride(0), w.stride(0), **kmeta)
+        _launch(kernel, (triton.cdiv(n, bn), flag_w),
+                x, w, labels, idx, a, b, prm, lse, g_p, g_s, th, tk, ws, ld_h, flags,
+                float(grad_filter), n, j0, cb, num_w, d, x.stride(0), w.stride(0),
+                FILTER=filt, **kmeta)
         _launch(K.bwd_mm_kernel, (tiles_x + triton.cdiv(r, bm_) * tn * split_w,),
-                ws, ld_h, x, w, idx, vx, uw, n, j0, cb, num_w, d, x.stride(0), w.stride(0),
-                tiles_x, split_x, split_w, int(i == 0),
+                ws, ld_h, x, w, idx, vx, uw, flags, n, j0, cb, num_w, d, x.stride(0),
+                w.stride(0), tiles_x, split_x, split_w, int(i == 0), bc * k, bn, flag_w,
                 K=k, HAS_INDEX=index is not None, DOT_MODE=_dot_mode(x.dtype),
-                FP32_PREC=OPTIONS.fp32_prec, **mcfg)
+                FP32_PREC=OPTIONS.fp32_prec, FILTER=filt, **mcfg)
         out, stride_out = (dw_buf, d) if index is not None else (dw, dw.stride(0))
         _launch(K.proj_rows_kernel, (triton.cdiv(r, rcfg["BLOCK_M"]),),
                 uw, split_w, w, w.stride(0), b, idx, out, stride_out, r, j0 * k, num_w, d,

@@ -620,12 +620,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpp_fwd_c
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
     const std::optional<at::Tensor>& index, double s, double m1, double m2, double m3,
     int64_t wrap_mode, int64_t grad_mode, bool normalize, int64_t sub_centers,
-    int64_t block) {
+    double grad_filter, int64_t block) {
   c10::cuda::OptionalCUDAGuard guard;   // x on another device: the host code's checks say so
   if (x.is_cuda()) guard.set_device(x.device());
   CudaRunner run;
   return fwd_host(run, x, w, labels, index, s, m1, m2, m3, wrap_mode, grad_mode, normalize,
-                  sub_centers, block);
+                  sub_centers, grad_filter, block);
 }
 
 std::tuple<at::Tensor, at::Tensor> cpp_bwd_cuda(
@@ -633,12 +633,12 @@ std::tuple<at::Tensor, at::Tensor> cpp_bwd_cuda(
     const std::optional<at::Tensor>& index, const at::Tensor& lse, const at::Tensor& g_p,
     const at::Tensor& g_t, const at::Tensor& g_s, double s, double m1, double m2, double m3,
     int64_t wrap_mode, int64_t grad_mode, bool normalize, int64_t sub_centers,
-    int64_t block) {
+    double grad_filter, int64_t block) {
   c10::cuda::OptionalCUDAGuard guard;
   if (x.is_cuda()) guard.set_device(x.device());
   CudaRunner run;
   return bwd_host(run, x, w, labels, index, lse, g_p, g_t, g_s, s, m1, m2, m3, wrap_mode,
-                  grad_mode, normalize, sub_centers, block);
+                  grad_mode, normalize, sub_centers, grad_filter, block);
 }
 
 }  // namespace

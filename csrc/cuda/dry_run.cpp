@@ -4,7 +4,8 @@
 // build, GPU or not.
 //
 //   arcface_kernels._C.cuda_dry_run_fwd(x, w, labels, index, s, m1, m2, m3, wrap_mode,
-//       grad_mode, normalize, sub_centers, block, num_sms) -> (outputs, launches)
+//       grad_mode, normalize, sub_centers, grad_filter, block, num_sms)
+//       -> (outputs, launches)
 //   arcface_kernels._C.cuda_dry_run_bwd(x, w, labels, index, lse, g_p, g_t, g_s, s, ...,
 //       block, num_sms) -> (outputs, launches)
 //
@@ -101,10 +102,10 @@ class RecordingRunner final : public KernelRunner {
 py::tuple dry_run_fwd(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
                       const std::optional<at::Tensor>& index, double s, double m1, double m2,
                       double m3, int64_t wrap_mode, int64_t grad_mode, bool normalize,
-                      int64_t sub_centers, int64_t block, int num_sms) {
+                      int64_t sub_centers, double grad_filter, int64_t block, int num_sms) {
   RecordingRunner run(num_sms);
   auto out = fwd_host(run, x, w, labels, index, s, m1, m2, m3, wrap_mode, grad_mode,
-                      normalize, sub_centers, block);
+                      normalize, sub_centers, grad_filter, block);
   return py::make_tuple(out, run.launches());
 }
 
@@ -112,11 +113,12 @@ py::tuple dry_run_bwd(const at::Tensor& x, const at::Tensor& w, const at::Tensor
                       const std::optional<at::Tensor>& index, const at::Tensor& lse,
                       const at::Tensor& g_p, const at::Tensor& g_t, const at::Tensor& g_s,
                       double s, double m1, double m2, double m3, int64_t wrap_mode,
-                      int64_t grad_mode, bool normalize, int64_t sub_centers, int64_t block,
+                      int64_t grad_mode, bool normalize, int64_t sub_centers,
+                      double grad_filter, int64_t block,
                       int num_sms) {
   RecordingRunner run(num_sms);
   auto out = bwd_host(run, x, w, labels, index, lse, g_p, g_t, g_s, s, m1, m2, m3, wrap_mode,
-                      grad_mode, normalize, sub_centers, block);
+                      grad_mode, normalize, sub_centers, grad_filter, block);
   return py::make_tuple(out, run.launches());
 }
 

@@ -74,9 +74,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_host(
     KernelRunner& run, const at::Tensor& x_in, const at::Tensor& w_in,
     const at::Tensor& labels_in, const std::optional<at::Tensor>& index_in, double s,
     double m1, double m2, double m3, int64_t wrap_mode, int64_t grad_mode, bool normalize,
-    int64_t sub_centers, int64_t block) {
+    int64_t sub_centers, double grad_filter, int64_t block) {
   Dims dm = check_fwd_args(x_in, w_in, labels_in, index_in, s, m1, m2, m3, wrap_mode,
-                           grad_mode, normalize, sub_centers, block);
+                           grad_mode, normalize, sub_centers, grad_filter, block);
   check_cuda_args(x_in, dm);
   check_values(labels_in, index_in, dm);
   const ContiguousInputs in = make_contiguous(x_in, w_in, labels_in, index_in);
@@ -116,9 +116,9 @@ std::tuple<at::Tensor, at::Tensor> bwd_host(
     const at::Tensor& labels_in, const std::optional<at::Tensor>& index_in,
     const at::Tensor& lse_in, const at::Tensor& gp_in, const at::Tensor& gt_in,
     const at::Tensor& gs_in, double s, double m1, double m2, double m3, int64_t wrap_mode,
-    int64_t grad_mode, bool normalize, int64_t sub_centers, int64_t block) {
+    int64_t grad_mode, bool normalize, int64_t sub_centers, double grad_filter, int64_t block) {
   Dims dm = check_bwd_args(x_in, w_in, labels_in, index_in, lse_in, gp_in, gt_in, gs_in, s, m1,
-                           m2, m3, wrap_mode, grad_mode, normalize, sub_centers, block);
+                           m2, m3, wrap_mode, grad_mode, normalize, sub_centers, grad_filter, block);
   check_cuda_args(x_in, dm);
   check_values(labels_in, index_in, dm);
   const ContiguousInputs in = make_contiguous(x_in, w_in, labels_in, index_in);

@@ -88,12 +88,12 @@ class KernelRunner {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_host(
     KernelRunner& run, const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
     const std::optional<at::Tensor>& index, double s, double m1, double m2, double m3,
-    int64_t wrap_mode, int64_t grad_mode, bool normalize, int64_t sub_centers, int64_t block);
+    int64_t wrap_mode, int64_t grad_mode, bool normalize, int64_t sub_centers, double grad_filter, int64_t block);
 
 std::tuple<at::Tensor, at::Tensor> bwd_host(
     KernelRunner& run, const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
     const std::optional<at::Tensor>& index, const at::Tensor& lse, const at::Tensor& g_p,
     const at::Tensor& g_t, const at::Tensor& g_s, double s, double m1, double m2, double m3,
-    int64_t wrap_mode, int64_t grad_mode, bool normalize, int64_t sub_centers, int64_t block);
+    int64_t wrap_mode, int64_t grad_mode, bool normalize, int64_t sub_centers, double grad_filter, int64_t block);
 
 }  // namespace arcface::cuda

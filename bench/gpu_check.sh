@@ -127,7 +127,7 @@ step "static-report" 150 bash -c "env -u TRITON_INTERPRET MAX_JOBS=16 '$PY' -m b
 # come first, then the sweep over C); torch.compile last, at the headline shapes only.
 LEFT=$(( BUDGET_S - (SECONDS - START) ))
 step "bench" $(( LEFT > 60 ? LEFT - 45 : LEFT )) "$PY" -m bench --preset gpu --out "$OUT" \
-    --tag gpu_bf16 --quiet --providers triton,cpp,chunked,reference,cce,liger,pml \
+    --tag gpu_bf16 --quiet --providers triton,triton-filter,cpp,chunked,reference,cce,cce-nofilter,liger,pml \
     --time-budget $(( LEFT > 60 ? LEFT - 80 : 10 ))
 step "bench-compile" 300 "$PY" -m bench --preset gpu --out "$OUT" --tag gpu_bf16 --quiet \
     --append --no-matmul --providers compile --shapes 8192x262144x512,1024x1048576x512 \

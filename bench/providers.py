@@ -208,12 +208,15 @@ class BackendProvider(Provider):
 
     kind = "ours"
 
-    def __init__(self, backend: str, chunk_size: Optional[int] = None):
+    def __init__(self, backend: str, chunk_size: Optional[int] = None,
+                 grad_filter_eps: Optional[float] = None, name: Optional[str] = None):
         self.backend = backend
         self.chunk_size = chunk_size
-        self.name = backend if chunk_size is None else f"{backend}:{chunk_size}"
+        self.grad_filter_eps = grad_filter_eps
+        self.name = name or (backend if chunk_size is None else f"{backend}:{chunk_size}")
         self.description = f"arcface_kernels.arcface_loss(backend={backend!r}" + (
-            "" if chunk_size is None else f", chunk_size={chunk_size}") + ")"
+            "" if chunk_size is None else f", chunk_size={chunk_size}") + (
+            "" if grad_filter_eps is None else f", grad_filter_eps={grad_filter_eps:g}") + ")"
 
     def skip_reason(self, p: Problem) -> Optional[str]:
         if self.backend not in ak.available_backends():
@@ -229,7 +232,8 @@ class BackendProvider(Provider):
         return None
 
     def bind(self, p: Problem, inp: Inputs) -> Bound:
-        kw = dict(LOSS_MODES[p.loss], backend=self.backend, chunk_size=self.chunk_size)
+        kw = dict(LOSS_MODES[p.loss], backend=self.backend, chunk_size=self.chunk_size,
+                  grad_filter_eps=self.grad_filter_eps)
         return Bound(lambda: ak.arcface_loss(inp.x, inp.w, inp.y, **kw), [inp.x, inp.w],
                      p.loss)
 
@@ -253,16 +257,27 @@ class PeerProvider(Provider):
 
 
 class CCEProvider(PeerProvider):
+    """CCE with its default gradient filter (filter_eps="auto"), or without (cce-nofilter:
+    filter_eps=None, the exact gradient)."""
     name = "cce"
-    description = "cut_cross_entropy.linear_cross_entropy (Apple CCE, linear CE)"
+    description = "cut_cross_entropy.linear_cross_entropy (Apple CCE, linear CE; its " \
+                  "default gradient filter)"
     module = "cut_cross_entropy"
     pip_name = "cut-cross-entropy"
     fixed_loss = "linear_ce"
+    filter_eps: Optional[str] = "auto"
 
     def bind(self, p: Problem, inp: Inputs) -> Bound:
         from cut_cross_entropy import linear_cross_entropy
-        return Bound(lambda: linear_cross_entropy(inp.x, inp.w, inp.y), [inp.x, inp.w],
-                     "linear_ce")
+        eps = self.filter_eps
+        return Bound(lambda: linear_cross_entropy(inp.x, inp.w, inp.y, filter_eps=eps),
+                     [inp.x, inp.w], "linear_ce")
+
+
+class CCENoFilterProvider(CCEProvider):
+    name = "cce-nofilter"
+    description = "cut_cross_entropy.linear_cross_entropy(filter_eps=None) (exact gradient)"
+    filter_eps = None
 
 
 class LigerProvider(PeerProvider):
@@ -299,7 +314,10 @@ class PMLProvider(PeerProvider):
         return Bound(lambda: fn(inp.x, inp.y), [inp.x, fn.W], "arcface")
 
 
-PEERS: Tuple[type, ...] = (CCEProvider, LigerProvider, PMLProvider)
+PEERS: Tuple[type, ...] = (CCEProvider, CCENoFilterProvider, LigerProvider, PMLProvider)
+
+#: The triton backend with Cut Cross-Entropy's default filter threshold for bf16.
+TRITON_FILTER_EPS = 2.0 ** -12
 
 
 def all_providers() -> Dict[str, Provider]:
@@ -309,6 +327,8 @@ def all_providers() -> Dict[str, Provider]:
     for b in ALL_BACKENDS:
         if b != "reference":
             out[b] = BackendProvider(b)
+    out["triton-filter"] = BackendProvider("triton", grad_filter_eps=TRITON_FILTER_EPS,
+                                           name="triton-filter")
     out["reference"] = ReferenceProvider()
     for cls in PEERS:
         out[cls.name] = cls()

@@ -589,15 +589,9 @@ def proj_rows_kernel(part_ptr, splits, src_ptr, stride_src, scale_ptr, idx_ptr, 
     else:
         scale = tl.zeros((BLOCK_R,), acc_t)
     if ONE_PASS:
-        dd = tl.arange(0, BLOCK_D)
-        m2 = ok[:, None] & (dd < D)[None, :]
-        v = tl.zeros((BLOCK_R, BLOCK_D), acc_t)
-        for sp in range(0, splits):
-            v += tl.load(part_ptr + (sp * rows + r)[:, None] * D + dd[None, :], mask=m2,
-                         other=0.0)
+        v, src, m2, dd = _summed_rows(part_ptr, splits, rows, r, src_ptr, srow, stride_src,
+                                      ok, 0, D, NORMALIZE, BLOCK_R, BLOCK_D)
         if NORMALIZE:
-            src = tl.load(src_ptr + srow[:, None] * stride_src + dd[None, :], mask=m2,
-                          other=0.0).to(acc_t)
             q = tl.sum(src * v, axis=1) * scale * scale
             v = v - q[:, None] * src
         tl.store(out_ptr + orow[:, None] * stride_out + dd[None, :],
@@ -606,26 +600,35 @@ def proj_rows_kernel(part_ptr, splits, src_ptr, stride_src, scale_ptr, idx_ptr, 
         q = tl.zeros((BLOCK_R,), acc_t)
         if NORMALIZE:
             for d0 in range(0, D, BLOCK_D):
-                dd = d0 + tl.arange(0, BLOCK_D)
-                m2 = ok[:, None] & (dd < D)[None, :]
-                v = tl.zeros((BLOCK_R, BLOCK_D), acc_t)
-                for sp in range(0, splits):
-                    v += tl.load(part_ptr + (sp * rows + r)[:, None] * D + dd[None, :],
-                                 mask=m2, other=0.0)
-                src = tl.load(src_ptr + srow[:, None] * stride_src + dd[None, :], mask=m2,
-                              other=0.0).to(acc_t)
+                v, src, m2, dd = _summed_rows(part_ptr, splits, rows, r, src_ptr, srow,
+                                              stride_src, ok, d0, D, NORMALIZE, BLOCK_R,
+                                              BLOCK_D)
                 q += tl.sum(src * v, axis=1)
             q = q * scale * scale
         for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            m2 = ok[:, None] & (dd < D)[None, :]
-            v = tl.zeros((BLOCK_R, BLOCK_D), acc_t)
-            for sp in range(0, splits):
-                v += tl.load(part_ptr + (sp * rows + r)[:, None] * D + dd[None, :],
-                             mask=m2, other=0.0)
+            v, src, m2, dd = _summed_rows(part_ptr, splits, rows, r, src_ptr, srow,
+                                          stride_src, ok, d0, D, NORMALIZE, BLOCK_R, BLOCK_D)
             if NORMALIZE:
-                src = tl.load(src_ptr + srow[:, None] * stride_src + dd[None, :], mask=m2,
-                              other=0.0).to(acc_t)
                 v = v - q[:, None] * src
             tl.store(out_ptr + orow[:, None] * stride_out + dd[None, :],
                      v.to(out_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _summed_rows(part_ptr, splits, rows, r, src_ptr, srow, stride_src, ok, d0, D,
+                 NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Columns [d0, d0 + BLOCK_D) of the rows r: the sum over the splits of the partials
+    (fp32 [splits, rows, D]), the source rows (srow of src, in the partials' dtype;
+    without NORMALIZE, unused: the sum again), the mask and the columns."""
+    acc_t: tl.constexpr = part_ptr.dtype.element_ty
+    dd = d0 + tl.arange(0, BLOCK_D)
+    m2 = ok[:, None] & (dd < D)[None, :]
+    v = tl.zeros((BLOCK_R, BLOCK_D), acc_t)
+    for sp in range(0, splits):
+        v += tl.load(part_ptr + (sp * rows + r)[:, None] * D + dd[None, :], mask=m2, other=0.0)
+    if NORMALIZE:
+        src = tl.load(src_ptr + srow[:, None] * stride_src + dd[None, :], mask=m2,
+                      other=0.0).to(acc_t)
+    else:
+        src = v
+    return v, src, m2, dd

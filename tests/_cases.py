@@ -100,7 +100,7 @@ def assert_matches_reference(backend: str, shape, mode: dict, *, dtype=torch.flo
 
 
 def assert_low_precision_ok(backend: str, shape, mode: dict, dtype, *, device="cpu",
-                            factor: float = 4.0, seed: int = 0):
+                            factor: float = 4.0, seed: int = 0, input_scale: float = 1.0):
     """In float16 / bfloat16 a backend's error against the float64 reference is at most
     ``factor`` times the reference's own error at that precision, plus one unit roundoff
     of the dtype (the gradients are stored in it).
@@ -108,10 +108,12 @@ def assert_low_precision_ok(backend: str, shape, mode: dict, dtype, *, device="c
     "The reference's own error" is that of naive PyTorch at its best in that precision:
     the inputs rounded to ``dtype``, the math in float32, the gradients rounded to
     ``dtype``. (Plain float16 arithmetic over the whole reference overflows or divides by
-    zero: F.normalize's eps underflows in half precision.)"""
+    zero: F.normalize's eps underflows in half precision.) ``input_scale`` multiplies x and
+    w (norms far from 1: the cosines are unchanged, the gradients scale)."""
     n, c, d = shape
     k = mode.get("sub_centers", 1)
     x, w, y = make_inputs(n, c, d, dtype=torch.float64, seed=seed, sub_centers=k)
+    x, w = x * input_scale, w * input_scale
     exact = run_loss(None, x, w, y, mode)
     xl, wl = x.to(device=device, dtype=dtype), w.to(device=device, dtype=dtype)
     loss_n, dx_n, dw_n = run_loss(None, xl.float(), wl.float(), y.to(device), mode)

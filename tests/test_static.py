@@ -215,7 +215,9 @@ def test_triton_step_plan_at_a_headline_shape():
     assert names.count("fwd_kernel") == 1
     assert names.count("grad_kernel") == chunks and names.count("bwd_mm_kernel") == chunks
     assert names.count("proj_rows_kernel") == chunks + 1
-    assert len([o for o in tr.ops if o.phase == "bwd"]) <= 3 * chunks + 12
+    # 3 per chunk, plus a fixed few: norms, target, dx, the argument checks (device
+    # asserts), the reduction's backward
+    assert len([o for o in tr.ops if o.phase == "bwd"]) <= 3 * chunks + 24
     fwd = next(o for o in tr.ops if o.name == "fwd_kernel")
     bn = fwd.detail["meta"]["BLOCK_N"]
     assert fwd.detail["grid"][0] == 8192 // bn

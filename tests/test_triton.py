@@ -290,6 +290,33 @@ def test_float16_extreme_norms():
         assert max_rel_err(g, r) <= 8 * torch.finfo(torch.float16).eps, name
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scale", [100.0, 5e-4])
+def test_half_precision_far_from_unit_norms(dtype, scale):
+    """Embeddings and class centres of norm ~600 or ~0.003: the gradient tiles and the
+    products stay in float16's range (H carries no inverse norms in float16), so the
+    error stays that of naive PyTorch in that precision."""
+    assert_low_precision_ok(BACKEND, (33, 70, 24), MODES["arcface"], dtype, device=DEVICE,
+                            input_scale=scale)
+
+
+def test_backward_chunk_bounded_by_the_products_size():
+    """A small N with a large D: the chunk is capped so that one [Cb K, D] fp32 product
+    fits the workspace too (else N = 8, D = 4096, C = 1M would be one 16 GiB chunk)."""
+    launch = _launch()
+    budget = launch.OPTIONS.workspace_bytes
+    cb = launch.chunk_classes(8, 1, 2, 1 << 20, 0, 128, 4096, 4)
+    assert cb % 128 == 0 and cb * 4096 * 4 <= budget and 8 * cb * 2 <= budget
+
+
+def test_direct_op_checks_label_range():
+    x, w, y = (t.to(DEVICE) for t in make_inputs(5, 7, 3))
+    args = MarginConfig().op_args() + (0.0, 0)
+    if DEVICE == "cpu":   # on CUDA a device-side assert
+        with pytest.raises(ValueError, match=r"labels must be in \[-1, 7\).*\[0, 7\]"):
+            _ops().FWD_OP(x, w, torch.tensor([0, 7, 1, 2, 3], device=DEVICE), None, *args)
+
+
 @pytest.mark.parametrize("mode", ["arcface", "sub_centers"])
 def test_float16_dw_fp32(mode, monkeypatch):
     """The fp32 dW option (ARCFACE_TRITON_DW_FP32=1 sets OPTIONS.dw_fp32)."""

@@ -174,10 +174,11 @@ def inv_norm_kernel(src_ptr, idx_ptr, out_ptr, M, D, stride, NUM_W_CLASSES,
 @triton.jit(do_not_specialize=["N", "NUM_W_CLASSES"])
 def target_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr,
                   tz_ptr, tc_ptr, tk_ptr, lse_ptr, gp_ptr, gt_ptr, gs_ptr, th_ptr,
-                  N, NUM_W_CLASSES, D, stride_x, stride_w,
+                  N, C, NUM_W_CLASSES, D, stride_x, stride_w,
                   K: tl.constexpr, HAS_INDEX: tl.constexpr, NORMALIZE: tl.constexpr,
                   WRAP: tl.constexpr, GRAD: tl.constexpr, M1_IS_ONE: tl.constexpr,
-                  BWD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                  BWD: tl.constexpr, SCALE_H: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
     """Per row i with a target t = label_i (>= 0): c_t = max over sub-centers k of the
     cosine (clamped to [-1, 1]; the plain dot product without normalization),
 
@@ -185,15 +186,17 @@ def target_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr,
         tc[i] = s c_t                             (0 without a target)
         tk[i] = the arg-max sub-center            (int32)
 
-    and with BWD, the target's entry of the gradient tile,
+    and with BWD, the target's entry of the gradient tile (a_i b_t only with SCALE_H),
 
-        th[i] = a_i b_t s psi'(c_t) (g_p exp(s psi(c_t) - lse) + g_t + g_s)."""
+        th[i] = a_i b_t s psi'(c_t) (g_p exp(s psi(c_t) - lse) + g_t + g_s).
+
+    A label outside [0, C) counts as no target (never read outside the shard)."""
     pid = tl.program_id(0)
     acc_t: tl.constexpr = a_ptr.dtype.element_ty
     rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rmask = rows < N
     lab = tl.load(lab_ptr + rows, mask=rmask, other=-1)
-    has = rmask & (lab >= 0)
+    has = rmask & (lab >= 0) & (lab < C)
     labc = tl.where(has, lab, 0)
     cls, valid = _class_rows(idx_ptr, labc, has, NUM_W_CLASSES, HAS_INDEX)
     a = _row_norms(a_ptr, rows, rmask, NORMALIZE, acc_t)
@@ -238,7 +241,9 @@ def target_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr,
         g_s = tl.load(gs_ptr + rows, mask=rmask, other=0.0).to(acc_t)
         dpsi = margin_dpsi(best, m1, m2, WRAP, GRAD, M1_IS_ONE)
         g = s * dpsi * (g_p * tl.exp(tz - lse) + g_t + g_s)
-        tl.store(th_ptr + rows, tl.where(has, g * a * bb, 0.0), mask=rmask)
+        if SCALE_H:
+            g = g * a * bb
+        tl.store(th_ptr + rows, tl.where(has, g, 0.0), mask=rmask)
 
 
 @triton.jit
@@ -301,7 +306,7 @@ def fwd_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr,
     sum_y = tl.zeros((BLOCK_N,), acc_t)
     arg = tl.zeros((BLOCK_N,), tl.int32)
     j_start = pid_s * cls_per_split
-    j_end = tl.minimum(j_start + cls_per_split, C)
+    j_end = j_start + tl.minimum(cls_per_split, C - j_start)   # no int32 overflow
     j_full = j_start + (j_end - j_start) // BLOCK_C * BLOCK_C
     for j0 in range(j_start, j_full, BLOCK_C):
         run_max, run_sum, sum_y, arg = _fwd_tile(
@@ -369,6 +374,7 @@ def grad_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr,
                 N, j_chunk, C_chunk, NUM_W_CLASSES, D, stride_x, stride_w,
                 K: tl.constexpr, HAS_INDEX: tl.constexpr, NORMALIZE: tl.constexpr,
                 DOT_MODE: tl.constexpr, FP32_PREC: tl.constexpr, FILTER: tl.constexpr,
+                SCALE_H: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (row blocks, class tiles of the chunk). For classes j_chunk + [0, C_chunk):
 
@@ -376,7 +382,9 @@ def grad_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr,
                        = th_i (from target_kernel)                  at the target
                        = 0                                          at other sub-centers
 
-    i.e. H = a b dL/dc. The logits are recomputed exactly as in fwd_kernel. Tiles are
+    i.e. H = a b dL/dc; without SCALE_H (float16: the workspace's range), H = dL/dc and
+    the products scale the rows they read instead. The logits are recomputed exactly as
+    in fwd_kernel. Tiles are
     stored whole, the grid covering all of the workspace's padded width ld_h (columns
     past the chunk as zeros, which the products then read instead of masking), so every
     store is a full 16-byte vector.
@@ -401,9 +409,12 @@ def grad_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr,
     g_p = tl.load(gp_ptr + rows, mask=rmask, other=0.0).to(acc_t)
     g_s = tl.load(gs_ptr + rows, mask=rmask, other=0.0).to(acc_t)
     th = tl.load(th_ptr + rows, mask=rmask, other=0.0)
-    # per row: H = (c1 p + c0) b_j with c1 = s g_p a_i, c0 = s g_s a_i
-    c1 = s * g_p * a
-    c0 = s * g_s * a
+    # per row: H = (c1 p + c0) b_j with c1 = s g_p a_i, c0 = s g_s a_i (SCALE_H)
+    c1 = s * g_p
+    c0 = s * g_s
+    if SCALE_H:
+        c1 = c1 * a
+        c0 = c0 * a
     is_t = cols[None, :] == labels[:, None]
     valid = rmask[:, None] & cmask[None, :]
     hrow = rows[:, None] * ld_h
@@ -417,7 +428,7 @@ def grad_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr,
         tl.store(flag_ptr + pid_n * tl.num_programs(1) + pid_c, live.to(tl.int8))
     for k in tl.static_range(K):
         h = c1[:, None] * p + c0[:, None]
-        if NORMALIZE:
+        if NORMALIZE and SCALE_H:
             bk = tl.load(b_ptr + cols * K + k, mask=cmask, other=0.0)
             h = h * bk[None, :]
         if K == 1:
@@ -445,11 +456,12 @@ def _shard_row_of_w(idx_ptr, p, pmask, K: tl.constexpr, NUM_W_CLASSES,
 
 
 @triton.jit
-def _mm_tile(a_ptr, b_ptr, idx_ptr, a_row, a_col_stride, b_stride, b_row0, b_col, k_lo,
-             k_end, k_valid, amask, bmask, acc, NUM_W_CLASSES, flag_base, flag_div,
-             flag_stride, A_T: tl.constexpr, B_SHARD_ROWS: tl.constexpr, K: tl.constexpr,
-             HAS_INDEX: tl.constexpr, DOT_MODE: tl.constexpr, FP32_PREC: tl.constexpr,
-             FILTER: tl.constexpr, BLOCK_K: tl.constexpr):
+def _mm_tile(a_ptr, b_ptr, idx_ptr, scale_ptr, a_row, a_col_stride, b_stride, b_row0,
+             b_col, k_lo, k_end, k_valid, amask, bmask, acc, NUM_W_CLASSES, flag_base,
+             flag_div, flag_stride, A_T: tl.constexpr, B_SHARD_ROWS: tl.constexpr,
+             K: tl.constexpr, HAS_INDEX: tl.constexpr, DOT_MODE: tl.constexpr,
+             FP32_PREC: tl.constexpr, FILTER: tl.constexpr, SCALE_B: tl.constexpr,
+             BLOCK_K: tl.constexpr):
     """acc [BM, BN] += A[:, k_lo:k_end] @ B[k_lo:k_end, :] for one output tile (k is
     int32; k >= k_valid reads zeros of B).
 
@@ -457,27 +469,32 @@ def _mm_tile(a_ptr, b_ptr, idx_ptr, a_row, a_col_stride, b_stride, b_row0, b_col
     chunk are H's zero padding, so only rows are masked: whole-vector loads). A_T: the
     [BK, BM] tile at k * a_col_stride + a_row[m] (rows k < k_valid), transposed. B: row k
     is row k of b (b_stride apart), or with B_SHARD_ROWS the row of w of shard row
-    b_row0 + k (through the index); column b_col[n]. FILTER: a K step whose gradient tile
-    is flagged zero (flag_base[(k0 // flag_div) * flag_stride] == 0) is skipped."""
+    b_row0 + k (through the index); column b_col[n]. SCALE_B: each row of B is scaled by
+    scale[b_row0 + k] as it is loaded (an inverse norm: the unit rows a x or b w, in
+    B's dtype). FILTER: a K step whose gradient tile is flagged zero
+    (flag_base[(k0 // flag_div) * flag_stride] == 0) is skipped (the loop is then not
+    software-pipelined: the filter pays off only where most tiles are dropped)."""
     for k0 in range(k_lo, k_end, BLOCK_K):
         if FILTER:
             if tl.load(flag_base + (k0 // flag_div) * flag_stride) != 0:
-                acc = _mm_step(a_ptr, b_ptr, idx_ptr, a_row, a_col_stride, b_stride,
-                               b_row0, b_col, k0, k_valid, amask, bmask, acc,
+                acc = _mm_step(a_ptr, b_ptr, idx_ptr, scale_ptr, a_row, a_col_stride,
+                               b_stride, b_row0, b_col, k0, k_valid, amask, bmask, acc,
                                NUM_W_CLASSES, A_T, B_SHARD_ROWS, K, HAS_INDEX, DOT_MODE,
-                               FP32_PREC, BLOCK_K)
+                               FP32_PREC, SCALE_B, BLOCK_K)
         else:
-            acc = _mm_step(a_ptr, b_ptr, idx_ptr, a_row, a_col_stride, b_stride, b_row0,
-                           b_col, k0, k_valid, amask, bmask, acc, NUM_W_CLASSES, A_T,
-                           B_SHARD_ROWS, K, HAS_INDEX, DOT_MODE, FP32_PREC, BLOCK_K)
+            acc = _mm_step(a_ptr, b_ptr, idx_ptr, scale_ptr, a_row, a_col_stride, b_stride,
+                           b_row0, b_col, k0, k_valid, amask, bmask, acc, NUM_W_CLASSES,
+                           A_T, B_SHARD_ROWS, K, HAS_INDEX, DOT_MODE, FP32_PREC, SCALE_B,
+                           BLOCK_K)
     return acc
 
 
 @triton.jit
-def _mm_step(a_ptr, b_ptr, idx_ptr, a_row, a_col_stride, b_stride, b_row0, b_col, k0,
-             k_valid, amask, bmask, acc, NUM_W_CLASSES, A_T: tl.constexpr,
+def _mm_step(a_ptr, b_ptr, idx_ptr, scale_ptr, a_row, a_col_stride, b_stride, b_row0,
+             b_col, k0, k_valid, amask, bmask, acc, NUM_W_CLASSES, A_T: tl.constexpr,
              B_SHARD_ROWS: tl.constexpr, K: tl.constexpr, HAS_INDEX: tl.constexpr,
-             DOT_MODE: tl.constexpr, FP32_PREC: tl.constexpr, BLOCK_K: tl.constexpr):
+             DOT_MODE: tl.constexpr, FP32_PREC: tl.constexpr, SCALE_B: tl.constexpr,
+             BLOCK_K: tl.constexpr):
     """One K step of _mm_tile: acc + A[:, k0:k0+BK] @ B[k0:k0+BK, :]."""
     kk = k0 + tl.arange(0, BLOCK_K)
     km = kk < k_valid
@@ -494,15 +511,19 @@ def _mm_step(a_ptr, b_ptr, idx_ptr, a_row, a_col_stride, b_stride, b_row0, b_col
         bm = km
     bt = tl.load(b_ptr + brow[:, None] * b_stride + b_col[None, :],
                  mask=bm[:, None] & bmask[None, :], other=0.0)
+    if SCALE_B:
+        sc = tl.load(scale_ptr + b_row0 + kk, mask=km, other=0.0)
+        bt = (bt.to(sc.dtype) * sc[:, None]).to(bt.dtype)
     return _dot(at, bt, acc, DOT_MODE, FP32_PREC)
 
 
 @triton.jit(do_not_specialize=["N", "j_chunk", "C_chunk", "NUM_W_CLASSES", "TILES_X"])
-def bwd_mm_kernel(h_ptr, ld_h, x_ptr, w_ptr, idx_ptr, vx_ptr, uw_ptr, flag_ptr,
-                  N, j_chunk, C_chunk, NUM_W_CLASSES, D, stride_x, stride_w,
+def bwd_mm_kernel(h_ptr, ld_h, x_ptr, w_ptr, idx_ptr, a_ptr, b_ptr, vx_ptr, uw_ptr,
+                  flag_ptr, N, j_chunk, C_chunk, NUM_W_CLASSES, D, stride_x, stride_w,
                   TILES_X, SPLIT_X, SPLIT_W, FIRST, FLAG_COLS, FLAG_ROWS, FLAG_W,
                   K: tl.constexpr, HAS_INDEX: tl.constexpr,
                   DOT_MODE: tl.constexpr, FP32_PREC: tl.constexpr, FILTER: tl.constexpr,
+                  SCALE_B: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Both products of one backward chunk (R = C_chunk K rows of w), one launch:
 
@@ -513,7 +534,9 @@ def bwd_mm_kernel(h_ptr, ld_h, x_ptr, w_ptr, idx_ptr, vx_ptr, uw_ptr, flag_ptr,
                             ([R, D] fp32 tiles, SPLIT_W parts of the N rows)
 
     W_chunk's rows are w's own rows (through the index), X is x itself: no scaled copy of
-    either is made (H carries a_i b_j). Every output tile belongs to one program. FILTER:
+    either is made (H carries a_i b_j; SCALE_B, float16: H does not, and the rows of W
+    and X are scaled by b and a as they are loaded). Every output tile belongs to one
+    program. FILTER:
     K steps over gradient tiles flagged zero by grad_kernel (flag [rows / FLAG_ROWS,
     FLAG_W], one per FLAG_ROWS x FLAG_COLS tile of H) are skipped."""
     pid = tl.program_id(0)
@@ -533,9 +556,10 @@ def bwd_mm_kernel(h_ptr, ld_h, x_ptr, w_ptr, idx_ptr, vx_ptr, uw_ptr, flag_ptr,
         k_lo = sx * per
         k_end = tl.minimum(k_lo + per, tl.cdiv(R, BLOCK_K) * BLOCK_K)
         fbase = flag_ptr + ((rest % tm) * BLOCK_M // FLAG_ROWS) * FLAG_W
-        acc = _mm_tile(h_ptr, w_ptr, idx_ptr, m * ld_h, 1, stride_w, j_chunk * K, dn, k_lo,
-                       k_end, R, mmask, dmask, acc, NUM_W_CLASSES, fbase, FLAG_COLS, 1,
-                       False, True, K, HAS_INDEX, DOT_MODE, FP32_PREC, FILTER, BLOCK_K)
+        acc = _mm_tile(h_ptr, w_ptr, idx_ptr, b_ptr, m * ld_h, 1, stride_w, j_chunk * K,
+                       dn, k_lo, k_end, R, mmask, dmask, acc, NUM_W_CLASSES, fbase,
+                       FLAG_COLS, 1, False, True, K, HAS_INDEX, DOT_MODE, FP32_PREC, FILTER,
+                       SCALE_B, BLOCK_K)
         out = vx_ptr + sx.to(tl.int64) * N * D + m[:, None] * D + dn[None, :]
         omask = mmask[:, None] & dmask[None, :]
         if FIRST == 0:
@@ -552,10 +576,10 @@ def bwd_mm_kernel(h_ptr, ld_h, x_ptr, w_ptr, idx_ptr, vx_ptr, uw_ptr, flag_ptr,
         k_lo = sw * per
         k_end = tl.minimum(k_lo + per, N)
         fbase = flag_ptr + (rest % tr) * BLOCK_M // FLAG_COLS
-        acc = _mm_tile(h_ptr, x_ptr, idx_ptr, r, ld_h, stride_x, 0, dn, k_lo, k_end, N, rm,
-                       dmask, acc, NUM_W_CLASSES, fbase, FLAG_ROWS, FLAG_W, True, False, K,
-                       HAS_INDEX, DOT_MODE, FP32_PREC, FILTER, BLOCK_K)
-        out = uw_ptr + sw.to(tl.int64) * R * D + r[:, None] * D + dn[None, :]
+        acc = _mm_tile(h_ptr, x_ptr, idx_ptr, a_ptr, r, ld_h, stride_x, 0, dn, k_lo, k_end,
+                       N, rm, dmask, acc, NUM_W_CLASSES, fbase, FLAG_ROWS, FLAG_W, True,
+                       False, K, HAS_INDEX, DOT_MODE, FP32_PREC, FILTER, SCALE_B, BLOCK_K)
+        out = uw_ptr + sw.to(tl.int64) * R * D + r[:, None].to(tl.int64) * D + dn[None, :]
         tl.store(out, acc, mask=rm[:, None] & dmask[None, :])
 
 
@@ -563,12 +587,13 @@ def bwd_mm_kernel(h_ptr, ld_h, x_ptr, w_ptr, idx_ptr, vx_ptr, uw_ptr, flag_ptr,
 def proj_rows_kernel(part_ptr, splits, src_ptr, stride_src, scale_ptr, idx_ptr, out_ptr,
                      stride_out, rows, row0, NUM_W_CLASSES, D,
                      K: tl.constexpr, HAS_INDEX: tl.constexpr, INDEXED_OUT: tl.constexpr,
-                     NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr,
-                     BLOCK_D: tl.constexpr, ONE_PASS: tl.constexpr):
+                     NORMALIZE: tl.constexpr, POST_SCALE: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ONE_PASS: tl.constexpr):
     """The normalization backward of gradient rows from their split partials:
 
         V_r = sum_s part[s, r]                          (fp32 [rows, D] each)
         out_r = V_r - <v_r, V_r> scale_r^2 v_r          (NORMALIZE; else V_r)
+              (times scale_r with POST_SCALE: H without its inverse norms)
 
     with v_r the source row: x_r for dx (scale = a), or row(row0 + r) of w for dw
     (scale = b, HAS_INDEX: through the Partial-FC index), since <v_r, V_r> = sum of
@@ -594,6 +619,8 @@ def proj_rows_kernel(part_ptr, splits, src_ptr, stride_src, scale_ptr, idx_ptr, 
         if NORMALIZE:
             q = tl.sum(src * v, axis=1) * scale * scale
             v = v - q[:, None] * src
+        if POST_SCALE:
+            v = v * scale[:, None]
         tl.store(out_ptr + orow[:, None] * stride_out + dd[None, :],
                  v.to(out_ptr.dtype.element_ty), mask=m2)
     else:
@@ -610,6 +637,8 @@ def proj_rows_kernel(part_ptr, splits, src_ptr, stride_src, scale_ptr, idx_ptr, 
                                           stride_src, ok, d0, D, NORMALIZE, BLOCK_R, BLOCK_D)
             if NORMALIZE:
                 v = v - q[:, None] * src
+            if POST_SCALE:
+                v = v * scale[:, None]
             tl.store(out_ptr + orow[:, None] * stride_out + dd[None, :],
                      v.to(out_ptr.dtype.element_ty), mask=m2)
 

@@ -55,10 +55,19 @@ GPU time (about 35 us at N = 8192).
 Precision
 ---------
 fp16 / bf16 inputs: tensor-core dots with fp32 accumulation, fp32 statistics, H in the
-input dtype (fp16: use loss scaling, as always), dX and dW products accumulated in fp32,
-gradients rounded once. fp32: ``tl.dot`` with input_precision "ieee" by default (TF32
+input dtype, dX and dW products accumulated in fp32, gradients rounded once. float16's
+range (6e-8 .. 65504) cannot hold a_i b_j dL/dc for arbitrary norms of x and w, so for
+float16 H = dL/dc (O(s); use loss scaling, as always for fp16) and the products scale
+each row of w and x by b or a as they load it (unit rows); the projection then applies
+the outer a or b. bf16 and fp32 keep H = a b dL/dc. fp32: ``tl.dot`` with input_precision "ieee" by default (TF32
 would cost about 1e-3 of a cosine: 0.06 of a logit at s = 64); the ``fp32_precision``
 option trades accuracy for speed. float64: broadcast products (tests, gradcheck).
+Determinism: every output tile has one writer and the chunks run in order, so the
+gradients are bitwise reproducible, except dw through a Partial-FC index that repeats a
+class (index_add_ uses atomics; PartialFC's sampling never repeats). The gradient filter
+(``grad_filter`` > 0) skips zero tiles with a branch in the products' loop, which is then
+not software-pipelined: it pays off only where most tiles are dropped.
+
 Options: ``options.OPTIONS`` (read once from the environment); under TRITON_INTERPRET=1
 (CPU tests) small tiles are used and bf16 operands are upcast before tl.dot (the
 interpreter's bf16 dot is wrong).
@@ -143,6 +152,16 @@ def check_args(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor],
             if lo < 0 or hi >= num_w:
                 raise ValueError(f"triton backend: index values must be in [0, {num_w}) "
                                  f"(classes of w), got min {lo}, max {hi}")
+    shard = rows // sub_centers if isinstance(sub_centers, int) and sub_centers > 0 else 0
+    if labels.numel() and labels.is_cuda:
+        torch._assert_async(((labels >= -1) & (labels < shard)).all(),
+                            f"triton backend: labels must be in [-1, {shard}) (positions "
+                            "in the shard, -1 = no target)")
+    elif labels.numel() and not _traced(labels):
+        lo, hi = torch.stack(torch.aminmax(labels)).tolist()
+        if lo < -1 or hi >= shard:
+            raise ValueError(f"triton backend: labels must be in [-1, {shard}) (positions "
+                             f"in the shard, -1 = no target), got values in [{lo}, {hi}]")
     if rows > _INT32_MAX:
         raise ValueError(f"triton backend: the shard has {rows} rows of w (classes x "
                          f"sub_centers); at most {_INT32_MAX} are supported")
@@ -279,7 +298,8 @@ def _sms(device: torch.device) -> int:
 
 
 def _target(x, w, labels, index, a, b, prm, k, normalize, wrap_mode, grad_mode, m1,
-            num_w, bwd=None) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+            num_w, num_classes, bwd=None, scale_h=True
+            ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """(tz [N], tc [N], tk [N] int32, th [N] or None) of target_kernel."""
     n, d = x.shape
     acc = acc_dtype(x.dtype)
@@ -292,9 +312,9 @@ def _target(x, w, labels, index, a, b, prm, k, normalize, wrap_mode, grad_mode, 
     idx = index if index is not None else labels
     _launch(K.target_kernel, (triton.cdiv(n, cfg["BLOCK_M"]),),
             x, w, labels, idx, a, b, prm, tz, tc, tk, lse, g_p, g_t, g_s, th,
-            n, num_w, d, x.stride(0), w.stride(0),
+            n, num_classes, num_w, d, x.stride(0), w.stride(0),
             K=k, HAS_INDEX=index is not None, NORMALIZE=normalize, WRAP=wrap_mode,
-            GRAD=grad_mode, M1_IS_ONE=(m1 == 1.0), BWD=bwd is not None,
+            GRAD=grad_mode, M1_IS_ONE=(m1 == 1.0), BWD=bwd is not None, SCALE_H=scale_h,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_D=min(cfg["BLOCK_D"], 128),
             num_warps=cfg["num_warps"])
     return tz, tc, tk, (th if bwd is not None else None)
@@ -331,7 +351,7 @@ def forward(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], s: fl
     prm = _params(x, s, m1, m2, m3)
     num_w = w.shape[0] // k
     tz, tc, _tk, _ = _target(x, w, labels, index, a, b, prm, k, normalize, wrap_mode,
-                             grad_mode, m1, num_w)
+                             grad_mode, m1, num_w, num_classes)
     cfg = cfgs.tile_config(x.dtype, _interpreted(), k)
     row_blocks = triton.cdiv(n, cfg["BLOCK_N"])
     class_blocks = triton.cdiv(num_classes, cfg["BLOCK_C"])
@@ -354,14 +374,15 @@ def forward(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], s: fl
 
 
 def chunk_classes(n: int, k: int, elt: int, num_classes: int, block: int,
-                  align: int) -> int:
+                  align: int, d: int = 1, acc_size: int = 4) -> int:
     """Classes per backward chunk: the ``block`` hint, else as many as fit the workspace
-    (whole tiles of ``align`` classes); at most MAX_GRID_YZ class tiles (the grad
-    kernel's grid axis 1: a small N, e.g. N = 1 in fp16, would ask for more)."""
+    both as H [N, Cb K] (elt bytes) and as one [Cb K, D] fp32 product (whole tiles of
+    ``align`` classes); at most MAX_GRID_YZ class tiles (the grad kernel's grid axis 1: a
+    small N, e.g. N = 1 in fp16, would ask for more)."""
     if block > 0:
         cb = block
     else:
-        cb = OPTIONS.workspace_bytes // max(1, n * k * elt)
+        cb = OPTIONS.workspace_bytes // max(1, k * max(n * elt, d * acc_size))
         cb = max(align, cb // align * align)
     cb = min(cb, (cfgs.MAX_GRID_YZ - 64) * align)   # padded to whole tiles: a margin
     return max(1, min(cb, num_classes))
@@ -404,13 +425,18 @@ def backward(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], lse:
     a, b = _norms(x, w, index, k, normalize, num_classes, acc)
     prm = _params(x, s, m1, m2, m3)
     num_w = w.shape[0] // k
+    # float16's range is too narrow for H = a b dL/dc with arbitrary norms: there H =
+    # dL/dc (O(s)) and the products scale the rows of w and x they read instead
+    scale_h = not (normalize and x.dtype == torch.float16)
     _tz, _tc, tk, th = _target(x, w, labels, index, a, b, prm, k, normalize, wrap_mode,
-                               grad_mode, m1, num_w, bwd=(lse, g_p, g_t, g_s))
+                               grad_mode, m1, num_w, num_classes,
+                               bwd=(lse, g_p, g_t, g_s), scale_h=scale_h)
     cfg = cfgs.tile_config(x.dtype, _interpreted(), k)
     mcfg = cfgs.mm_config(x.dtype, _interpreted())
     rcfg = cfgs.rows_config(_interpreted(), d)
     bn, bc = cfg["BLOCK_N"], cfg["BLOCK_C"]
-    cb_max = chunk_classes(n, k, x.element_size(), num_classes, block, bc)
+    acc_size = torch.finfo(acc).bits // 8
+    cb_max = chunk_classes(n, k, x.element_size(), num_classes, block, bc, d, acc_size)
     bm_, bn_ = mcfg["BLOCK_M"], mcfg["BLOCK_N"]
     # the workspace's width: whole grad tiles (full-width stores) and whole GEMM tiles
     # (the products read its zero padding instead of masking columns)
@@ -426,7 +452,6 @@ def backward(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], lse:
                         device=dev)
     tn = triton.cdiv(d, bn_)
     target = cfgs.MM_PROGRAMS * _sms(dev)
-    acc_size = torch.finfo(acc).bits // 8
     cap = max(1, OPTIONS.workspace_bytes // max(1, n * d * acc_size))
     split_x = _split(triton.cdiv(n, bm_) * tn, target, cap)
     r_max = cb_max * k
@@ -448,23 +473,25 @@ def backward(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], lse:
         _launch(kernel, (triton.cdiv(n, bn), flag_w),
                 x, w, labels, idx, a, b, prm, lse, g_p, g_s, th, tk, ws, ld_h, flags,
                 float(grad_filter), n, j0, cb, num_w, d, x.stride(0), w.stride(0),
-                FILTER=filt, **kmeta)
+                FILTER=filt, SCALE_H=scale_h, **kmeta)
         _launch(K.bwd_mm_kernel, (tiles_x + triton.cdiv(r, bm_) * tn * split_w,),
-                ws, ld_h, x, w, idx, vx, uw, flags, n, j0, cb, num_w, d, x.stride(0),
+                ws, ld_h, x, w, idx, a, b, vx, uw, flags, n, j0, cb, num_w, d, x.stride(0),
                 w.stride(0), tiles_x, split_x, split_w, int(i == 0), bc * k, bn, flag_w,
                 K=k, HAS_INDEX=index is not None, DOT_MODE=_dot_mode(x.dtype),
-                FP32_PREC=OPTIONS.fp32_prec, FILTER=filt, **mcfg)
+                FP32_PREC=OPTIONS.fp32_prec, FILTER=filt, SCALE_B=not scale_h, **mcfg)
         out, stride_out = (dw_buf, d) if index is not None else (dw, dw.stride(0))
         _launch(K.proj_rows_kernel, (triton.cdiv(r, rcfg["BLOCK_M"]),),
                 uw, split_w, w, w.stride(0), b, idx, out, stride_out, r, j0 * k, num_w, d,
                 K=k, HAS_INDEX=index is not None, INDEXED_OUT=index is not None,
-                NORMALIZE=normalize, BLOCK_R=rcfg["BLOCK_M"], BLOCK_D=rcfg["BLOCK_D"],
+                NORMALIZE=normalize, POST_SCALE=not scale_h, BLOCK_R=rcfg["BLOCK_M"],
+                BLOCK_D=rcfg["BLOCK_D"],
                 ONE_PASS=rcfg["ONE_PASS"], num_warps=rcfg["num_warps"])
         if index is not None:
             dw.index_add_(0, shard_rows[j0 * k:j0 * k + r], dw_buf[:r])
     _launch(K.proj_rows_kernel, (triton.cdiv(n, rcfg["BLOCK_M"]),),
             vx, split_x, x, x.stride(0), a, idx, dx, d, n, 0, num_w, d,
             K=1, HAS_INDEX=False, INDEXED_OUT=False, NORMALIZE=normalize,
-            BLOCK_R=rcfg["BLOCK_M"], BLOCK_D=rcfg["BLOCK_D"], ONE_PASS=rcfg["ONE_PASS"],
+            POST_SCALE=not scale_h, BLOCK_R=rcfg["BLOCK_M"], BLOCK_D=rcfg["BLOCK_D"],
+            ONE_PASS=rcfg["ONE_PASS"],
             num_warps=rcfg["num_warps"])
     return dx, dw.to(w.dtype)

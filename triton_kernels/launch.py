@@ -52,6 +52,14 @@ and dW passes recompute the logits twice (10 N C D). Memory at N = 8192: H 16 Mi
 b 4 MiB + V partials. Host work: 3 launches per chunk (about 30 us), under the chunk's
 GPU time (about 35 us at N = 8192).
 
+What the static report predicts (``bench/results/static_sm90a.md``, 2026-12-01, an H200
+model, bf16): at N = 8192, C = 262144 a step of 16.2 ms (0.69 of the 790 TFLOP/s matmul
+rate): fwd_kernel 2.9 ms, grad_kernel 4.0 ms, bwd_mm_kernel 7.8 ms, the dW projections
+1.2 ms; 43 MiB beyond inputs and gradients; host work 7.2 ms, under the GPU's. The
+previous design (cuBLAS products on X_hat / W_hat copies, about 23 torch ops per chunk)
+was predicted at 36 ms. bwd_mm_kernel is issue-bound (about 200 instructions per 64 x
+128 x 64 step, mostly cp.async address arithmetic): TMA loads are the next step.
+
 Precision
 ---------
 fp16 / bf16 inputs: tensor-core dots with fp32 accumulation, fp32 statistics, H in the

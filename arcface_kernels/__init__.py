@@ -1,5 +1,5 @@
 """arcface-kernels: fused margin-softmax (ArcFace / CosFace / SphereFace) losses that never
-hold the N x C logits. See README.md and shared/design.md for the math."""
+hold the N x C logits. See README.md, and reference.py for the math."""
 from ._config import MarginConfig
 from .backends import available_backends, backend_status
 from .loss import LossStats, arcface_loss

@@ -23,7 +23,7 @@ _GRAD_NAMES = {v: k for k, v in GRAD_MODES.items()}
 
 @dataclass(frozen=True)
 class MarginConfig:
-    """The math of one loss, as in shared/design.md section 2.
+    """The math of one loss, as in arcface_kernels/reference.py.
 
     Attributes:
         s: logit scale (> 0).

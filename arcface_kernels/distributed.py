@@ -1,6 +1,6 @@
 """Collective helpers for the class-sharded loss (PartialFC), over torch.distributed.
 
-Only three kinds of communication are used (design.md section 4):
+Only three kinds of communication are used:
 
 * :class:`GatherRows` all-gathers the embeddings [N, D] of every rank; its backward sums
   the gradients of the gathered rows over ranks and hands each rank its own rows (times a

@@ -130,7 +130,7 @@ def arcface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: float
         reduction: "mean" (over rows not ignored; 0 if none), "sum" or "none" ([N]).
         backend: "auto", "reference", "chunked", "triton" or "cpp" (see
             :func:`available_backends`).
-        margin_mode: "fallback" (default), "easy" or "none": see design.md section 2.
+        margin_mode: "fallback" (default), "easy" or "none": see reference.py.
         target_grad: "exact" (default) or "straight_through" (insightface's current code).
         label_smoothing: eps in [0, 1].
         normalize: cosine logits (default). normalize=False, m2=0, s=1 is plain linear

@@ -1,7 +1,26 @@
 """Naive PyTorch reference: the oracle every backend is checked against.
 
+The math every backend computes (x [N, D], w [C, D], labels y):
+
+    a_i = 1 / max(|x_i|, eps)      b_j = 1 / max(|w_j|, eps)      (eps = 1e-12)
+    c_ij = clamp(a_i b_j <x_i, w_j>, -1, 1)
+    z_ij = s c_ij (j != y_i)       z_iy = s psi(c_iy),  psi(c) = cos(m1 acos(c) + m2) - m3
+    loss_i = logsumexp_j z_ij - z_iy   (smoothing eps_ls: lse - (1 - eps_ls) z_iy
+                                        - eps_ls / C sum_j z_ij)
+
+with the wrap modes where m1 theta + m2 passes pi (fallback: psi = c - m2 sin m2 - m3
+past it; easy: psi = c - m3 where c <= 0; none: as written). Its gradient, with
+G_ij = dL/dc_ij, r_i = sum_j G_ij c_ij and q_j = sum_i G_ij c_ij:
+
+    dL/dx_i = a_i (sum_j G_ij b_j w_j - r_i a_i x_i)
+    dL/dw_j = b_j (sum_i G_ij a_i x_i - q_j b_j w_j)
+
+Sub-centers: w has C K rows and c_ij is the max over class j's K rows (the gradient goes
+to the arg-max row). The forward / backward primitive the backends implement is in
+``_ops.py``.
+
 It materializes the N x C logits and lets autograd do the rest, so it is as plain as
-the math of shared/design.md section 2 allows. Two things autograd would get "wrong"
+that math allows. Two things autograd would get "wrong"
 with respect to that math are spelled out explicitly:
 
 * the clamp of the cosine to [-1, 1] passes the gradient straight through (the design's

@@ -108,7 +108,7 @@ def test_dpsi_finite_at_the_ends_and_straight_through():
 
 
 def test_gradient_matches_design_formula():
-    """The reference's autograd gradient equals design.md's closed-form gradient."""
+    """The reference's autograd gradient equals the closed-form gradient of reference.py's docstring."""
     x, w, y = make_inputs(6, 5, 4, ignore_some=False)
     s, m2 = 8.0, 0.4
     xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()

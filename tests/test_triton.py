@@ -88,7 +88,7 @@ def test_fake_tensor_shapes():
 @pytest.mark.parametrize("k", [1, 2])
 def test_opcheck(k):
     """torch.library.opcheck of both ops (schema, autograd registration, fake kernel; on
-    a GPU also AOT dispatch, which the interpreter cannot trace: design.md section 6)."""
+    a GPU also AOT dispatch, which the interpreter cannot trace)."""
     tops = _ops()
     x, w, y = (t.to(DEVICE) for t in make_inputs(6, 5, 4, dtype=torch.float32,
                                                   sub_centers=k))

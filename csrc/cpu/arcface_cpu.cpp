@@ -1,4 +1,4 @@
-// CPU kernel of the forward / backward primitive (shared/design.md section 3).
+// CPU kernel of the forward / backward primitive (arcface_kernels/_ops.py).
 //
 // The shard's classes are walked in blocks of BC classes (BC*K rows of w, ~2048 rows)
 // and the rows in tiles of BN (a tile holds <= kTileElements values):

@@ -23,14 +23,16 @@ It materializes the N x C logits and lets autograd do the rest, so it is as plai
 that math allows. Two things autograd would get "wrong"
 with respect to that math are spelled out explicitly:
 
-* the clamp of the cosine to [-1, 1] passes the gradient straight through (the design's
-  gradient formula has no clamp term), and
-* the target margin psi(c) has the design's derivative psi'(c): finite at c = +-1
+* the clamp of the cosine to [-1, 1] passes the gradient straight through (the gradient
+  formula above has no clamp term), and
+* the target margin psi(c) has the derivative psi'(c) of docs/design.md: finite at c = +-1
   (sin(theta) is floored at ``SIN2_MIN``), 1 in the fallback / easy branches, and 1
   everywhere in straight-through mode.
 
-This module is also the single home of the margin formulas in Python: the chunked
-backend imports :func:`margin_psi` and :func:`margin_dpsi` from here.
+The margin formulas psi and psi' come from the neutral module ``_math.py``; this module
+imports no backend (a test checks it), so the oracle shares no code with the backends it
+checks. Its backward op is the closed-form gradient over the materialized N x C matrices
+(:func:`reference_backward`), written apart from the chunked backend's.
 """
 from __future__ import annotations
 
@@ -41,63 +43,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._config import GRAD_MODES, WRAP_MODES, MarginConfig, check_grad_filter, \
-    check_reduction
+from ._checks import check_op_args
+from ._config import MarginConfig, check_grad_filter, check_reduction
+from ._math import NORM_EPS, SIN2_MIN, fallback_threshold, margin_dpsi, margin_psi
 from ._ops import acc_dtype, define_python_backend
 
-NORM_EPS = 1e-12   # as F.normalize
-SIN2_MIN = 1e-12   # floor of sin(theta)^2 in psi'(c), so that psi' is finite at c = +-1
-
-_FALLBACK = WRAP_MODES["fallback"]
-_EASY = WRAP_MODES["easy"]
-_STRAIGHT = GRAD_MODES["straight_through"]
-
-
-def fallback_threshold(m1: float, m2: float) -> float:
-    """cos of the angle past which m1*theta + m2 exceeds pi (fallback mode)."""
-    return math.cos(min((math.pi - m2) / m1, math.pi))
-
-
-def _wrapped_branch(c: Tensor, m1: float, m2: float, wrap_mode: int) -> Optional[Tensor]:
-    """Boolean mask of the target cosines that take the fallback / easy branch."""
-    if wrap_mode == _FALLBACK:
-        return c < fallback_threshold(m1, m2)
-    if wrap_mode == _EASY:
-        return c <= 0
-    return None
-
-
-def margin_psi(c: Tensor, m1: float, m2: float, m3: float, wrap_mode: int) -> Tensor:
-    """Target logit before scaling: psi(c) = cos(m1*acos(c) + m2) - m3, with wrap modes."""
-    if m1 == 1.0:
-        sin_t = torch.sqrt(torch.clamp(1.0 - c * c, min=0.0))
-        psi = c * math.cos(m2) - sin_t * math.sin(m2) - m3
-    else:
-        psi = torch.cos(m1 * torch.acos(c) + m2) - m3
-    branch = _wrapped_branch(c, m1, m2, wrap_mode)
-    if branch is not None:
-        alt = c - m3 - (m2 * math.sin(m2) if wrap_mode == _FALLBACK else 0.0)
-        psi = torch.where(branch, alt, psi)
-    return psi
-
-
-def margin_dpsi(c: Tensor, m1: float, m2: float, wrap_mode: int, grad_mode: int) -> Tensor:
-    """psi'(c) as the design defines it (exact or straight-through)."""
-    if grad_mode == _STRAIGHT:
-        return torch.ones_like(c)
-    sin_t = torch.sqrt(torch.clamp(1.0 - c * c, min=SIN2_MIN))
-    if m1 == 1.0:
-        d = math.cos(m2) + c * math.sin(m2) / sin_t
-    else:
-        d = m1 * torch.sin(m1 * torch.acos(c) + m2) / sin_t
-    branch = _wrapped_branch(c, m1, m2, wrap_mode)
-    if branch is not None:
-        d = torch.where(branch, torch.ones_like(d), d)
-    return d
+__all__ = ["reference_loss", "reference_forward", "reference_backward", "reference_logits",
+           "reference_cosines", "margin_psi", "margin_dpsi", "fallback_threshold",
+           "NORM_EPS", "SIN2_MIN"]
 
 
 class _Psi(torch.autograd.Function):
-    """psi(c) with the design's derivative (autograd of acos/sqrt is infinite at +-1)."""
+    """psi(c) with the derivative psi' of _math.py (autograd of acos/sqrt is infinite at +-1)."""
 
     @staticmethod
     def forward(ctx, c, m1, m2, m3, wrap_mode, grad_mode):
@@ -152,7 +109,7 @@ def reference_logits(x: Tensor, w: Tensor, labels_local: Tensor, index: Optional
 
 def reference_forward(x: Tensor, w: Tensor, labels_local: Tensor, index: Optional[Tensor],
                       cfg: MarginConfig):
-    """The shared forward primitive (design section 3), materializing the logits.
+    """The shared forward primitive (docs/design.md section 3), materializing the logits.
 
     Returns (lse [N], target_logit [N] (0 without local target), sum_z [N],
     max_logit [N] (s * max cosine, no margin), argmax [N] int64 local class).
@@ -208,24 +165,94 @@ def reference_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: flo
 # --- the reference as a backend of the shared primitive (ops "reference_fwd/bwd") -------
 def _reference_fwd_op(x, w, labels, index, s, m1, m2, m3, wrap_mode, grad_mode, normalize,
                       sub_centers, grad_filter, block):
+    check_op_args("reference", x, w, labels, index, sub_centers)
     cfg = MarginConfig.from_op_args(s, m1, m2, m3, wrap_mode, grad_mode, normalize,
                                     sub_centers)
     with torch.no_grad():
         return reference_forward(x, w, labels, index, cfg)
 
 
+def reference_backward(x: Tensor, w: Tensor, labels_local: Tensor, index: Optional[Tensor],
+                       lse: Tensor, g_p: Tensor, g_t: Tensor, g_s: Tensor,
+                       cfg: MarginConfig) -> Tuple[Tensor, Tensor]:
+    """The shared backward primitive in closed form over the materialized matrices.
+
+    dL/dz_ij = g_p_i exp(z_ij - lse_i) + g_t_i [j = y_i] + g_s_i; G_ij = dL/dc_ij is
+    s dL/dz_ij, times psi'(c_iy) at the target; with x_hat = a x, w_hat = b w and the
+    unclamped cosines S = x_hat w_hat^T (per row of w; with sub-centers G goes to each
+    class's arg-max row):
+
+        dx = a (G w_hat - r x_hat),  r_i = sum_j G_ij S_ij
+        dw = b (G^T x_hat - q w_hat),  q_j = sum_i G_ij S_ij
+
+    (without normalization dx = G w and dw = G^T x). Rows of w outside the shard get 0.
+    Computed in float64 for float64 inputs, else float32; returned in the input dtypes.
+    """
+    acc = acc_dtype(x.dtype)
+    n, k, d = x.shape[0], cfg.sub_centers, x.shape[1]
+    rows = None
+    wf = w.to(acc)
+    if index is not None:
+        rows = (index.unsqueeze(1) * k + torch.arange(k, device=w.device)).reshape(-1)
+        wf = wf.index_select(0, rows)
+    xf = x.to(acc)
+    if wf.shape[0] == 0 or n == 0:
+        return torch.zeros_like(x), torch.zeros_like(w)
+    if cfg.normalize:
+        a = 1.0 / torch.linalg.vector_norm(xf, dim=1, keepdim=True).clamp(min=NORM_EPS)
+        b = 1.0 / torch.linalg.vector_norm(wf, dim=1, keepdim=True).clamp(min=NORM_EPS)
+        xh, wh = xf * a, wf * b
+    else:
+        xh, wh = xf, wf
+    raw = xh @ wh.T                                        # S [N, C*K]
+    cos = raw.clamp(-1.0, 1.0) if cfg.normalize else raw
+    if k > 1:
+        c, kbest = cos.view(n, -1, k).max(dim=2)           # [N, C]
+    else:
+        c, kbest = cos, None
+    has = labels_local >= 0
+    col = labels_local.clamp(min=0).unsqueeze(1)
+    c_t = c.gather(1, col).squeeze(1)
+    z = cfg.s * c
+    z_t = cfg.s * margin_psi(c_t, cfg.m1, cfg.m2, cfg.m3, cfg.wrap_code)
+    z = z.scatter(1, col, torch.where(has, z_t, c_t * cfg.s).unsqueeze(1))
+    lse, g_p, g_t, g_s = (t.to(acc).unsqueeze(1) for t in (lse, g_p, g_t, g_s))
+    dz = g_p * torch.exp(z - lse) + g_s                    # dL/dz [N, C]
+    onehot = torch.zeros_like(dz).scatter(1, col, has.to(acc).unsqueeze(1))
+    dz = dz + onehot * g_t
+    dpsi = margin_dpsi(c_t, cfg.m1, cfg.m2, cfg.wrap_code, cfg.grad_code).unsqueeze(1)
+    grad = cfg.s * dz * torch.where(onehot.bool(), dpsi, torch.ones_like(dz))
+    if k > 1:  # to the arg-max sub-center row of each class
+        grad = torch.zeros(n, c.shape[1], k, dtype=acc, device=x.device).scatter(
+            2, kbest.unsqueeze(2), grad.unsqueeze(2)).view(n, -1)
+    dxh, dwh = grad @ wh, grad.T @ xh
+    if cfg.normalize:
+        r = (grad * raw).sum(dim=1, keepdim=True)
+        q = (grad * raw).sum(dim=0).unsqueeze(1)
+        dx = a * (dxh - r * xh)
+        dws = b * (dwh - q * wh)
+    else:
+        dx, dws = dxh, dwh
+    if rows is None:
+        dw = dws
+    else:
+        dw = torch.zeros(w.shape, dtype=acc, device=w.device).index_add_(0, rows, dws)
+    return dx.to(x.dtype), dw.to(w.dtype)
+
+
 def _reference_bwd_op(x, w, labels, index, lse, g_p, g_t, g_s, s, m1, m2, m3, wrap_mode,
                       grad_mode, normalize, sub_centers, grad_filter, block):
-    # The naive backward: the chunked backward with a single chunk, i.e. every N x C
-    # matrix materialized at once. (Autograd cannot run inside an op's kernel, which sits
-    # below the autograd dispatch key; the oracle for gradients is reference_loss.)
-    from .chunked import chunked_bwd
+    check_op_args("reference", x, w, labels, index, sub_centers,
+                  (("lse", lse), ("g_p", g_p), ("g_t", g_t), ("g_s", g_s)))
+    # The closed form, not autograd: an op's kernel sits below the autograd dispatch key.
+    # The end-to-end oracle for gradients is reference_loss (plain autograd).
     if check_grad_filter(grad_filter) > 0:
         raise NotImplementedError("the reference backend computes the exact gradient: it "
                                   "has no gradient filter (grad_filter_eps must be None)")
-    num_classes = index.numel() if index is not None else w.shape[0] // sub_centers
-    return chunked_bwd(x, w, labels, index, lse, g_p, g_t, g_s, s, m1, m2, m3, wrap_mode,
-                       grad_mode, normalize, sub_centers, 0.0, max(1, num_classes))
+    cfg = MarginConfig.from_op_args(s, m1, m2, m3, wrap_mode, grad_mode, normalize,
+                                    sub_centers)
+    with torch.no_grad():
+        return reference_backward(x, w, labels, index, lse, g_p, g_t, g_s, cfg)
 
 
 FWD_OP, BWD_OP = define_python_backend("reference", _reference_fwd_op, _reference_bwd_op)

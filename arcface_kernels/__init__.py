@@ -1,13 +1,13 @@
 """arcface-kernels: fused margin-softmax (ArcFace / CosFace / SphereFace) losses that never
-hold the N x C logits. See README.md, and reference.py for the math."""
-from ._config import MarginConfig
+hold the N x C logits. See README.md, and docs/design.md for the math and the design."""
+from ._config import LossOptions, MarginConfig
+from ._version import __version__
 from .backends import available_backends, backend_status
-from .loss import LossStats, arcface_loss
+from .loss import ArcFaceFunction, LossStats, arcface_loss
 from .module import ArcFaceLoss
 from .partial_fc import PartialFC
 from .reference import reference_loss
 
-__version__ = "0.1.0"
-
-__all__ = ["arcface_loss", "ArcFaceLoss", "PartialFC", "available_backends", "backend_status",
-           "LossStats", "MarginConfig", "reference_loss", "__version__"]
+__all__ = ["arcface_loss", "ArcFaceFunction", "ArcFaceLoss", "PartialFC", "LossOptions",
+           "LossStats", "MarginConfig", "available_backends", "backend_status",
+           "reference_loss", "__version__"]

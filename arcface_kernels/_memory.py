@@ -8,9 +8,32 @@ page-level effects of malloc are not counted).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+import contextlib
+import os
+import sys
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import torch
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Send the process's file descriptor 2 to /dev/null for the block: the profiler's
+    native code prints start/stop and allocator notes there (not through Python), which
+    would litter a command's output. Python-level exceptions still propagate."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real fd 2 (embedded interpreters)
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> Tuple[int, Any]:
@@ -24,7 +47,8 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> Tuple[int, Any]:
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base, out
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced(), \
+            profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
               and e.device_type() == torch.autograd.DeviceType.CPU]

@@ -23,11 +23,14 @@ the classes seen so far is measured at the end.
 The margin. ArcFace from scratch with a large margin starts slowly, so the additive
 angular margin m2 warms up linearly from 0 to its target over the first part of the run.
 
-Heavy optional imports (matplotlib, tqdm) happen inside the functions that need them.
+matplotlib and tqdm (the ``demo`` extra: ``pip install "arcface-kernels[demo]"``) are
+optional: without tqdm there is no progress bar, and without matplotlib the run says so in
+one line before training and prints its table without the plot.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import time
@@ -61,7 +64,7 @@ class DemoConfig:
     batch: int = 128
     steps: int = 150
     backend: str = "auto"
-    device: str = "cpu"
+    device: str = "auto"         # auto: cuda when a CUDA device is there, else cpu
     lr: float = 0.1
     seed: int = 0
     out: str = os.path.join("demo_out", "demo.png")
@@ -70,7 +73,7 @@ class DemoConfig:
     margin_warmup: float = 0.3   # fraction of the steps over which m2 goes 0 -> margin
     working_set: int = 0         # 0: 2 * batch
     repeats: int = 8             # expected samples of a class while it is in the working set
-    threads: int = 0             # CPU threads; 0: auto (see choose_threads)
+    threads: int = 0             # CPU threads; 0: torch's default
     progress: bool = True
     measure_reference: bool = True
 
@@ -166,6 +169,7 @@ class DemoResult:
 
     config: DemoConfig
     backend: str
+    device: str = "cpu"
     history: Dict[str, List[float]] = field(default_factory=dict)
     train_seconds: float = 0.0
     steps_per_s: float = 0.0
@@ -183,23 +187,38 @@ class DemoResult:
     threads: str = ""
 
 
-def choose_threads(requested: int) -> Tuple[int, str]:
-    """CPU threads for the run and why. 0 = auto: torch's default, except on a machine
-    whose cores are already busy (1-minute load average >= core count), where one thread
-    is used: OpenMP threads that spin-wait for a descheduled partner make every parallel
-    region several times slower than a single thread there (measured: chunked and cpp
-    loss steps 3-6x slower with 2 threads than with 1 on 2 busy cores)."""
-    if requested:
-        return requested, "as asked"
-    default = torch.get_num_threads()
-    try:
-        load = os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return default, "default"
-    cores = os.cpu_count() or 1
-    if default > 1 and load >= cores:
-        return 1, f"auto: load average {load:.1f} on {cores} cores, so 1 thread"
-    return default, "default"
+PLOT_EXTRA_HINT = 'pip install "arcface-kernels[demo]"'
+
+
+def plotting_available() -> bool:
+    """Whether matplotlib (for the PNG plot) can be imported."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> cuda when a CUDA device is available, else cpu; else the device named."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _progress(iterable, cfg: DemoConfig, desc: str):
+    """tqdm's bar over ``iterable`` when tqdm is installed and cfg.progress, else a plain
+    wrapper with the same close / set_postfix methods (doing nothing)."""
+    if cfg.progress and importlib.util.find_spec("tqdm") is not None:
+        from tqdm.auto import tqdm
+        return tqdm(iterable, desc=desc, unit="step", dynamic_ncols=True)
+
+    class _Plain:
+        def __iter__(self):
+            return iter(iterable)
+
+        def set_postfix(self, **kwargs):
+            pass
+
+        def close(self):
+            pass
+    return _Plain()
 
 
 def _margin_at(step: int, cfg: DemoConfig) -> float:
@@ -275,11 +294,15 @@ def _heldout_accuracy(net: nn.Module, head: ArcFaceLoss, data: SyntheticClasses,
 
 def run_demo(cfg: DemoConfig) -> DemoResult:
     """Train, measure, plot. Returns the :class:`DemoResult` (also see :func:`format_table`)."""
-    from tqdm.auto import tqdm
-
-    device = torch.device(cfg.device)
-    threads, why = choose_threads(cfg.threads)
-    torch.set_num_threads(threads)
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    threads, why = torch.get_num_threads(), ("as asked" if cfg.threads else "default")
+    plot = bool(cfg.out)
+    if plot and not plotting_available():
+        print(f"demo: matplotlib is not installed, so no plot will be written "
+              f"({PLOT_EXTRA_HINT} adds it)", flush=True)
+        plot = False
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     data = SyntheticClasses(cfg.classes, cfg.seed, device)
@@ -295,8 +318,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     warm = max(1, cfg.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm))
     hist: Dict[str, List[float]] = {"step": [], "loss": [], "acc": [], "margin": []}
-    bar = tqdm(range(cfg.steps), desc=f"demo [{backend}, C={cfg.classes:,}]",
-               disable=not cfg.progress, unit="step", dynamic_ncols=True)
+    bar = _progress(range(cfg.steps), cfg, f"demo [{backend}, C={cfg.classes:,}]")
     acc_ema = None
     t0 = time.perf_counter()
     for step in bar:
@@ -327,8 +349,8 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     train_s = time.perf_counter() - t0
     bar.close()
 
-    res = DemoResult(config=cfg, backend=backend, history=hist, train_seconds=train_s,
-                     threads=f"{threads} ({why})")
+    res = DemoResult(config=cfg, backend=backend, device=str(device), history=hist,
+                     train_seconds=train_s, threads=f"{threads} ({why})")
     res.steps_per_s = cfg.steps / train_s
     tail = max(1, cfg.steps // 10)
     res.final_train_acc = sum(hist["acc"][-tail:]) / tail
@@ -355,7 +377,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     res.reference_estimated = mem["reference_estimated"]
     res.reference_note = mem["reference_note"]
 
-    if cfg.out:
+    if plot:
         res.plot_path = plot_history(res, cfg.out)
     return res
 
@@ -438,7 +460,7 @@ def format_table(res: DemoResult) -> str:
     lines += [
         "",
         f"problem: C={cfg.classes:,} classes, D={cfg.dim}, batch N={cfg.batch}, "
-        f"{cfg.steps} steps in {res.train_seconds:.1f} s on {cfg.device} "
+        f"{cfg.steps} steps in {res.train_seconds:.1f} s on {res.device} "
         f"(threads: {res.threads}); "
         f"s={cfg.scale:g}, ArcFace margin m2 warmed up 0 -> {cfg.margin:g} over the first "
         f"{cfg.margin_warmup:.0%} of the steps",

@@ -1,9 +1,11 @@
-"""Command line: ``arcface-kernels demo`` and ``arcface-kernels info``.
+"""Command line: ``arcface-kernels demo | bench | info``, and ``--version``.
 
 Also reachable as ``python -m arcface_kernels``. ``demo`` trains a small network with
 ArcFaceLoss on a synthetic 100,000-class problem (see :mod:`arcface_kernels.demo`);
-``info`` prints the versions, the backends (and why any is unavailable), whether the C++
-extension was built (and with CUDA) and the devices.
+``bench`` runs the benchmark suite (:mod:`arcface_kernels.bench`; results go to
+./arcface-bench/ unless --out says otherwise); ``info`` prints the versions, the backends
+(and why any is unavailable), whether the C++ extension was built (and with CUDA) and the
+devices.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ._version import __version__
 from .backends import ALL_BACKENDS
 
 DEVICE_TYPES = ("cpu", "cuda")
@@ -45,6 +48,8 @@ _margin = _number(float, lambda v: 0.0 <= v < math.pi, "a margin in [0, 3.14)")
 
 
 def _device(text: str) -> str:
+    if text == "auto":
+        return text
     try:
         dev = torch.device(text)
     except (RuntimeError, ValueError):
@@ -62,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="arcface-kernels",
         description="Fused ArcFace / margin-softmax losses for huge class counts.")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,info}")
+    parser.add_argument("--version", action="version",
+                        version=f"arcface-kernels {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,info}")
     sub.required = True
 
     demo = sub.add_parser(
@@ -80,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=_positive_int, default=d.steps, help="training steps")
     demo.add_argument("--backend", choices=("auto",) + ALL_BACKENDS, default=d.backend,
                       help="loss backend")
-    demo.add_argument("--device", type=_device, default=d.device, help="cpu, cuda or cuda:N")
+    demo.add_argument("--device", type=_device, default=d.device,
+                      help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     demo.add_argument("--lr", type=_positive_float, default=d.lr, help="SGD learning rate")
     demo.add_argument("--seed", type=_int, default=d.seed, help="random seed")
     demo.add_argument("--out", default=d.out,
@@ -97,13 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeats", type=_positive_int, default=d.repeats,
                       help="expected samples of a class while it is in the working set")
     demo.add_argument("--threads", type=_nonneg_int, default=d.threads,
-                      help="CPU threads (0: torch's default, or 1 when the cores are "
-                           "already busy)")
+                      help="CPU threads (0: torch's default)")
     demo.add_argument("--no-reference", action="store_true",
                       help="skip measuring the naive reference's memory")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(func=_cmd_demo, parser=demo)
 
+    sub.add_parser("bench", add_help=False,
+                   help="run the benchmark suite (arcface-kernels bench --help); results "
+                        "go to ./arcface-bench/ unless --out says otherwise")
     info = sub.add_parser("info", help="print versions, backends, build and devices")
     info.set_defaults(func=_cmd_info, parser=info)
     return parser
@@ -114,7 +124,8 @@ def _check_demo_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     from .backends import backend_status
     if args.classes < 2:
         parser.error(f"argument --classes: expected at least 2 classes, got {args.classes}")
-    dev = torch.device(args.device)
+    from .demo import resolve_device
+    dev = resolve_device(args.device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             parser.error(f"argument --device: {args.device!r} requested but CUDA is not "
@@ -236,9 +247,27 @@ def _cmd_info(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``arcface-kernels`` / ``python -m arcface_kernels``; returns the
     exit status (argparse exits with 2 on bad flags)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own parser, with all of its options
+        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     return args.func(args.parser, args)
+
+
+def bench_main(argv: List[str]) -> int:
+    """``arcface-kernels bench ...``: the installed benchmark suite (the checkout's bench/
+    when the source tree shadows the installed package)."""
+    try:
+        from .bench.run import main as run_main
+    except ImportError:
+        try:
+            from bench.run import main as run_main  # type: ignore[no-redef]
+        except ImportError as e:
+            print(f"arcface-kernels bench: the benchmark suite is not importable ({e})",
+                  file=sys.stderr)
+            return 2
+    return run_main(argv, prog="arcface-kernels bench")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """Benchmarks of arcface-kernels: time, peak memory and TFLOP/s of every backend and of
 peer libraries, side by side, with CSV results and PNG plots.
 
-Run ``python -m bench --help`` from the repository root. The pieces:
+Installed with the package as :mod:`arcface_kernels.bench`: run ``arcface-kernels bench
+--help`` from any directory (results go to ./arcface-bench/ unless --out says otherwise);
+in a checkout ``python -m bench`` is the same command, and ``python -m bench static`` the
+static report of the compiled kernels (bench/static, a checkout-only tool). The pieces:
 
 * :mod:`bench.providers` - what is measured (reference, torch.compile(reference), each
   backend of :func:`arcface_kernels.available_backends`, and peers when installed);

@@ -391,13 +391,11 @@ def run_sweep(problems: Sequence[Problem], providers: Sequence[Provider],
     each problem finishes (appended to an existing file with ``append``). Past
     ``time_budget_s`` seconds, providers not yet set up are skipped with that reason.
     Returns the rows of this run (see COLUMNS)."""
-    from tqdm.auto import tqdm
     sink = CsvSink(csv_path, append=append)
     deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
     total = len(problems) * len(providers) * len(modes) * (rounds + (1 if memory else 0))
     rows: List[Dict] = []
-    with tqdm(total=total, disable=not progress, desc="bench", unit="step",
-              dynamic_ncols=True) as bar:
+    with _progress_bar(total, progress) as bar:
         for p in problems:
             bar.set_postfix_str(f"N={p.N} C={p.C} D={p.D} {dtype_name(p.dtype)}")
             got = run_problem(p, providers, modes, rounds=rounds, min_time_s=min_time_s,
@@ -406,6 +404,36 @@ def run_sweep(problems: Sequence[Problem], providers: Sequence[Provider],
             sink.write(got)
             rows.extend(got)
     return rows
+
+
+class _NoBar:
+    """What run_sweep needs of a tqdm bar, doing nothing (no tqdm, or --quiet)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        pass
+
+    def set_description_str(self, s: str = "", refresh: bool = True) -> None:
+        pass
+
+
+def _progress_bar(total: int, progress: bool):
+    """A tqdm bar when asked for and tqdm is installed (the bench extra), else a no-op."""
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return _NoBar()
+        return tqdm(total=total, desc="bench", unit="step", dynamic_ncols=True)
+    return _NoBar()
 
 
 def write_csv(path: str, rows: Sequence[Dict]) -> None:

@@ -1,6 +1,8 @@
-"""Command line of the benchmark: ``python -m bench [--preset cpu|gpu|smoke] [...]``.
+"""Command line of the benchmark: ``arcface-kernels bench [--preset cpu|gpu|smoke] [...]``
+(in a checkout also ``python -m bench``).
 
-Writes, under ``--out`` (default bench/results/), for a run tagged TAG:
+Writes, under ``--out`` (default ./arcface-bench/ in the current directory; never into
+the package or the checkout unless --out names it), for a run tagged TAG:
   TAG.csv    one row per (shape, provider, mode): time, quantiles, peak memory,
              TFLOP/s, ratios to the reference, or why the provider was skipped
   TAG_*.png  time and memory against C per provider (groups with >= 2 values of C)
@@ -16,14 +18,16 @@ Presets (explicit options override them):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
+import importlib.util
 import itertools
 import json
 import os
 import platform
 import subprocess
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -34,7 +38,7 @@ from .providers import LOSS_MODES, Problem, all_providers, dtype_name, parse_dty
     select_providers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_OUT = os.path.join(REPO, "bench", "results")
+DEFAULT_OUT = "arcface-bench"
 
 PRESETS: Dict[str, dict] = {
     "cpu": dict(device="cpu", dtype="fp32", shapes=[(1024, c, 128) for c in
@@ -75,9 +79,9 @@ def _shapes(text: str) -> List[tuple]:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m bench", description=__doc__,
+        prog=prog, description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS),
                     help="defaults for a standard run (cpu when --device is cpu or no "
@@ -99,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--min-time", type=float, help="seconds per timing block on the CPU")
     ap.add_argument("--warmup-ms", type=float, default=25, help="do_bench warm-up (CUDA)")
     ap.add_argument("--rep-ms", type=float, default=100, help="do_bench repetition (CUDA)")
-    ap.add_argument("--out", default=DEFAULT_OUT, help="results folder")
+    ap.add_argument("--out", default=DEFAULT_OUT,
+                    help="results folder (relative to the current directory)")
     ap.add_argument("--tag", help="file name stem (default DEVICE_DTYPE)")
     ap.add_argument("--append", action="store_true",
                     help="add this run's rows to an existing TAG.csv (the summary, plots "
@@ -115,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "multi-threaded op waits for a descheduled thread (about 8 ms per "
                          "op was measured on 2 busy cores), which penalizes backends that "
                          "issue many small ops far more than the reference")
+    ap.add_argument("--busy", type=int, default=0, metavar="K",
+                    help="start K busy-looping processes that compete for the cores for "
+                         "the whole run (every provider, the reference included, is timed "
+                         "under the same load, interleaved): how a kernel holds up next to "
+                         "data-loader workers")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--list", action="store_true",
                     help="list the providers and whether each runs here, then exit")
@@ -172,6 +182,8 @@ def resolve_args(args: argparse.Namespace) -> dict:
 
 
 def _git(*cmd: str) -> str:
+    if not os.path.exists(os.path.join(REPO, ".git")):  # an installed copy, not a checkout
+        return ""
     try:
         return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True,
                               timeout=10).stdout.strip()
@@ -251,7 +263,10 @@ def summary_markdown(rows: Sequence[dict], meta: Optional[dict] = None) -> str:
     out = []
     if meta:
         out.append(f"Measured {meta['date_utc']} UTC on {meta.get('gpu') or meta['cpu']} "
-                   f"(torch threads: {meta['torch_threads']}), torch {meta['torch']}, commit "
+                   f"(torch threads: {meta['torch_threads']}"
+                   + (f"; {meta['busy_processes']} busy process(es) competing"
+                      if meta.get("busy_processes") else "")
+                   + f"), torch {meta['torch']}, commit "
                    f"{meta['git_commit'][:10]}{' (dirty)' if meta['git_dirty'] else ''}; "
                    f"matmul rate {_num(meta['matmul_tflops'], '.3g')} TFLOP/s "
                    f"({meta['matmul_kind']}).\n")
@@ -298,9 +313,9 @@ def list_providers(device: torch.device, dtype: torch.dtype) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m bench") -> int:
     """Run the benchmark described by the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     plan = resolve_args(args)
     device = torch.device(plan["device"])
     threads = args.threads if args.threads is not None else plan.get("threads", 0)
@@ -311,6 +326,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.list:
         print(list_providers(device, plan["dtype"]))
         return 0
+    if args.busy < 0:
+        raise SystemExit(f"--busy must be >= 0, got {args.busy}")
+    with busy_processes(args.busy):
+        return _run(args, plan, device)
+
+
+@contextlib.contextmanager
+def busy_processes(k: int) -> Iterator[None]:
+    """K child processes that spin on a core each until the block ends."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+             for _ in range(k)]
+    try:
+        if procs:
+            print(f"bench: {k} busy process(es) competing for the cores", flush=True)
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+
+
+def _run(args: argparse.Namespace, plan: dict, device: torch.device) -> int:
     os.makedirs(args.out, exist_ok=True)
     tag = plan["tag"]
     csv_path = os.path.join(args.out, f"{tag}.csv")
@@ -336,7 +374,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         harness.add_reference_ratios(rows)
         harness.write_csv(csv_path, rows)
     meta = collect_meta(plan, matmul)
-    pngs = [] if args.no_plot else plot_results(rows, args.out, tag)
+    meta["busy_processes"] = args.busy
+    pngs = []
+    if not args.no_plot:
+        if importlib.util.find_spec("matplotlib") is None:
+            print('bench: matplotlib is not installed, so no plots '
+                  '(pip install "arcface-kernels[bench]" adds it)', flush=True)
+        else:
+            pngs = plot_results(rows, args.out, tag)
     meta["files"] = [os.path.basename(p) for p in [csv_path, *pngs]]
     with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
         json.dump(meta, f, indent=1)

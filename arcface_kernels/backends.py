@@ -9,8 +9,10 @@ arcface_kernels never imports triton or touches CUDA.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -63,10 +65,49 @@ def _load(name: str) -> Optional[Backend]:
         else:
             raise KeyError(name)
     except (ImportError, OSError, AttributeError, RuntimeError) as e:
-        _LOAD_ERRORS[name] = f"{type(e).__name__}: {e}"
+        reason = f"{type(e).__name__}: {e}"
+        if name == "cpp":
+            reason += _shadowing_note()
+        _LOAD_ERRORS[name] = reason
         return None
     _LOADED[name] = be
     return be
+
+
+def _shadowing_note() -> str:
+    """Why the extension may be missing although it was built: a source tree (the
+    current directory of a checkout) shadowing an installed copy that has it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        files = importlib.metadata.distribution("arcface-kernels").files or []
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+    for f in files:
+        parts = str(f).replace("\\", "/").split("/")
+        if len(parts) == 2 and parts[0] == "arcface_kernels" and parts[1].startswith("_C") \
+                and parts[1].endswith((".so", ".pyd")):
+            installed = os.path.dirname(os.path.abspath(str(f.locate())))
+            if os.path.exists(str(f.locate())) and installed != here:
+                return (f" (arcface_kernels is imported from {here}, a source tree that "
+                        f"shadows the installed package at {installed}, which has the "
+                        f"extension: run from another directory, or install the checkout "
+                        f"with pip install -e .)")
+    return ""
+
+
+_WARNED: set = set()
+
+
+def _warn_fallback(skipped: str, chosen: str, device_type: str) -> None:
+    """Once per process and backend: "auto" passed over a backend that failed to load."""
+    if skipped in _WARNED:
+        return
+    _WARNED.add(skipped)
+    warnings.warn(f"arcface_kernels: backend 'auto' uses {chosen!r} on {device_type}, "
+                  f"because the {skipped!r} backend failed to load: "
+                  f"{_LOAD_ERRORS.get(skipped, 'unknown reason')}. "
+                  f"`arcface-kernels info` shows every backend's status.",
+                  RuntimeWarning, stacklevel=3)
 
 
 def backend_status() -> Dict[str, str]:
@@ -92,6 +133,11 @@ def _usable_somewhere(be: Backend) -> bool:
     return "cpu" in be.devices or torch.cuda.is_available()
 
 
+def _not_installed(name: str) -> bool:
+    """An optional dependency simply absent (not a failure worth a warning): triton."""
+    return name == "triton" and _LOAD_ERRORS.get(name, "").endswith("triton is not installed")
+
+
 def available_backends() -> List[str]:
     """Names of the backends usable on this machine (for some device)."""
     return [n for n in ALL_BACKENDS if (be := _load(n)) is not None and _usable_somewhere(be)]
@@ -106,9 +152,14 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
     dev = device.type
     if name == "auto":
         order = ("triton", "cpp", "chunked") if dev == "cuda" else ("cpp", "chunked")
+        failed = []
         for cand in order:
             be = _load(cand)
+            if be is None and cand != "chunked" and not _not_installed(cand):
+                failed.append(cand)
             if be is not None and be.runs_on(dev) and (cand != "triton" or dev == "cuda"):
+                for f in failed:
+                    _warn_fallback(f, cand, dev)
                 return be
         raise RuntimeError(f"no backend runs on device type {dev!r}")
     if name not in ALL_BACKENDS:

@@ -14,6 +14,14 @@ from .backends import ALL_BACKENDS
 
 # Integer codes shared with the Triton module and the C++ header (keep in sync:
 # tests/test_cpp.py and tests/test_triton.py check the C++ and Triton constants).
+# The workspace bound, in bytes, of every chunking backend (docs/design.md section 4,
+# "Workspace bounds"): with chunk_size=None a backend picks its chunk of classes so that
+# its temporaries stay within it. chunked: one [N, chunk*K] temporary in the accumulation
+# dtype; triton: the backward's gradient workspace (ARCFACE_TRITON_WORKSPACE_MB overrides
+# it); cpp: the C++ kernels' buffers (csrc/ops.h kWorkspaceBytes). A test checks that
+# every backend uses this value. The reference materializes N x C and has no bound.
+WORKSPACE_BYTES = 16 << 20
+
 WRAP_MODES = {"fallback": 0, "easy": 1, "none": 2}
 GRAD_MODES = {"exact": 0, "straight_through": 1}
 REDUCTIONS = ("mean", "sum", "none")
@@ -136,8 +144,9 @@ class LossOptions:
     """The knobs around the math, shared by arcface_loss, ArcFaceLoss and PartialFC.
 
     reduction: "mean" | "sum" | "none"; ignore_index: label of rows that do not count;
-    label_smoothing: eps in [0, 1]; chunk_size: classes per chunk / tile hint (None =
-    backend default); backend: a backend name or "auto"; grad_filter_eps: None (exact
+    label_smoothing: eps in [0, 1]; chunk_size: classes per chunk, wherever a backend
+    materializes a [rows, chunk * K] tile (None = as many as WORKSPACE_BYTES holds);
+    backend: a backend name or "auto"; grad_filter_eps: None (exact
     gradient) or eps in (0, 1): softmax values below it may count as 0 in the backward.
     """
 

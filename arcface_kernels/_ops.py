@@ -115,27 +115,40 @@ def _not_differentiable(grads, sources):
     return tuple(None if g is None else next(out) for g in grads)
 
 
+def primitive_backward(bwd_op: Callable, x: Tensor, w: Tensor, labels: Tensor,
+                       index: Optional[Tensor], lse: Tensor, scalars: tuple,
+                       g_lse: Optional[Tensor], g_tgt: Optional[Tensor],
+                       g_sum: Optional[Tensor], need_dx: bool, need_dw: bool
+                       ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """(dx, dw) from the incoming gradients of the forward's lse, target and sum_z (None:
+    zero): the one backward of every backend, behind both the ops' registered autograd
+    and :class:`arcface_kernels.ArcFaceFunction`."""
+    if not (need_dx or need_dw):
+        return None, None
+    coeffs = []
+    for g in (g_lse, g_tgt, g_sum):
+        coeffs.append(torch.zeros_like(lse) if g is None else g.to(lse.dtype).contiguous())
+    # create_graph=True runs this under grad mode: the ops' backward has no derivative
+    # of its own, so compute it without recording a graph and make any attempt to
+    # differentiate its result raise, instead of returning a silently wrong (zero or
+    # partial) second derivative.
+    sources = (x, w, g_lse, g_tgt, g_sum)
+    create_graph = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in sources)
+    with torch.no_grad(), autocast_off(x.device):
+        dx, dw = bwd_op(x, w, labels, index, lse, *coeffs, *scalars)
+    grads = (dx if need_dx else None), (dw if need_dw else None)
+    if create_graph:
+        grads = _not_differentiable(grads, sources)
+    return grads
+
+
 def _make_backward(bwd_op: Callable) -> Callable:
     def backward(ctx, g_lse, g_tgt, g_sum, _g_max, _g_arg):
         x, w, labels, index, lse = ctx.saved_tensors
-        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-            return (None,) * (4 + NUM_SCALARS)
-        coeffs = []
-        for g in (g_lse, g_tgt, g_sum):
-            coeffs.append(torch.zeros_like(lse) if g is None else g.to(lse.dtype).contiguous())
-        # create_graph=True runs this under grad mode: the ops' backward has no derivative
-        # of its own, so compute it without recording a graph and make any attempt to
-        # differentiate its result raise, instead of returning a silently wrong (zero or
-        # partial) second derivative.
-        sources = (x, w, g_lse, g_tgt, g_sum)
-        create_graph = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in sources)
-        with torch.no_grad(), autocast_off(x.device):
-            dx, dw = bwd_op(x, w, labels, index, lse, *coeffs, *ctx.scalars)
-        grads = ((dx if ctx.needs_input_grad[0] else None),
-                 (dw if ctx.needs_input_grad[1] else None))
-        if create_graph:
-            grads = _not_differentiable(grads, sources)
+        grads = primitive_backward(bwd_op, x, w, labels, index, lse, ctx.scalars, g_lse,
+                                   g_tgt, g_sum, ctx.needs_input_grad[0],
+                                   ctx.needs_input_grad[1])
         return grads + (None,) * (2 + NUM_SCALARS)
     return backward
 

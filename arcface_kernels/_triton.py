@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op
 
+from ._checks import check_op_args
 from ._config import MarginConfig, check_grad_filter
 from ._ops import NAMESPACE, register_autograd_and_fake
 from .triton_kernels import launch
@@ -32,6 +33,7 @@ def triton_fwd(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], s:
     """Forward primitive (see ``arcface_kernels._ops``); ``grad_filter`` and ``block``
     are ignored."""
     MarginConfig.from_op_args(s, m1, m2, m3, wrap_mode, grad_mode, normalize, sub_centers)
+    check_op_args("triton", x, w, labels, index, sub_centers)
     return launch.forward(x, w, labels, index, s, m1, m2, m3, wrap_mode, grad_mode,
                           normalize, sub_centers)
 
@@ -46,6 +48,8 @@ def triton_bwd(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], ls
     backward chunk (0: as many as the workspace holds)."""
     MarginConfig.from_op_args(s, m1, m2, m3, wrap_mode, grad_mode, normalize, sub_centers)
     check_grad_filter(grad_filter)
+    check_op_args("triton", x, w, labels, index, sub_centers,
+                  (("lse", lse), ("g_p", g_p), ("g_t", g_t), ("g_s", g_s)))
     return launch.backward(x, w, labels, index, lse, g_p, g_t, g_s, s, m1, m2, m3,
                            wrap_mode, grad_mode, normalize, sub_centers, block,
                            grad_filter=grad_filter)

@@ -1,7 +1,8 @@
 """Chunked PyTorch backend: the shared primitive over class chunks.
 
-The classes are walked in chunks of ``block``; each chunk's logits s * c [N, block*K]
-come from one matmul and are reduced on the spot, so the largest temporary is one such
+The classes are walked in chunks of ``block`` classes (the API's chunk_size; by default
+as many as fit WORKSPACE_BYTES), in the forward and in the backward; each chunk's logits
+s * c [N, block*K] come from one matmul and are reduced on the spot, so the largest temporary is one such
 matrix and nothing of size N x C is ever held. Choices that keep the passes over each
 chunk few (the elementwise passes, not the matmuls, dominate on CPUs):
 
@@ -33,18 +34,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._config import check_grad_filter
+from ._checks import check_op_args
+from ._config import WORKSPACE_BYTES, check_grad_filter
 from ._ops import acc_dtype, define_python_backend
-from .reference import NORM_EPS, margin_dpsi, margin_psi
+from ._math import NORM_EPS, margin_dpsi, margin_psi
 
-# Default chunk: about 4M logits (16 MiB in float32) per temporary.
-WORKSPACE_ELEMENTS = 1 << 22
-
-
-def default_block(n: int, k: int) -> int:
-    """Classes per chunk so that one [N, block*K] temporary holds ~WORKSPACE_ELEMENTS."""
-    b = WORKSPACE_ELEMENTS // max(1, n * k)
-    return max(16, b)
+def default_block(n: int, k: int, acc: torch.dtype) -> int:
+    """Classes per chunk so that one [N, block*K] temporary in the accumulation dtype
+    holds at most WORKSPACE_BYTES (at least one class)."""
+    elem = torch.empty((), dtype=acc).element_size()
+    return max(1, WORKSPACE_BYTES // max(1, n * k * elem))
 
 
 class _Shard:
@@ -144,7 +143,7 @@ def chunked_fwd(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], s
     argmax = torch.zeros(n, dtype=torch.long, device=dev)
     sum_raw = torch.zeros(n, dtype=acc, device=dev)
     w_sum = torch.zeros(x.shape[1], dtype=acc, device=dev)  # sum of w_hat (K = 1)
-    step = block if block > 0 else default_block(n, k)
+    step = block if block > 0 else default_block(n, k, acc)
     for j0 in range(0, shard.num_classes, step):
         j1 = min(shard.num_classes, j0 + step)
         wc, _ = shard.chunk(j0, j1)
@@ -198,7 +197,7 @@ def chunked_bwd(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], l
     lse = lse.unsqueeze(1)
     dxs = torch.zeros_like(xh)
     dw = torch.zeros(w.shape, dtype=acc, device=w.device)
-    step = block if block > 0 else default_block(n, k)
+    step = block if block > 0 else default_block(n, k, acc)
     for j0 in range(0, shard.num_classes, step):
         j1 = min(shard.num_classes, j0 + step)
         wc, b = shard.chunk(j0, j1)
@@ -233,4 +232,19 @@ def chunked_bwd(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], l
     return dx.to(x.dtype), dw.to(w.dtype)
 
 
-FWD_OP, BWD_OP = define_python_backend("chunked", chunked_fwd, chunked_bwd)
+def _chunked_fwd_op(x, w, labels, index, s, m1, m2, m3, wrap_mode, grad_mode, normalize,
+                    sub_centers, grad_filter, block):
+    check_op_args("chunked", x, w, labels, index, sub_centers)
+    return chunked_fwd(x, w, labels, index, s, m1, m2, m3, wrap_mode, grad_mode, normalize,
+                       sub_centers, grad_filter, block)
+
+
+def _chunked_bwd_op(x, w, labels, index, lse, g_p, g_t, g_s, s, m1, m2, m3, wrap_mode,
+                    grad_mode, normalize, sub_centers, grad_filter, block):
+    check_op_args("chunked", x, w, labels, index, sub_centers,
+                  (("lse", lse), ("g_p", g_p), ("g_t", g_t), ("g_s", g_s)))
+    return chunked_bwd(x, w, labels, index, lse, g_p, g_t, g_s, s, m1, m2, m3, wrap_mode,
+                       grad_mode, normalize, sub_centers, grad_filter, block)
+
+
+FWD_OP, BWD_OP = define_python_backend("chunked", _chunked_fwd_op, _chunked_bwd_op)

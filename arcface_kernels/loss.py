@@ -3,6 +3,7 @@
 Written once above the primitive (``_ops.py``): a backend only supplies its fwd/bwd ops;
 the loss per row, label smoothing, ignore_index and the reductions are ordinary torch
 ops here, and autograd runs the backend's backward through the fwd op's registration.
+:class:`ArcFaceFunction` offers the same loss as a torch.autograd.Function.
 """
 from __future__ import annotations
 
@@ -11,12 +12,10 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from ._checks import check_loss_inputs
 from ._config import LossOptions, MarginConfig
-from ._ops import autocast_off, local_labels
+from ._ops import autocast_off, local_labels, primitive_backward
 from .backends import resolve_backend
-
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 
 class LossStats(NamedTuple):
     """Per-row statistics of a loss call, computed without logits (no gradient).
@@ -46,44 +45,6 @@ class LossStats(NamedTuple):
         valid = labels != ignore_index
         hits = (self.prediction == labels) & valid
         return hits.sum().to(torch.float32) / valid.sum().clamp(min=1).to(torch.float32)
-
-
-def check_inputs(embeddings: Tensor, weight: Tensor, labels: Tensor, sub_centers: int
-                 ) -> None:
-    """Shape / dtype / device checks shared by every entry point (ValueError/TypeError)."""
-    for name, t in (("embeddings", embeddings), ("weight", weight), ("labels", labels)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if embeddings.dim() != 2:
-        raise ValueError(f"embeddings must be 2-D [N, D], got shape {tuple(embeddings.shape)}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [C, D], got shape {tuple(weight.shape)}")
-    if labels.dim() != 1:
-        raise ValueError(f"labels must be 1-D [N], got shape {tuple(labels.shape)}")
-    if embeddings.dtype not in _FLOATS:
-        raise TypeError(f"embeddings must be float16/bfloat16/float32/float64, "
-                        f"got {embeddings.dtype}")
-    if weight.dtype != embeddings.dtype:
-        raise TypeError(f"weight dtype must match embeddings dtype {embeddings.dtype}, "
-                        f"got {weight.dtype}")
-    if labels.dtype != torch.int64:
-        raise TypeError(f"labels must be int64 (torch.long), got {labels.dtype}")
-    if labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(f"labels has {labels.shape[0]} rows but embeddings has "
-                         f"{embeddings.shape[0]} (N must match)")
-    if weight.shape[1] != embeddings.shape[1]:
-        raise ValueError(f"weight has D={weight.shape[1]} but embeddings has "
-                         f"D={embeddings.shape[1]} (D must match)")
-    if embeddings.shape[1] == 0:
-        raise ValueError("embeddings must have D >= 1, got D=0")
-    if weight.shape[0] == 0:
-        raise ValueError("weight must have at least one class, got 0 rows")
-    if weight.shape[0] % sub_centers:
-        raise ValueError(f"weight has {weight.shape[0]} rows, not a multiple of "
-                         f"sub_centers={sub_centers}")
-    if not (embeddings.device == weight.device == labels.device):
-        raise ValueError(f"embeddings, weight and labels must be on one device, got "
-                         f"{embeddings.device}, {weight.device}, {labels.device}")
 
 
 def reduce_rows(loss_rows: Tensor, valid: Tensor, reduction: str,
@@ -155,7 +116,7 @@ def arcface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: float
     opts = LossOptions(reduction=reduction, ignore_index=ignore_index,
                        label_smoothing=label_smoothing, chunk_size=chunk_size, backend=backend,
                        grad_filter_eps=grad_filter_eps)
-    check_inputs(embeddings, weight, labels, sub_centers)
+    check_loss_inputs(embeddings, weight, labels, sub_centers)
     block = opts.block
     be = resolve_backend(backend, embeddings.device)
     num_classes = weight.shape[0] // sub_centers
@@ -170,3 +131,66 @@ def arcface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: float
     if not return_stats:
         return loss
     return loss, LossStats(lse.detach(), target.detach(), max_z.detach(), argmax)
+
+
+def loss_row_coefficients(grad_rows: Tensor, label_smoothing: float, num_classes: int
+                          ) -> Tuple[Tensor, Tensor, Tensor]:
+    """The derivative of :func:`combine_loss_rows`: (dL/dlse, dL/dtarget, dL/dsum_z) for
+    row gradients ``grad_rows`` [N] (the primitive backward's g_p, g_t, g_s)."""
+    g_t = -(1.0 - label_smoothing) * grad_rows
+    g_s = -(label_smoothing / num_classes) * grad_rows if label_smoothing \
+        else torch.zeros_like(grad_rows)
+    return grad_rows, g_t, g_s
+
+
+class ArcFaceFunction(torch.autograd.Function):
+    """The loss as a ``torch.autograd.Function``, for code that composes or subclasses
+    Functions; :func:`arcface_loss` computes the same (it reaches the same ops through
+    their ``torch.library`` autograd registration, which torch.compile traces).
+
+    ``ArcFaceFunction.apply(embeddings, weight, labels, margin, options)`` -> the loss.
+    ``margin`` is a :class:`MarginConfig`, ``options`` a :class:`LossOptions` (both
+    positional: ``Function.apply`` takes no keywords). The forward runs the backend's
+    forward op; the backward runs the one backward every entry point shares
+    (``_ops.primitive_backward``) on the row coefficients of the loss.
+    """
+
+    @staticmethod
+    def forward(ctx, embeddings: Tensor, weight: Tensor, labels: Tensor,
+                margin: MarginConfig, options: LossOptions) -> Tensor:
+        if not isinstance(margin, MarginConfig):
+            raise TypeError(f"margin must be a MarginConfig, got {type(margin).__name__}")
+        if not isinstance(options, LossOptions):
+            raise TypeError(f"options must be a LossOptions, got {type(options).__name__}")
+        k = margin.sub_centers
+        check_loss_inputs(embeddings, weight, labels, k)
+        be = resolve_backend(options.backend, embeddings.device)
+        num_classes = weight.shape[0] // k
+        local = local_labels(labels, 0, num_classes, num_classes, options.ignore_index)
+        scalars = (*margin.op_args(), options.grad_filter, options.block)
+        with autocast_off(embeddings.device):
+            lse, target, sum_z, _, _ = be.fwd(embeddings, weight, local, None, *scalars)
+        valid = labels != options.ignore_index
+        rows = combine_loss_rows(lse, target, sum_z, options.label_smoothing, num_classes)
+        ctx.save_for_backward(embeddings, weight, local, lse, valid)
+        ctx.bwd, ctx.scalars, ctx.num_classes = be.bwd, scalars, num_classes
+        ctx.options = options
+        return reduce_rows(rows, valid, options.reduction)
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        x, w, local, lse, valid = ctx.saved_tensors
+        opts = ctx.options
+        grad_loss = grad_loss.to(lse.dtype)
+        if opts.reduction == "none":
+            grad_rows = grad_loss
+        elif opts.reduction == "sum":
+            grad_rows = grad_loss.expand(lse.shape)
+        else:
+            grad_rows = (grad_loss / valid.sum().clamp(min=1).to(lse.dtype)).expand(lse.shape)
+        grad_rows = torch.where(valid, grad_rows, torch.zeros_like(grad_rows))
+        g_p, g_t, g_s = loss_row_coefficients(grad_rows, opts.label_smoothing,
+                                              ctx.num_classes)
+        dx, dw = primitive_backward(ctx.bwd, x, w, local, None, lse, ctx.scalars, g_p, g_t,
+                                    g_s, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return dx, dw, None, None, None

@@ -41,6 +41,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_loss_inputs
 from ._config import LossOptions, MarginConfig, check_positive_int
 from ._ops import acc_dtype, autocast_off, local_labels
 from .backends import resolve_backend
@@ -149,36 +150,19 @@ class PartialFC(nn.Module):
     # ---------------------------------------------------------------- input checks
     def _check_local(self, x, labels) -> Optional[Exception]:
         """This rank's own input errors (no communication); None when fine."""
-        k, d = self.cfg.sub_centers, self.embedding_size
+        k = self.cfg.sub_centers
         try:
-            for name, t in (("local_embeddings", x), ("local_labels", labels)):
-                if not isinstance(t, Tensor):
-                    raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if x.dim() != 2 or x.shape[1] != d:
-                raise ValueError(f"local_embeddings must have shape [N, {d}] "
-                                 f"(embedding_size={d}), got {tuple(x.shape)}")
-            if x.shape[0] == 0:
-                raise ValueError("local_embeddings must have at least one row, got N=0")
-            if x.dtype not in _FLOAT_CODES:
-                raise TypeError(f"local_embeddings must be float16/bfloat16/float32/float64,"
-                                f" got {x.dtype}")
-            if labels.dim() != 1 or labels.shape[0] != x.shape[0]:
-                raise ValueError(f"local_labels must have shape [{x.shape[0]}] (or "
-                                 f"[{x.shape[0]}, 1]) to match local_embeddings, "
-                                 f"got {tuple(labels.shape)}")
-            if labels.dtype != torch.int64:
-                raise TypeError(f"local_labels must be int64 (torch.long), got {labels.dtype}")
-            w = self.weight
-            if tuple(w.shape) != (self.num_local * k, d):
-                raise ValueError(
-                    f"weight has shape {tuple(w.shape)} but rank {self.rank} of "
-                    f"{self.world_size} owns {self.num_local} of {self.num_classes} classes "
-                    f"x sub_centers={k}: expected ({self.num_local * k}, {d})")
-            if w.dtype not in _FLOAT_CODES:
-                raise TypeError(f"weight must be a floating tensor, got {w.dtype}")
-            if not (x.device == w.device == labels.device):
-                raise ValueError(f"local_embeddings, local_labels and weight must be on one "
-                                 f"device, got {x.device}, {labels.device}, {w.device}")
+            if isinstance(x, Tensor) and x.dim() == 2 and x.shape[1] != self.embedding_size:
+                raise ValueError(f"local_embeddings must have shape [N, "
+                                 f"{self.embedding_size}] (embedding_size), got "
+                                 f"{tuple(x.shape)}")
+            check_loss_inputs(
+                x, self.weight, labels, k, names=("local_embeddings", "weight",
+                                                  "local_labels"),
+                weight_dtype="any_float", weight_rows=self.num_local * k, min_rows=1,
+                weight_rows_note=f"rank {self.rank} of {self.world_size} owns "
+                                 f"{self.num_local} of {self.num_classes} classes x "
+                                 f"sub_centers={k}")
         except (TypeError, ValueError) as e:
             return e
         return None

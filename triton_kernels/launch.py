@@ -96,9 +96,6 @@ from . import configs as cfgs
 from . import kernels as K
 from .options import OPTIONS
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_INT32_MAX = 2 ** 31 - 1
-
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation / statistics dtype for inputs of ``dtype``."""
@@ -118,63 +115,6 @@ def _traced(*tensors) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
     from torch._subclasses.functional_tensor import FunctionalTensor
     return any(isinstance(t, (FakeTensor, FunctionalTensor)) for t in tensors)
-
-
-def check_args(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor],
-               sub_centers: int) -> None:
-    """Shape / dtype / device checks of a direct op call (arcface_loss checks first)."""
-    if x.dim() != 2 or w.dim() != 2:
-        raise ValueError(f"triton backend: x and w must be 2-D, got shapes {tuple(x.shape)} "
-                         f"and {tuple(w.shape)}")
-    if x.dtype not in _FLOATS or w.dtype != x.dtype:
-        raise TypeError(f"triton backend: x and w must share a floating dtype "
-                        f"(float16/bfloat16/float32/float64), got {x.dtype} and {w.dtype}")
-    if x.shape[1] != w.shape[1]:
-        raise ValueError(f"triton backend: x has D={x.shape[1]} but w has D={w.shape[1]}")
-    if labels.dtype != torch.int64:
-        raise TypeError(f"triton backend: labels must be int64, got {labels.dtype}")
-    if labels.dim() != 1 or labels.shape[0] != x.shape[0]:
-        raise ValueError(f"triton backend: labels must have shape [{x.shape[0]}], "
-                         f"got {tuple(labels.shape)}")
-    if isinstance(sub_centers, bool) or sub_centers < 1 or w.shape[0] % sub_centers:
-        raise ValueError(f"triton backend: sub_centers must be >= 1 and divide w's "
-                         f"{w.shape[0]} rows, got {sub_centers}")
-    devs = {x.device, w.device, labels.device}
-    rows = w.shape[0]
-    if index is not None:
-        if index.dtype != torch.int64:
-            raise TypeError(f"triton backend: index must be int64, got {index.dtype}")
-        if index.dim() != 1:
-            raise ValueError(f"triton backend: index must be 1-D, got shape "
-                             f"{tuple(index.shape)}")
-        devs.add(index.device)
-        rows = index.shape[0] * sub_centers
-        num_w = w.shape[0] // sub_centers
-        if index.numel() and index.is_cuda:
-            # no host sync: a device-side assert (the kernels never read outside w anyway)
-            torch._assert_async(((index >= 0) & (index < num_w)).all(),
-                                f"triton backend: index values must be in [0, {num_w}) "
-                                "(classes of w)")
-        elif index.numel() and not _traced(index):
-            lo, hi = torch.stack(torch.aminmax(index)).tolist()
-            if lo < 0 or hi >= num_w:
-                raise ValueError(f"triton backend: index values must be in [0, {num_w}) "
-                                 f"(classes of w), got min {lo}, max {hi}")
-    shard = rows // sub_centers if isinstance(sub_centers, int) and sub_centers > 0 else 0
-    if labels.numel() and labels.is_cuda:
-        torch._assert_async(((labels >= -1) & (labels < shard)).all(),
-                            f"triton backend: labels must be in [-1, {shard}) (positions "
-                            "in the shard, -1 = no target)")
-    elif labels.numel() and not _traced(labels):
-        lo, hi = torch.stack(torch.aminmax(labels)).tolist()
-        if lo < -1 or hi >= shard:
-            raise ValueError(f"triton backend: labels must be in [-1, {shard}) (positions "
-                             f"in the shard, -1 = no target), got values in [{lo}, {hi}]")
-    if rows > _INT32_MAX:
-        raise ValueError(f"triton backend: the shard has {rows} rows of w (classes x "
-                         f"sub_centers); at most {_INT32_MAX} are supported")
-    if len(devs) != 1:
-        raise ValueError(f"triton backend: all tensors must be on one device, got {devs}")
 
 
 def _launch(kernel, grid, *args, **meta) -> None:
@@ -334,8 +274,8 @@ def forward(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], s: fl
             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward primitive. x [N, D], w [C_w * K, D] (same float dtype), labels [N] int64
     (shard position or -1), index [C] int64 or None. Returns lse, target, sum_z, max_z
-    [N] (float32; float64 for float64 inputs) and argmax [N] int64."""
-    check_args(x, w, labels, index, sub_centers)
+    [N] (float32; float64 for float64 inputs) and argmax [N] int64. The arguments are
+    checked by the caller (the registered op: arcface_kernels._checks.check_op_args)."""
     k = sub_centers
     x, w, labels, index, num_classes = _prepared(x, w, labels, index, k)
     n, d = x.shape
@@ -410,12 +350,8 @@ def backward(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], lse:
     dtype (zero outside the shard's rows). ``block``: classes per backward chunk (0: as
     many as the workspace holds). ``grad_filter`` eps > 0: a gradient tile without a
     target whose softmax values are all below eps drops its p-term, and the products
-    skip it when it is then zero (no smoothing term): Cut Cross-Entropy's filter."""
-    check_args(x, w, labels, index, sub_centers)
-    for name, t in (("lse", lse), ("g_p", g_p), ("g_t", g_t), ("g_s", g_s)):
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"triton backend: {name} must have shape [{x.shape[0]}], "
-                             f"got {tuple(t.shape)}")
+    skip it when it is then zero (no smoothing term): Cut Cross-Entropy's filter.
+    Arguments checked by the caller, as :func:`forward`'s."""
     k = sub_centers
     x, w, labels, index, num_classes = _prepared(x, w, labels, index, k)
     n, d = x.shape

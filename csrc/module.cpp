@@ -35,7 +35,9 @@ extern "C" PyMODINIT_FUNC AK_MODULE_INIT(void) {
             PyModule_AddIntConstant(m, "GRAD_STRAIGHT_THROUGH",
                                     arcface::GRAD_STRAIGHT_THROUGH) == 0 &&
             PyModule_AddObject(m, "NORM_EPS", PyFloat_FromDouble(arcface::NORM_EPS)) == 0 &&
-            PyModule_AddObject(m, "SIN2_MIN", PyFloat_FromDouble(arcface::SIN2_MIN)) == 0;
+            PyModule_AddObject(m, "SIN2_MIN", PyFloat_FromDouble(arcface::SIN2_MIN)) == 0 &&
+            PyModule_AddObject(m, "WORKSPACE_BYTES",
+                               PyLong_FromLongLong(arcface::kWorkspaceBytes)) == 0;
   if (!ok || !arcface::cuda::add_dry_run_functions(m)) {
     Py_DECREF(m);
     return nullptr;

@@ -11,6 +11,13 @@
 
 namespace arcface {
 
+// The workspace bound of the C++ kernels (CPU and CUDA), in bytes: with block = 0 (the
+// API's chunk_size=None) the chunk of classes a kernel materializes is chosen so that
+// its temporaries stay within it. block > 0 is the number of classes per chunk, honoured
+// as given (docs/design.md section 4, "Workspace bounds"). Exposed as
+// arcface_kernels._C.WORKSPACE_BYTES.
+constexpr int64_t kWorkspaceBytes = int64_t(16) << 20;
+
 // Sizes of one call after its checks: N rows, D features, R rows of w, K sub-centers,
 // C classes in the shard (index length, or R / K).
 struct Dims {

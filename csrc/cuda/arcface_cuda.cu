@@ -11,8 +11,8 @@
 //     second kernel (lse_merge).
 //   * Backward, bounded workspace: the classes are walked in chunks of CC classes
 //     (CC*K rows of w; CC chosen so that the G workspace [N, CC*K] and the chunk's
-//     [CC*K, D] buffers are each <= kWorkspaceBytes = 16 MiB, whatever C is; a smaller
-//     `block` op argument, a tuning hint, lowers CC). Per chunk:
+//     [CC*K, D] buffers are each <= kWorkspaceBytes = 16 MiB, whatever C is; the `block`
+//     op argument, the API's chunk_size, sets CC as given). Per chunk:
 //       1. grad_chunk_kernel recomputes the chunk's logits tile by tile with the forward's
 //          code (tile_columns / tile_dots / class_cosine) and writes
 //          G_ij = dL/dc_ij (arcface_math.h grad_target / grad_nontarget: psi' at the

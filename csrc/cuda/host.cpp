@@ -57,14 +57,14 @@ void inv_norms(KernelRunner& run, const at::Tensor& v, const at::Tensor* idx, in
   run.inv_norm(warp_rows(rows), v, idx, rows, k, d, normalize, out);
 }
 
-// Classes per backward chunk: as many as fit the workspace bound (whole tiles of p.tc
-// classes when there is more than one tile's worth), or fewer when the block hint asks
-// for fewer (a larger hint is capped: the bound holds whatever the hint).
+// Classes per backward chunk: the block argument when given (classes per chunk, as the
+// caller asked), else as many as fit the workspace bound (whole tiles of p.tc classes when
+// there is more than one tile's worth).
 int64_t bwd_chunk_classes(const Dims& dm, const Params& p, int64_t block, int64_t elem) {
   const int64_t rows_cap = kWorkspaceBytes / (elem * std::max<int64_t>({dm.n, dm.d, 1}));
   int64_t cc = std::max<int64_t>(1, rows_cap / dm.k);
   if (cc >= p.tc) cc -= cc % p.tc;
-  if (block > 0) cc = std::min(cc, block);
+  if (block > 0) cc = block;
   return std::max<int64_t>(1, std::min(cc, dm.c));
 }
 

@@ -28,10 +28,8 @@ constexpr int MAX_K = TW;      // sub-centers per class supported by one tile
 constexpr int WARP_ROWS = 8;   // warps (one row each) per block of the row kernels
 constexpr int COMBINE_THREADS = 256;
 
-// Bytes of the backward's per-chunk buffers: the G workspace [N, chunk rows] and the
-// chunk's W_hat / dW [chunk rows, D] are each at most this large (unless one class's K
-// rows alone exceed it).
-constexpr int64_t kWorkspaceBytes = int64_t(16) << 20;
+// The backward's per-chunk buffers (the G workspace [N, chunk rows], the chunk's W_hat /
+// dW [chunk rows, D]) are each at most kWorkspaceBytes (ops.h) large by default.
 
 // Sizes of one call, passed by value to the tile kernels.
 struct Params {

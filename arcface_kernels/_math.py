@@ -32,6 +32,14 @@ _EASY = WRAP_MODES["easy"]
 _STRAIGHT = GRAD_MODES["straight_through"]
 
 
+def radial_mask(inv: Tensor) -> Tensor:
+    """Where a row's normalization has a radial gradient term: its inverse norm
+    ``inv`` = 1 / max(|v|, NORM_EPS) is below 1 / NORM_EPS. Below the floor v / eps is
+    linear in v, so the gradient is inv * u, without the term - r inv^2 v (F.normalize's
+    own derivative there)."""
+    return inv < 1.0 / torch.tensor(NORM_EPS, dtype=inv.dtype, device=inv.device)
+
+
 def fallback_threshold(m1: float, m2: float) -> float:
     """cos of the angle past which m1*theta + m2 exceeds pi (fallback mode)."""
     return math.cos(min((math.pi - m2) / m1, math.pi))

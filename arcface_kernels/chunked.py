@@ -37,7 +37,7 @@ from torch import Tensor
 from ._checks import check_op_args
 from ._config import WORKSPACE_BYTES, check_grad_filter
 from ._ops import acc_dtype, define_python_backend
-from ._math import NORM_EPS, margin_dpsi, margin_psi
+from ._math import NORM_EPS, margin_dpsi, margin_psi, radial_mask
 
 def default_block(n: int, k: int, acc: torch.dtype) -> int:
     """Classes per chunk so that one [N, block*K] temporary in the accumulation dtype
@@ -217,7 +217,7 @@ def chunked_bwd(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], l
         dxs.addmm_(grad, wc)
         dwc = grad.T @ xh
         if normalize:  # dW_j = b_j (sum_i G_ij x_hat_i - q_j w_hat_j), q_j = <w_hat_j, .>
-            q = torch.linalg.vecdot(wc, dwc).unsqueeze(1)
+            q = torch.linalg.vecdot(wc, dwc).unsqueeze(1) * radial_mask(b)
             dwc.addcmul_(q, wc, value=-1.0).mul_(b)
         rows = shard.rows(j0, j1)
         if rows is None:
@@ -225,7 +225,7 @@ def chunked_bwd(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], l
         else:
             dw.index_add_(0, rows, dwc)
     if normalize:  # dx_i = a_i (sum_j G_ij w_hat_j - r_i x_hat_i), r_i = <x_hat_i, .>
-        r = torch.linalg.vecdot(xh, dxs).unsqueeze(1)
+        r = torch.linalg.vecdot(xh, dxs).unsqueeze(1) * radial_mask(a)
         dx = dxs.addcmul_(r, xh, value=-1.0).mul_(a)
     else:
         dx = dxs

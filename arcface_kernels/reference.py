@@ -45,7 +45,8 @@ from torch import Tensor
 
 from ._checks import check_op_args
 from ._config import MarginConfig, check_grad_filter, check_reduction
-from ._math import NORM_EPS, SIN2_MIN, fallback_threshold, margin_dpsi, margin_psi
+from ._math import NORM_EPS, SIN2_MIN, fallback_threshold, margin_dpsi, margin_psi, \
+    radial_mask
 from ._ops import acc_dtype, define_python_backend
 
 __all__ = ["reference_loss", "reference_forward", "reference_backward", "reference_logits",
@@ -185,11 +186,13 @@ def reference_backward(x: Tensor, w: Tensor, labels_local: Tensor, index: Option
         dx = a (G w_hat - r x_hat),  r_i = sum_j G_ij S_ij
         dw = b (G^T x_hat - q w_hat),  q_j = sum_i G_ij S_ij
 
-    (without normalization dx = G w and dw = G^T x). Rows of w outside the shard get 0.
+    (without normalization dx = G w and dw = G^T x; r_i = 0 for a row with |x_i| <
+    NORM_EPS, where x / eps is linear, and q_j likewise). Rows of w outside the shard
+    get 0.
     Computed in float64 for float64 inputs, else float32; returned in the input dtypes.
     """
     acc = acc_dtype(x.dtype)
-    n, k, d = x.shape[0], cfg.sub_centers, x.shape[1]
+    n, k = x.shape[0], cfg.sub_centers
     rows = None
     wf = w.to(acc)
     if index is not None:
@@ -201,7 +204,9 @@ def reference_backward(x: Tensor, w: Tensor, labels_local: Tensor, index: Option
     if cfg.normalize:
         a = 1.0 / torch.linalg.vector_norm(xf, dim=1, keepdim=True).clamp(min=NORM_EPS)
         b = 1.0 / torch.linalg.vector_norm(wf, dim=1, keepdim=True).clamp(min=NORM_EPS)
-        xh, wh = xf * a, wf * b
+        # the forward's cosines exactly (F.normalize, as reference_cosines): a target at
+        # a margin branch's threshold takes the same branch in both
+        xh, wh = F.normalize(xf, dim=1, eps=NORM_EPS), F.normalize(wf, dim=1, eps=NORM_EPS)
     else:
         xh, wh = xf, wf
     raw = xh @ wh.T                                        # S [N, C*K]
@@ -227,8 +232,9 @@ def reference_backward(x: Tensor, w: Tensor, labels_local: Tensor, index: Option
             2, kbest.unsqueeze(2), grad.unsqueeze(2)).view(n, -1)
     dxh, dwh = grad @ wh, grad.T @ xh
     if cfg.normalize:
-        r = (grad * raw).sum(dim=1, keepdim=True)
-        q = (grad * raw).sum(dim=0).unsqueeze(1)
+        # no radial term for a row whose norm is below NORM_EPS (radial_mask)
+        r = (grad * raw).sum(dim=1, keepdim=True) * radial_mask(a)
+        q = (grad * raw).sum(dim=0).unsqueeze(1) * radial_mask(b)
         dx = a * (dxh - r * xh)
         dws = b * (dwh - q * wh)
     else:

@@ -1,7 +1,7 @@
 // Per-element math of the margin softmax, shared by the CPU and the CUDA kernel.
 //
 // This header is the single C++/CUDA home of the formulas stated in the docstring of
-// arcface_kernels/reference.py (their Python twin there: margin_psi / margin_dpsi,
+// arcface_kernels/_math.py (their Python twin there: margin_psi / margin_dpsi,
 // NORM_EPS, SIN2_MIN, fallback_threshold). Every function is host+device and templated on the
 // accumulation type T (float, or double on the CPU).
 #pragma once
@@ -268,10 +268,13 @@ AK_HD T grad_target(T c, T lse, T g_p, T g_t, T g_s, const Margin<T>& p) {
 // The normalization's backward, one element: with u = sum of G times the other side's
 // normalized vectors (sum_j G_ij w_hat_j for x_i, sum_i G_ij x_hat_i for w_j), rc the
 // row's coefficient (r_i = sum_j G_ij c_ij, or q_j), v_hat the normalized input element
-// and inv its row's inverse norm: dL/dv = inv * (u - rc * v_hat) (reference.py's gradient).
+// and inv its row's inverse norm: dL/dv = inv * (u - rc * v_hat) (docs/design.md section 2),
+// without the radial term for a row whose norm is below NORM_EPS (inv = 1 / NORM_EPS:
+// there v / eps is linear in v).
 template <typename T>
 AK_HD T norm_grad(T u, T rc, T v_hat, T inv) {
-  return inv * (u - rc * v_hat);
+  const bool radial = inv < T(1) / T(NORM_EPS);
+  return inv * (radial ? u - rc * v_hat : u);
 }
 
 }  // namespace arcface

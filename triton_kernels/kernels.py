@@ -31,7 +31,8 @@ per-element math comes from ``math.py`` only.
 import triton
 import triton.language as tl
 
-from .math import clamp_unit, from_base2, inv_norm, margin_dpsi, margin_psi, to_base2
+from .math import clamp_unit, from_base2, inv_norm, margin_dpsi, margin_psi, radial, \
+    to_base2
 
 # How a tile's dot products are computed (``DOT_MODE``):
 DOT_TENSOR_CORE = 0   # fp16 / bf16 operands, fp32 accumulation
@@ -360,10 +361,20 @@ def fwd_combine_kernel(pmax_ptr, psum_ptr, psz_ptr, parg_ptr, tz_ptr, tc_ptr, la
         total += tl.load(psum_ptr + off, mask=mask, other=0.0) * tl.exp2(m - ref)
         sum_y += tl.load(psz_ptr + off, mask=mask, other=0.0)
     total = tl.where(mask, total, 1.0)   # rows past N: no log(0)
-    tl.store(lse_ptr + rows, from_base2(ref + tl.log2(total)), mask=mask)
+    lse2 = ref + tl.log2(total)
+    # lse >= the target's logit. At huge logits (normalize=False, |z| ~ 1e34 in fp32) the
+    # running max, the plain target logit of the tiles, and tz (the target kernel's own
+    # dot product) differ by rounding errors that are huge in absolute terms, so every
+    # exp2 may underflow (lse = -inf); the bound restores lse = the target's logit there.
+    # (A comparison, not tl.maximum: NaN stays NaN.)
+    lse2 = tl.where(has & (lse2 < ty), ty, lse2)
+    tl.store(lse_ptr + rows, from_base2(lse2), mask=mask)
     tl.store(tgt_ptr + rows, tz, mask=mask)
     tc = tl.load(tc_ptr + rows, mask=mask, other=0.0)
     tl.store(sz_ptr + rows, from_base2(sum_y) - tc + tz, mask=mask)
+    # a NaN logit makes the row's sum of logits NaN, while the running max skips it
+    # (comparisons with NaN are false): max_z is NaN then, as torch.max gives
+    big = tl.where(sum_y != sum_y, sum_y, big)
     tl.store(maxz_ptr + rows, from_base2(big), mask=mask)
     tl.store(arg_ptr + rows, arg.to(tl.int64), mask=mask)
 
@@ -419,6 +430,9 @@ def grad_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr,
     valid = rmask[:, None] & cmask[None, :]
     hrow = rows[:, None] * ld_h
     p = tl.exp2(y - lse2[:, None])
+    # a softmax value is at most 1; at huge logits the recomputed y may pass lse by a
+    # rounding error that is huge in absolute terms (exp2 would overflow). NaN stays NaN.
+    p = tl.where(p > 1.0, 1.0, p)
     if FILTER:
         p_max = tl.max(tl.max(tl.where(valid, p, 0.0), axis=1), axis=0)
         t_in = tl.max(tl.max(tl.where(is_t & valid, 1, 0), axis=1), axis=0)
@@ -617,7 +631,7 @@ def proj_rows_kernel(part_ptr, splits, src_ptr, stride_src, scale_ptr, idx_ptr, 
         v, src, m2, dd = _summed_rows(part_ptr, splits, rows, r, src_ptr, srow, stride_src,
                                       ok, 0, D, NORMALIZE, BLOCK_R, BLOCK_D)
         if NORMALIZE:
-            q = tl.sum(src * v, axis=1) * scale * scale
+            q = radial(tl.sum(src * v, axis=1) * scale * scale, scale)
             v = v - q[:, None] * src
         if POST_SCALE:
             v = v * scale[:, None]
@@ -631,7 +645,7 @@ def proj_rows_kernel(part_ptr, splits, src_ptr, stride_src, scale_ptr, idx_ptr, 
                                               stride_src, ok, d0, D, NORMALIZE, BLOCK_R,
                                               BLOCK_D)
                 q += tl.sum(src * v, axis=1)
-            q = q * scale * scale
+            q = radial(q * scale * scale, scale)
         for d0 in range(0, D, BLOCK_D):
             v, src, m2, dd = _summed_rows(part_ptr, splits, rows, r, src_ptr, srow,
                                           stride_src, ok, d0, D, NORMALIZE, BLOCK_R, BLOCK_D)

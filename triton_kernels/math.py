@@ -1,6 +1,6 @@
 """Per-element math of the margin softmax in Triton: the one Triton home of these formulas.
 
-The Triton twin of ``arcface_kernels/reference.py`` (margin_psi, margin_dpsi,
+The Triton twin of ``arcface_kernels/_math.py`` (margin_psi, margin_dpsi,
 fallback_threshold, NORM_EPS, SIN2_MIN) and of the online log-sum-exp merge. Every
 Triton kernel of this package imports its math from here; nothing else in the package
 writes psi, psi' or an lse merge.
@@ -15,8 +15,8 @@ Integer codes (``WRAP_*``, ``GRAD_*``) equal ``arcface_kernels._config.WRAP_MODE
 import triton
 import triton.language as tl
 
-NORM_EPS = tl.constexpr(1e-12)   # as F.normalize (reference.NORM_EPS)
-SIN2_MIN = tl.constexpr(1e-12)   # floor of sin(theta)^2 in psi' (reference.SIN2_MIN)
+NORM_EPS = tl.constexpr(1e-12)   # as F.normalize (_math.NORM_EPS)
+SIN2_MIN = tl.constexpr(1e-12)   # floor of sin(theta)^2 in psi' (_math.SIN2_MIN)
 PI = tl.constexpr(3.141592653589793)
 _LOG2E = tl.constexpr(1.4426950408889634)   # log2(e)
 _LN2 = tl.constexpr(0.6931471805599453)     # ln(2)
@@ -88,7 +88,7 @@ def _wrapped(c, m1, m2, WRAP: tl.constexpr):
 
 @triton.jit
 def margin_psi(c, m1, m2, m3, WRAP: tl.constexpr, M1_IS_ONE: tl.constexpr):
-    """psi(c) = cos(m1 acos(c) + m2) - m3 with the wrap modes (reference.margin_psi).
+    """psi(c) = cos(m1 acos(c) + m2) - m3 with the wrap modes (_math.margin_psi).
     M1_IS_ONE (m1 == 1.0 exactly, as the reference tests it): no arc-cosine."""
     if M1_IS_ONE:
         sin_t = tl.sqrt(tl.maximum(1.0 - c * c, 0.0))
@@ -104,7 +104,7 @@ def margin_psi(c, m1, m2, m3, WRAP: tl.constexpr, M1_IS_ONE: tl.constexpr):
 
 @triton.jit
 def margin_dpsi(c, m1, m2, WRAP: tl.constexpr, GRAD: tl.constexpr, M1_IS_ONE: tl.constexpr):
-    """psi'(c) as the design defines it (reference.margin_dpsi): exact, with sin(theta)
+    """psi'(c) of docs/design.md section 2 (_math.margin_dpsi): exact, with sin(theta)
     floored at sqrt(SIN2_MIN), 1 in the wrapped branches; 1 for straight-through."""
     if GRAD == GRAD_STRAIGHT:
         d = tl.full(c.shape, 1.0, c.dtype)
@@ -141,6 +141,13 @@ def clamp_unit(c):
 def inv_norm(sum_sq):
     """1 / max(sqrt(sum_sq), NORM_EPS), as F.normalize."""
     return 1.0 / tl.maximum(tl.sqrt(sum_sq), _const_like(sum_sq, NORM_EPS))
+
+
+@triton.jit
+def radial(q, inv):
+    """A row's radial coefficient q where its norm is above NORM_EPS, else 0 (below the
+    floor v / eps is linear in v: no radial term; inv = 1 / max(|v|, NORM_EPS))."""
+    return tl.where(inv < 1.0 / _const_like(inv, NORM_EPS), q, 0.0)
 
 
 @triton.jit

@@ -10,10 +10,13 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from .backends import ALL_BACKENDS
 
 # Integer codes shared with the Triton module and the C++ header (keep in sync:
 # tests/test_cpp.py and tests/test_triton.py check the C++ and Triton constants).
+# The backends' names (the registry is backends.py; named here so that the settings, and
+# the reference that imports them, import no backend).
+ALL_BACKENDS = ("reference", "chunked", "triton", "cpp")
+
 # The workspace bound, in bytes, of every chunking backend (docs/design.md section 4,
 # "Workspace bounds"): with chunk_size=None a backend picks its chunk of classes so that
 # its temporaries stay within it. chunked: one [N, chunk*K] temporary in the accumulation

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-ALL_BACKENDS = ("reference", "chunked", "triton", "cpp")
+from ._config import ALL_BACKENDS
 
 
 @dataclass(frozen=True)

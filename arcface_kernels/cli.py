@@ -1,8 +1,10 @@
-"""Command line: ``arcface-kernels demo | bench | info``, and ``--version``.
+"""Command line: ``arcface-kernels demo | bench | check | info``, and ``--version``.
 
 Also reachable as ``python -m arcface_kernels``. ``demo`` trains a small network with
 ArcFaceLoss on a synthetic 100,000-class problem (see :mod:`arcface_kernels.demo`);
-``bench`` runs the benchmark suite (:mod:`arcface_kernels.bench`; results go to
+``check MODULE:FUNCTION`` runs the gradient-check suite (:mod:`arcface_kernels.testing`)
+on anyone's loss function and exits 1 when a case fails; ``bench`` runs the benchmark
+suite (:mod:`arcface_kernels.bench`; results go to
 ./arcface-bench/ unless --out says otherwise); ``info`` prints the versions, the backends
 (and why any is unavailable), whether the C++ extension was built (and with CUDA) and the
 devices.
@@ -69,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fused ArcFace / margin-softmax losses for huge class counts.")
     parser.add_argument("--version", action="version",
                         version=f"arcface-kernels {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,info}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,check,info}")
     sub.required = True
 
     demo = sub.add_parser(
@@ -114,6 +116,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", add_help=False,
                    help="run the benchmark suite (arcface-kernels bench --help); results "
                         "go to ./arcface-bench/ unless --out says otherwise")
+    chk = sub.add_parser(
+        "check", help="check a margin-loss (or linear cross-entropy) implementation "
+                      "against the float64 oracle; exit 1 on a failure",
+        description="Run arcface_kernels.testing's grid on FUNCTION(embeddings, weight, "
+                    "labels, **settings) -> loss, imported from MODULE (the current "
+                    "directory is on the import path). A `supports` attribute of the "
+                    "function declares the settings it implements. Exit status: 0 all "
+                    "passed, 1 a case failed, 2 bad arguments.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    chk.add_argument("target", metavar="MODULE:FUNCTION")
+    chk.add_argument("--kind", choices=("margin", "linear"), default="margin",
+                     help="margin loss grid, or plain linear cross-entropy")
+    chk.add_argument("--device", type=_device, default=None, action="append",
+                     dest="devices",
+                     help="device to run on, repeatable (default: cpu)")
+    chk.add_argument("--dtypes", default="float64,float32",
+                     help="comma list among float64, float32, float16, bfloat16")
+    chk.add_argument("--cases", default=None, help="comma list of grid case names")
+    chk.add_argument("--random", type=_nonneg_int, default=0, metavar="N",
+                     help="also N randomized cases (shrunk with hypothesis if installed)")
+    chk.add_argument("--seed", type=_int, default=0, help="seed of the randomized cases")
+    chk.add_argument("--atol-scale", type=_positive_float, default=1.0,
+                     help="multiply every tolerance")
+    chk.add_argument("--no-gradcheck", action="store_true", help="skip gradcheck")
+    chk.add_argument("--all", action="store_true", help="print every case, not only "
+                                                        "the failures")
+    chk.set_defaults(func=_cmd_check, parser=chk)
     info = sub.add_parser("info", help="print versions, backends, build and devices")
     info.set_defaults(func=_cmd_info, parser=info)
     return parser
@@ -166,6 +195,56 @@ def _cmd_demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(result_dict(res), f, indent=1)
     return 0
+
+
+def _load_target(parser: argparse.ArgumentParser, target: str):
+    import importlib
+    mod_name, sep, fn_name = target.partition(":")
+    if not sep or not mod_name or not fn_name:
+        parser.error(f"argument MODULE:FUNCTION: expected module:function, got {target!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        parser.error(f"argument MODULE:FUNCTION: cannot import {mod_name!r}: {e}")
+    fn = mod
+    for part in fn_name.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            parser.error(f"argument MODULE:FUNCTION: {mod_name!r} has no {fn_name!r}")
+    if not callable(fn):
+        parser.error(f"argument MODULE:FUNCTION: {target!r} is not callable")
+    return fn
+
+
+def _cmd_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from . import testing
+    fn = _load_target(parser, args.target)
+    devices = args.devices or ["cpu"]
+    if "auto" in devices:
+        parser.error("argument --device: name the device (cpu, cuda or cuda:N)")
+    try:
+        dtypes = [testing.parse_dtype(d) for d in args.dtypes.split(",") if d]
+        names = [c for c in args.cases.split(",") if c] if args.cases else None
+        check = testing.check_margin_loss if args.kind == "margin" else \
+            testing.check_linear_cross_entropy
+        report = check(fn, names=names, dtypes=dtypes, devices=devices,
+                       atol_scale=args.atol_scale, gradcheck=not args.no_gradcheck)
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
+    reports = [report]
+    if args.random and args.kind == "margin":
+        reports.append(testing.fuzz_margin_loss(fn, examples=args.random, seed=args.seed,
+                                                dtypes=dtypes, devices=devices,
+                                                atol_scale=args.atol_scale))
+    ok = True
+    for rep in reports:
+        print(rep.summary())
+        if args.all or not rep.ok:
+            print(rep.table(only_failures=not args.all))
+        ok = ok and rep.ok
+    return 0 if ok else 1
 
 
 def _version(dist: str) -> Optional[str]:

@@ -52,7 +52,7 @@ PRESETS: Dict[str, dict] = {
                   modes=list(MODES), rounds=1, min_time=0.01),
 }
 
-# Targets of the CPU headline (design issue 2 / 6): time and peak-memory ratios to the
+# Targets of the CPU headline (README "Results"): time and peak-memory ratios to the
 # reference at N=1024, C=65536, D=128 fp32, forward+backward.
 HEADLINE_CPU = dict(device="cpu", dtype="fp32", N=1024, C=65536, D=128, mode="full",
                     loss="arcface")

@@ -1,6 +1,7 @@
-"""Shared test material: the grid of loss modes and shapes, input factories, and the one
-comparison of a backend against the float64 reference. Every backend's test file uses
-these, so a new mode added here is checked on every backend."""
+"""Shared test helpers: named loss settings and shapes taken from the one grid
+(arcface_kernels.testing), input factories, and comparisons of one call against the
+float64 reference for the tests that are not grid checks. The grid runs over every
+backend in tests/test_backends.py."""
 from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
@@ -9,28 +10,20 @@ import torch
 
 import arcface_kernels as ak
 from arcface_kernels.reference import reference_loss
+from arcface_kernels.testing import MARGIN_GRID
 
-# Loss modes (keyword arguments of arcface_loss / reference_loss).
-MODES: Dict[str, dict] = {
-    "arcface": dict(s=64.0, m2=0.5),
-    "cosface": dict(s=64.0, m2=0.0, m3=0.35),
-    "combined": dict(s=32.0, m1=1.0, m2=0.3, m3=0.2),
-    "sphereface": dict(s=30.0, m1=1.35, m2=0.0, m3=0.0),
-    "combined_m1": dict(s=16.0, m1=1.2, m2=0.3, m3=0.1, margin_mode="none"),
-    "easy": dict(s=64.0, m2=0.5, margin_mode="easy"),
-    "no_wrap": dict(s=64.0, m2=0.5, margin_mode="none"),
-    "big_margin_fallback": dict(s=8.0, m2=2.5),  # many targets in the fallback branch
-    "straight_through": dict(s=64.0, m2=0.5, target_grad="straight_through"),
-    "smoothing": dict(s=64.0, m2=0.5, label_smoothing=0.1),
-    "linear_ce": dict(s=1.0, m2=0.0, normalize=False),
-    "linear_cosface": dict(s=2.0, m2=0.0, m3=0.5, normalize=False),
-    "reduction_sum": dict(s=64.0, m2=0.5, reduction="sum"),
-    "reduction_none": dict(s=64.0, m2=0.5, reduction="none"),
-    "sub_centers": dict(s=64.0, m2=0.5, sub_centers=3),
-}
+# Named loss settings (keyword arguments of arcface_loss / reference_loss) for the tests
+# that are not grid checks (PartialFC, sub-centers, the API...): taken from the one grid,
+# arcface_kernels.testing.MARGIN_GRID ("arcface" is its s = 64 ArcFace case). The grid
+# itself is run over every backend in tests/test_backends.py.
+MODES: Dict[str, dict] = {c.name: dict(c.settings) for c in MARGIN_GRID
+                          if c.pattern in ("aligned", "aligned_ignored")}
+MODES["arcface"] = dict(MODES.pop("arcface_s64"), s=64.0, m2=0.5)
 
-# (N, C, D): odd shapes, C not a multiple of typical blocks, D not a power of two.
-SHAPES = [(1, 1, 1), (1, 7, 17), (5, 1, 4), (9, 13, 17), (33, 70, 24), (64, 129, 33)]
+# (N, C, D) of the grid's odd shapes: C not a multiple of typical blocks, D not a power
+# of two.
+SHAPES = [c.shape for c in MARGIN_GRID if c.name in (
+    "shape_1x1x1", "one_row", "one_class", "combined_m1", "arcface_s64", "odd_sizes")]
 
 
 def make_inputs(n: int, c: int, d: int, *, dtype=torch.float64, device="cpu", seed: int = 0,
@@ -128,16 +121,5 @@ def assert_low_precision_ok(backend: str, shape, mode: dict, dtype, *, device="c
             f"{backend} {dtype} {name}: error {err:.3e} vs reference's own {ref_err:.3e}")
 
 
-def finite_difference_ok(backend: str, dtype=torch.float64) -> bool:
-    """gradcheck of the backend on a tiny problem in float64 (every mode but sub-centers,
-    whose max is not differentiable at ties)."""
-    x, w, y = make_inputs(4, 5, 3, seed=3)
-    x.requires_grad_(True)
-    w.requires_grad_(True)
-    return torch.autograd.gradcheck(
-        lambda a, b: ak.arcface_loss(a, b, y, backend=backend, s=4.0, m2=0.3,
-                                     label_smoothing=0.1), (x, w), eps=1e-6, atol=1e-6)
-
-
 __all__ = ["MODES", "SHAPES", "make_inputs", "run_loss", "max_rel_err",
-           "assert_matches_reference", "assert_low_precision_ok", "finite_difference_ok"]
+           "assert_matches_reference", "assert_low_precision_ok"]

@@ -8,15 +8,11 @@ import torch
 import arcface_kernels as ak
 from arcface_kernels.backends import resolve_backend
 from arcface_kernels.reference import reference_loss
+from _backends import cpu_backends
 from _cases import make_inputs, max_rel_err, run_loss
 
 
-def _cpu_backends():
-    return [b for b in ak.available_backends()
-            if "cpu" in resolve_backend(b, torch.device("cpu")).devices]
-
-
-CPU_BACKENDS = _cpu_backends()
+CPU_BACKENDS = cpu_backends()
 
 
 def _inputs(n=6, c=5, d=4, dtype=torch.float32):
@@ -165,11 +161,15 @@ class TestEdgeCases:
 
     def test_finite_for_extreme_finite_inputs(self, backend):
         x, w, y = _inputs(dtype=torch.float32)
+        assert y[0] >= 0
         x = x * 1e18
-        w[0] = w[0] * 1e-18
-        w[1] = x[0]  # exactly parallel: cosine 1 (clamped), psi' at its floor
-        loss, dx, dw = run_loss(backend, x, w, y, dict(m2=0.5))
-        assert torch.isfinite(loss) and torch.isfinite(dx).all() and torch.isfinite(dw).all()
+        w[(y[0] + 1) % w.shape[0]] *= 1e-18
+        w[y[0]] = x[0] * 1e-18  # row 0 exactly parallel to ITS TARGET: cosine 1 (clamped)
+        for mode in (dict(m2=0.5), dict(m1=0.8, m2=0.3, s=16.0), dict(m1=1.35, m2=0.0)):
+            loss, dx, dw = run_loss(backend, x, w, y, mode)     # psi(1), psi'(1) at its floor
+            assert torch.isfinite(loss) and torch.isfinite(dx).all() \
+                and torch.isfinite(dw).all(), mode
+            # the values themselves: arcface_kernels.testing's parallel / parallel_m1 cases
 
     def test_stats(self, backend):
         x, w, y = _inputs(dtype=torch.float64)
@@ -455,3 +455,58 @@ def test_grad_filter_eps_checked(eps):
         ak.arcface_loss(x, w, y, backend="chunked", grad_filter_eps=eps)
     with pytest.raises(ValueError, match="grad_filter_eps"):
         ak.ArcFaceLoss(4, 5, grad_filter_eps=eps)
+
+
+# ------------------------------------------------------------------- ArcFaceFunction
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_arcface_function_equals_arcface_loss(backend, reduction):
+    x, w, y = make_inputs(9, 13, 5, seed=4)
+    margin = ak.MarginConfig(s=16.0, m2=0.3, m3=0.05)
+    opts = ak.LossOptions(reduction=reduction, label_smoothing=0.1, backend=backend)
+    xa, wa = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    got = ak.ArcFaceFunction.apply(xa, wa, y, margin, opts)
+    xb, wb = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    want = ak.arcface_loss(xb, wb, y, s=16.0, m2=0.3, m3=0.05, reduction=reduction,
+                           label_smoothing=0.1, backend=backend)
+    gout = torch.rand(got.shape, dtype=got.dtype) + 0.5
+    ga = torch.autograd.grad(got, (xa, wa), gout)
+    gb = torch.autograd.grad(want, (xb, wb), gout)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_arcface_function_gradcheck_and_compile():
+    x, w, y = make_inputs(4, 5, 3, seed=2)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    margin, opts = ak.MarginConfig(s=4.0, m2=0.3), ak.LossOptions(backend="chunked")
+    assert torch.autograd.gradcheck(
+        lambda a, b: ak.ArcFaceFunction.apply(a, b, y, margin, opts), (x, w))
+    f = torch.compile(lambda a, b: ak.ArcFaceFunction.apply(a, b, y, margin, opts),
+                      fullgraph=True, backend="aot_eager")
+    got = f(x, w)
+    got.backward()
+    want = ak.arcface_loss(x.detach(), w.detach(), y, s=4.0, m2=0.3, backend="chunked")
+    torch.testing.assert_close(got.detach(), want)
+    assert torch.isfinite(x.grad).all()
+    with pytest.raises(TypeError, match="margin must be a MarginConfig"):
+        ak.ArcFaceFunction.apply(x, w, y, dict(s=4.0), opts)
+
+
+def test_one_workspace_bound():
+    """WORKSPACE_BYTES is every chunking backend's default bound, in bytes."""
+    from arcface_kernels._config import WORKSPACE_BYTES
+    from arcface_kernels.chunked import default_block
+    assert default_block(1024, 1, torch.float32) * 1024 * 4 <= WORKSPACE_BYTES
+    assert default_block(1024, 1, torch.float32) * 1024 * 4 > WORKSPACE_BYTES - 1024 * 4
+    assert default_block(1 << 30, 2, torch.float64) == 1   # at least one class
+    if "cpp" in ak.available_backends():
+        from arcface_kernels import _C
+        assert _C.WORKSPACE_BYTES == WORKSPACE_BYTES
+    try:
+        from arcface_kernels.triton_kernels.options import Options
+    except ImportError:
+        return
+    assert Options().workspace_bytes == WORKSPACE_BYTES

@@ -190,3 +190,121 @@ def test_measure_memory_measures_then_estimates_the_reference(monkeypatch):
     e = demo.measure_memory(head, emb, labels, torch.device("cpu"))
     assert e["reference_estimated"] and "C=1000" in e["reference_note"]
     assert 0.5 * m["reference_peak"] < e["reference_peak"] < 2.0 * m["reference_peak"]
+
+
+# ------------------------------------------------------------------ packaging, extras
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_version_has_one_source_and_a_flag():
+    import importlib.metadata
+    import arcface_kernels
+    from arcface_kernels._version import __version__
+    assert arcface_kernels.__version__ == __version__
+    assert importlib.metadata.version("arcface-kernels") == __version__
+    r = _run(["--version"])
+    assert r.returncode == 0 and r.stdout.strip() == f"arcface-kernels {__version__}"
+    with open(os.path.join(REPO, "pyproject.toml")) as f:
+        text = f.read()
+    assert 'dynamic = ["version"]' in text and '__version__ = "' not in text
+    assert 'license = "Apache-2.0"' in text
+
+
+def test_license_and_py_typed_ship():
+    with open(os.path.join(REPO, "LICENSE")) as f:
+        assert "Apache License" in f.read(400)
+    import arcface_kernels
+    assert os.path.exists(os.path.join(os.path.dirname(arcface_kernels.__file__), "py.typed"))
+
+
+# Runs a command with matplotlib and tqdm made unimportable, as after a plain
+# `pip install .` (torch only).
+_NO_EXTRAS = ("import sys; sys.modules['matplotlib'] = None; sys.modules['tqdm'] = None; "
+              "from arcface_kernels.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def test_demo_without_extras_prints_its_table_and_says_why_no_plot(tmp_path):
+    png = tmp_path / "demo.png"
+    r = subprocess.run([sys.executable, "-c", _NO_EXTRAS, "demo", "--steps", "5",
+                        "--classes", "500", "--batch", "32", "--dim", "16", "--out",
+                        str(png)], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, TRITON_INTERPRET="0"), cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "steps/s" in r.stdout and "ArcFaceLoss" in r.stdout
+    lines = [ln for ln in r.stdout.splitlines() if "matplotlib is not installed" in ln]
+    assert len(lines) == 1 and "arcface-kernels[demo]" in lines[0]
+    assert not png.exists()
+    # no profiler chatter from the memory measurement (kineto's native prints)
+    assert "USDT" not in r.stderr and "profiler_start" not in r.stderr
+
+
+def test_demo_uses_torch_default_threads_and_auto_device():
+    from arcface_kernels.demo import DemoConfig, resolve_device
+    assert DemoConfig().device == "auto" and DemoConfig().threads == 0
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == want
+    assert not hasattr(demo, "choose_threads")
+
+
+def test_bench_writes_to_the_current_directory_and_leaves_the_checkout_alone(tmp_path):
+    def status():
+        return subprocess.run(["git", "status", "--porcelain"], cwd=REPO,
+                              capture_output=True, text=True).stdout
+    if not os.path.isdir(os.path.join(REPO, ".git")):
+        pytest.skip("not a git checkout")
+    before = status()
+    r = subprocess.run([sys.executable, "-c", _NO_EXTRAS, "bench", "--preset", "smoke",
+                        "--providers", "chunked,reference", "--no-memory", "--no-matmul",
+                        "--modes", "full"], capture_output=True, text=True, timeout=600,
+                       cwd=str(tmp_path), env=dict(os.environ, TRITON_INTERPRET="0"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "arcface-bench"
+    assert sorted(p.name for p in out.iterdir()) == ["cpu_fp32.csv", "cpu_fp32.json",
+                                                      "cpu_fp32.md"]
+    assert "matplotlib is not installed" in r.stdout
+    assert status() == before
+
+
+def test_bench_busy_processes_are_killed():
+    from arcface_kernels.bench import run as brun
+    with brun.busy_processes(2):
+        kids = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "while True"],
+                              capture_output=True, text=True).stdout.split()
+        assert len(kids) == 2
+    # killed and reaped on leaving the block
+    assert subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "while True"],
+                          capture_output=True).returncode == 1
+
+
+def test_auto_warns_once_when_a_backend_fails_to_load(monkeypatch):
+    import warnings
+    from arcface_kernels import backends
+    monkeypatch.setattr(backends, "_LOADED", {k: v for k, v in backends._LOADED.items()
+                                              if k != "cpp"})
+    monkeypatch.setattr(backends, "_LOAD_ERRORS", {"cpp": "ImportError: no _C here"})
+    monkeypatch.setattr(backends, "_WARNED", set())
+    with pytest.warns(RuntimeWarning, match=r"uses 'chunked' on cpu.*'cpp'.*no _C here"):
+        assert backends.resolve_backend("auto", torch.device("cpu")).name == "chunked"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backends.resolve_backend("auto", torch.device("cpu"))   # once only
+    assert "no _C here" in backends.backend_status()["cpp"]
+
+
+def test_shadowing_is_named(monkeypatch, tmp_path):
+    """An installed copy with the extension, imported from a source tree without it."""
+    import importlib.metadata
+    from arcface_kernels import backends
+    so = tmp_path / "site" / "arcface_kernels" / "_C.cpython-311-x86_64-linux-gnu.so"
+    so.parent.mkdir(parents=True)
+    so.write_bytes(b"")
+
+    class F(str):
+        def locate(self):
+            return so
+
+    class Dist:
+        files = [F("arcface_kernels/__init__.py"), F("arcface_kernels/" + so.name)]
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Dist())
+    note = backends._shadowing_note()
+    assert "shadows the installed package" in note and str(so.parent) in note

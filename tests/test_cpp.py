@@ -1,13 +1,13 @@
 """The "cpp" backend: the compiled extension arcface_kernels._C (csrc/).
 
 CPU kernel against the float64 reference over the shared grid (every mode, odd shapes) in
-float64 and float32, half precision against the reference's own error, gradcheck, Partial
-FC index and sub-centers through the ops directly, the op registration (schema, opcheck),
-bad input, NaN, the memory contract; the CUDA kernel in tests marked gpu.
+float64 and float32, half precision against the reference's own error, gradcheck, the
+build's devices and constants, the scalar checks, the memory contract; the CUDA kernel in
+tests marked gpu. The op-level tests shared by every backend (registration, opcheck,
+index, empty shards, blocks, extreme input, NaN, bad tensors) are in test_ops.py.
 """
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -21,8 +21,7 @@ from arcface_kernels._config import GRAD_MODES, WRAP_MODES, MarginConfig
 from arcface_kernels.reference import (NORM_EPS, SIN2_MIN, reference_forward,
                                        reference_logits)
 
-from _cases import (MODES, SHAPES, assert_low_precision_ok, assert_matches_reference,
-                    finite_difference_ok, make_inputs, max_rel_err)
+from _cases import MODES, assert_matches_reference, make_inputs, max_rel_err
 
 _cpp = pytest.importorskip("arcface_kernels._cpp",
                            reason="the C++ extension arcface_kernels._C is not built")
@@ -30,25 +29,8 @@ HAS_CUDA = torch.cuda.is_available()
 
 
 # ----------------------------------------------------------------------------- registry
-def test_backend_registered():
-    assert "cpp" in ak.available_backends()
-    assert ak.backend_status()["cpp"].startswith("ok")
+def test_devices_match_build():
     assert _cpp.DEVICES == (("cpu", "cuda") if _cpp.WITH_CUDA else ("cpu",))
-
-
-def _schema_signature(op):
-    sch = op._schema
-    args = [(a.name, str(a.type), a.default_value) for a in sch.arguments]
-    rets = [str(r.type) for r in sch.returns]
-    return args, rets
-
-
-@pytest.mark.parametrize("kind", ["fwd", "bwd"])
-def test_schema_equals_chunked(kind):
-    mine = getattr(torch.ops.arcface_kernels, f"cpp_{kind}").default
-    theirs = getattr(torch.ops.arcface_kernels, f"chunked_{kind}").default
-    assert _schema_signature(mine) == _schema_signature(theirs)
-    assert len(_schema_signature(mine)[0]) > 10
 
 
 def test_constants_match_python():
@@ -81,36 +63,12 @@ def test_package_works_without_extension(tmp_path):
 
 
 # ------------------------------------------------------------------- CPU vs reference
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("mode", list(MODES), ids=str)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_cpu_matches_reference(mode, shape, dtype):
-    assert_matches_reference("cpp", shape, MODES[mode], dtype=dtype)
-
-
-@pytest.mark.parametrize("mode", ["arcface", "sub_centers", "linear_ce", "combined_m1"])
-@pytest.mark.parametrize("chunk", [1, 5])
-def test_cpu_small_blocks(mode, chunk):
-    """Many class blocks (chunk_size classes each): the online lse across blocks."""
-    assert_matches_reference("cpp", (33, 70, 24), MODES[mode], chunk_size=chunk)
-
-
 def test_cpu_many_row_tiles():
     """More rows than one tile holds (2^19 / (2048 w-rows) = 256 rows per tile)."""
     assert_matches_reference("cpp", (1100, 2100, 5), MODES["arcface"], dtype=torch.float64)
 
 
-@pytest.mark.parametrize("mode", list(MODES), ids=str)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_cpu_half_precision(mode, dtype):
-    assert_low_precision_ok("cpp", (33, 70, 24), MODES[mode], dtype)
-
-
-def test_gradcheck():
-    assert finite_difference_ok("cpp")
-
-
-# --------------------------------------------------------- index (Partial FC), shards
+# ------------------------------------------- oracle of the GPU tests (index, chunks)
 def reference_backward(x, w, labels, index, g_p, g_t, g_s, cfg):
     """The backward primitive by autograd through the reference's materialized logits:
     the gradient of sum_i g_p_i lse_i + g_t_i z_i,label + g_s_i sum_j z_ij."""
@@ -130,61 +88,7 @@ def _op_args(mode: dict) -> tuple:
     return cfg, cfg.op_args() + (0.0,)   # grad_filter 0: the exact gradient
 
 
-@pytest.mark.parametrize("k", [1, 3])
-@pytest.mark.parametrize("mode", ["arcface", "sphereface", "linear_cosface", "easy"])
-def test_cpu_index_matches_reference(k, mode):
-    """Partial FC: the shard's classes read through index (with a repeated class); labels
-    are shard positions, -1 for rows without a target here."""
-    torch.manual_seed(0)
-    n, c, d = 19, 23, 9
-    x, w, _ = make_inputs(n, c, d, sub_centers=k, seed=4)
-    index = torch.tensor([3, 17, 0, 22, 8, 9, 17, 12, 5], dtype=torch.long)
-    labels = torch.randint(-1, index.numel(), (n,))
-    cfg, args = _op_args(dict(MODES[mode], sub_centers=k))
-    got = _cpp.FWD_OP(x, w, labels, index, *args, 4)
-    want = reference_forward(x, w, labels, index, cfg)
-    for name, g, r in zip(("lse", "target", "sum_z", "max_z"), got[:4], want[:4]):
-        assert max_rel_err(g, r) < 1e-12, name
-    assert torch.equal(got[4], want[4])
-    g_p, g_t, g_s = torch.rand(n, dtype=x.dtype), -torch.rand(n, dtype=x.dtype), \
-        torch.rand(n, dtype=x.dtype) * 0.1
-    dx, dw = _cpp.BWD_OP(x, w, labels, index, want[0], g_p, g_t, g_s, *args, 4)
-    rdx, rdw = reference_backward(x, w, labels, index, g_p, g_t, g_s, cfg)
-    assert max_rel_err(dx, rdx) < 1e-11 and max_rel_err(dw, rdw) < 1e-11
-    untouched = torch.ones(c, dtype=torch.bool)
-    untouched[index] = False
-    assert dw.view(c, k, d)[untouched].abs().max() == 0
-    assert dw.view(c, k, d)[index].abs().max() > 0
-
-
-def test_cpu_empty_shard():
-    x, w, _ = make_inputs(6, 4, 5)
-    index = torch.zeros(0, dtype=torch.long)
-    labels = torch.full((6,), -1, dtype=torch.long)
-    cfg, args = _op_args(MODES["arcface"])
-    lse, tgt, sz, mz, am = _cpp.FWD_OP(x, w, labels, index, *args, 0)
-    assert torch.all(lse == -math.inf) and torch.all(tgt == 0) and torch.all(sz == 0)
-    assert torch.all(mz == -math.inf) and torch.all(am == 0)
-    z = torch.zeros(6, dtype=x.dtype)
-    dx, dw = _cpp.BWD_OP(x, w, labels, index, z, z + 1, z, z, *args, 0)
-    assert torch.all(dx == 0) and torch.all(dw == 0)
-
-
-# ------------------------------------------------------------------ op registration
-def test_opcheck():
-    x, w, y = make_inputs(7, 9, 6)
-    labels = torch.where(y >= 0, y, torch.full_like(y, -1))
-    _, args = _op_args(MODES["combined"])
-    x.requires_grad_(True)
-    w.requires_grad_(True)
-    torch.library.opcheck(_cpp.FWD_OP, (x, w, labels, None, *args, 0))
-    lse = _cpp.FWD_OP(x.detach(), w.detach(), labels, None, *args, 0)[0]
-    ones = torch.ones_like(lse)
-    torch.library.opcheck(_cpp.BWD_OP, (x.detach(), w.detach(), labels, None, lse, ones,
-                                        -ones, ones * 0.1, *args, 0))
-
-
-# ----------------------------------------------------------------- bad input, NaN
+# ------------------------------------------------------------------------ bad input
 def _good():
     x, w, y = make_inputs(5, 6, 4, dtype=torch.float32)
     labels = torch.where(y >= 0, y, torch.full_like(y, -1))
@@ -192,17 +96,6 @@ def _good():
 
 
 @pytest.mark.parametrize("case, exc, match", [
-    ("labels_high", ValueError, r"labels must be in \[-1, 6\).*got values in \[-1, 6\]"),
-    ("labels_low", ValueError, r"labels must be in \[-1, 6\).*got values in \[-2,"),
-    ("labels_dtype", TypeError, "labels must be int64, got Int"),
-    ("index_high", ValueError, r"index must hold class ids in \[0, 6\).*\[0, 6\]"),
-    ("index_dtype", TypeError, "index must be int64"),
-    ("x_dtype", TypeError, "x must be float16/bfloat16/float32/float64, got Int"),
-    ("w_dtype", TypeError, "w dtype must match x dtype Float, got Double"),
-    ("x_dim", ValueError, r"x must be 2-D \[N, D\], got shape \[5, 4, 1\]"),
-    ("d_mismatch", ValueError, "w has D=3 but x has D=4"),
-    ("n_mismatch", ValueError, "labels has 4 rows but x has 5"),
-    ("sub_centers", ValueError, "w has 6 rows, not a multiple of sub_centers=4"),
     ("wrap_mode", ValueError, "wrap_mode must be 0 .* got 7"),
     ("grad_mode", ValueError, "grad_mode must be 0 .* got -1"),
     ("s", ValueError, "s must be finite and > 0, got -1"),
@@ -211,36 +104,12 @@ def _good():
     ("block", ValueError, "block must be >= 0"),
     ("grad_filter", ValueError, r"grad_filter must be in \[0, 1\) .*got 1.5"),
 ])
-def test_bad_input(case, exc, match):
+def test_bad_scalars(case, exc, match):
+    """The scalar checks of csrc/ops.cpp (the tensor checks, shared by every backend, are
+    in test_ops.py)."""
     x, w, labels, args = _good()
     args = list(args) + [0]
-    index = None
-    if case == "labels_high":
-        labels = labels.clone()
-        labels[0] = 6
-    elif case == "labels_low":
-        labels = labels.clone()
-        labels[0] = -2
-    elif case == "labels_dtype":
-        labels = labels.int()
-    elif case == "index_high":
-        index = torch.tensor([0, 6])
-        labels = torch.full_like(labels, -1)
-    elif case == "index_dtype":
-        index = torch.tensor([0, 1], dtype=torch.int32)
-    elif case == "x_dtype":
-        x = x.int()
-    elif case == "w_dtype":
-        w = w.double()
-    elif case == "x_dim":
-        x = x.unsqueeze(2)
-    elif case == "d_mismatch":
-        w = w[:, :3]
-    elif case == "n_mismatch":
-        labels = labels[:4]
-    elif case == "sub_centers":
-        args[7] = 4
-    elif case == "wrap_mode":
+    if case == "wrap_mode":
         args[4] = 7
     elif case == "grad_mode":
         args[5] = -1
@@ -255,56 +124,16 @@ def test_bad_input(case, exc, match):
     elif case == "grad_filter":
         args[8] = 1.5
     with pytest.raises(exc, match=match):
-        _cpp.FWD_OP(x, w, labels, index, *args)
+        _cpp.FWD_OP(x, w, labels, None, *args)
 
 
 def test_no_gradient_filter():
-    """The C++ kernels compute the exact gradient: a filter is refused, not ignored."""
+    """The C++ kernels compute the exact gradient: a filter is refused, not ignored, also
+    through the loss (the op itself: test_ops.py::test_grad_filter)."""
     x, w, labels, args = _good()
-    z = torch.zeros(5)
-    with pytest.raises(NotImplementedError, match="cpp backend .* no gradient filter"):
-        _cpp.BWD_OP(x, w, labels, None, z, z, z, z, *args[:-1], 1e-3, 0)
     with pytest.raises(NotImplementedError, match="cpp backend"):
         ak.arcface_loss(x.requires_grad_(), w, labels.clamp(min=0), backend="cpp",
                         grad_filter_eps=1e-3).backward()
-
-
-def test_bad_backward_vectors():
-    x, w, labels, args = _good()
-    lse = torch.zeros(5)
-    with pytest.raises(ValueError, match=r"g_t must be 1-D of length N=5, got shape \[4\]"):
-        _cpp.BWD_OP(x, w, labels, None, lse, lse, lse[:4], lse, *args, 0)
-
-
-def test_nan_in_nan_out_and_finite_extremes():
-    x, w, y = make_inputs(6, 9, 5, dtype=torch.float32)
-    labels = torch.where(y >= 0, y, torch.full_like(y, -1))
-    args = MarginConfig().op_args() + (0.0, 0)
-    xn = x.clone()
-    xn[2, 1] = float("nan")
-    lse, tgt, sz, mz, _ = _cpp.FWD_OP(xn, w, labels, None, *args)
-    assert torch.isnan(lse[2]) and torch.isnan(mz[2])
-    keep = torch.arange(6) != 2
-    assert torch.isfinite(lse[keep]).all() and torch.isfinite(sz[keep]).all()
-    # zero, tiny and huge rows: finite everywhere, as the reference
-    xe = x.double().clone()
-    xe[0] = 0.0
-    xe[1] *= 1e-30
-    xe[3] *= 1e30
-    we = w.double().clone()
-    we[4] = 0.0
-    for dtype in (torch.float64, torch.float32):
-        loss, dx, dw = [t for t in _run(xe.to(dtype), we.to(dtype), y)]
-        for t in (loss, dx, dw):
-            assert torch.isfinite(t).all()
-
-
-def _run(x, w, y):
-    x = x.clone().requires_grad_(True)
-    w = w.clone().requires_grad_(True)
-    loss = ak.arcface_loss(x, w, y, backend="cpp")
-    loss.backward()
-    return loss.detach(), x.grad, w.grad
 
 
 # -------------------------------------------------------------------- memory contract
@@ -332,25 +161,6 @@ needs_cuda_kernel = pytest.mark.skipif(not _cpp.WITH_CUDA,
 
 @pytest.mark.gpu
 @needs_cuda_kernel
-@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3], SHAPES[5], (200, 1000, 128)],
-                         ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("mode", list(MODES), ids=str)
-def test_cuda_fp32_matches_reference(mode, shape):
-    assert_matches_reference("cpp", shape, MODES[mode], dtype=torch.float32, device="cuda")
-
-
-@pytest.mark.gpu
-@needs_cuda_kernel
-@pytest.mark.parametrize("shape", [(33, 70, 24), (200, 1000, 128)],
-                         ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("mode", list(MODES), ids=str)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_cuda_half_precision(mode, shape, dtype):
-    assert_low_precision_ok("cpp", shape, MODES[mode], dtype, device="cuda")
-
-
-@pytest.mark.gpu
-@needs_cuda_kernel
 @pytest.mark.parametrize("k", [1, 3])
 def test_cuda_index_matches_reference(k):
     n, c, d = 70, 300, 40
@@ -370,19 +180,6 @@ def test_cuda_index_matches_reference(k):
     dx, dw = _cpp.BWD_OP(xc.float(), wc.float(), lc, ic, want[0].float().cuda(),
                          g_p.float().cuda(), g_t.float().cuda(), g_s.float().cuda(), *args, 0)
     assert max_rel_err(dx, rdx) < 2e-4 and max_rel_err(dw, rdw) < 2e-4
-
-
-@pytest.mark.gpu
-@needs_cuda_kernel
-@pytest.mark.parametrize("mode", ["arcface", "sub_centers", "linear_ce", "combined_m1",
-                                  "smoothing", "straight_through", "easy"])
-@pytest.mark.parametrize("chunk", [1, 5, 70])
-def test_cuda_backward_many_chunks(mode, chunk):
-    """The CUDA backward walks the classes in chunks (G workspace [N, chunk*K], then two
-    GEMMs); chunk_size (the block hint) forces many of them, a partial last one, and
-    chunks that are not a whole number of 64-column tiles."""
-    assert_matches_reference("cpp", (150, 300, 40), MODES[mode], dtype=torch.float32,
-                             device="cuda", chunk_size=chunk)
 
 
 @pytest.mark.gpu

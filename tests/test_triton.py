@@ -2,7 +2,9 @@
 
 Without a GPU the kernels run in Triton's interpreter on the CPU (tests/conftest.py sets
 TRITON_INTERPRET=1 before triton is imported); with one, the same tests run natively on
-it. bf16, torch.compile and the large-shape checks need a GPU (marked ``gpu``).
+it. bf16, torch.compile and the large-shape checks need a GPU (marked ``gpu``). The op-level
+tests shared by every backend (registration, opcheck, index, empty shards, blocks, extreme
+input, NaN, bad input) are in test_ops.py.
 """
 import math
 
@@ -15,15 +17,12 @@ import arcface_kernels as ak  # noqa: E402
 from arcface_kernels import reference as ref  # noqa: E402
 from arcface_kernels._config import GRAD_MODES, WRAP_MODES, MarginConfig  # noqa: E402
 from arcface_kernels.backends import resolve_backend  # noqa: E402
-from _cases import (MODES, SHAPES, assert_low_precision_ok, assert_matches_reference,  # noqa
-                    finite_difference_ok, make_inputs, max_rel_err, run_loss)
+from _cases import (MODES, assert_low_precision_ok, make_inputs,  # noqa: E402
+                    max_rel_err, run_loss)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKEND = "triton"
 
-# A subset of SHAPES crossed with every mode keeps the interpreter run short:
-# the 1 x 1 x 1 corner, odd sizes below one tile, and several tiles in every dimension.
-GRID_SHAPES = [SHAPES[0], SHAPES[3], SHAPES[5]]
 
 
 def _ops():
@@ -36,19 +35,7 @@ def _launch():
     return launch
 
 
-# --- registration --------------------------------------------------------------------
-def test_schema_matches_shared_schema():
-    import arcface_kernels.chunked  # noqa: F401  (defines the chunked ops)
-    _ops()
-    ns = torch.ops.arcface_kernels
-    for kind in ("fwd", "bwd"):
-        want = getattr(ns, f"chunked_{kind}").default._schema
-        got = getattr(ns, f"triton_{kind}").default._schema
-        assert [(a.name, str(a.type)) for a in got.arguments] == \
-            [(a.name, str(a.type)) for a in want.arguments], kind
-        assert [str(r.type) for r in got.returns] == [str(r.type) for r in want.returns]
-
-
+# --- constants, fake kernels ----------------------------------------------------------
 def test_math_constants_match_python():
     from arcface_kernels.triton_kernels import math as tmath
     assert tmath.WRAP_FALLBACK.value == WRAP_MODES["fallback"]
@@ -58,12 +45,6 @@ def test_math_constants_match_python():
     assert tmath.GRAD_STRAIGHT.value == GRAD_MODES["straight_through"]
     assert tmath.NORM_EPS.value == ref.NORM_EPS
     assert tmath.SIN2_MIN.value == ref.SIN2_MIN
-
-
-def test_backend_registered():
-    assert BACKEND in ak.available_backends()
-    be = resolve_backend(BACKEND, torch.device(DEVICE))
-    assert be.fwd is _ops().FWD_OP and be.bwd is _ops().BWD_OP
 
 
 def test_fake_tensor_shapes():
@@ -85,55 +66,7 @@ def test_fake_tensor_shapes():
         ((6, 5), torch.float16, (8, 5), torch.float16)
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_opcheck(k):
-    """torch.library.opcheck of both ops (schema, autograd registration, fake kernel; on
-    a GPU also AOT dispatch, which the interpreter cannot trace)."""
-    tops = _ops()
-    x, w, y = (t.to(DEVICE) for t in make_inputs(6, 5, 4, dtype=torch.float32,
-                                                  sub_centers=k))
-    y = torch.where(y >= 0, y, torch.full_like(y, -1))
-    args = MarginConfig(sub_centers=k).op_args() + (0.0, 0)
-    v = torch.rand(6, device=DEVICE)
-    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-    if DEVICE == "cuda":
-        utils += ("test_aot_dispatch_dynamic",)
-    xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    for op, a in ((tops.FWD_OP, (x, w, y, None)),
-                  (tops.FWD_OP, (xg, wg, y, None)),
-                  (tops.BWD_OP, (x, w, y, None, v, v, v, v))):
-        res = torch.library.opcheck(op, (*a, *args), test_utils=utils)
-        assert set(res.values()) == {"SUCCESS"}, res
-
-
 # --- equality with the reference -------------------------------------------------------
-@pytest.mark.parametrize("shape", GRID_SHAPES)
-@pytest.mark.parametrize("mode", list(MODES))
-def test_float64_every_mode(shape, mode):
-    assert_matches_reference(BACKEND, shape, MODES[mode], device=DEVICE)
-
-
-@pytest.mark.parametrize("mode", list(MODES))
-def test_float32_every_mode(mode):
-    assert_matches_reference(BACKEND, (33, 70, 24), MODES[mode], dtype=torch.float32,
-                             device=DEVICE)
-
-
-@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[2], SHAPES[4]])
-@pytest.mark.parametrize("mode", ["combined_m1", "sub_centers"])
-def test_other_odd_shapes(shape, mode):
-    assert_matches_reference(BACKEND, shape, MODES[mode], device=DEVICE)
-
-
-@pytest.mark.parametrize("chunk_size", [5, 32])
-@pytest.mark.parametrize("mode", ["arcface", "smoothing", "sub_centers", "linear_cosface"])
-def test_backward_chunks(chunk_size, mode):
-    """chunk_size = classes per backward chunk: several workspace rounds (C = 70 is a
-    multiple of neither; 5 is below one class tile); the other tests run one chunk."""
-    assert_matches_reference(BACKEND, (33, 70, 24), MODES[mode], device=DEVICE,
-                             chunk_size=chunk_size)
-
-
 def test_launch_geometry():
     """The backward workspace stays within its byte budget at the design's shapes, and
     the forward's class splits cover every class block once and fill >= 2 waves."""
@@ -174,109 +107,7 @@ def test_auto_picks_triton_on_cuda():
     assert resolve_backend("auto", torch.device("cuda")).name == BACKEND
 
 
-def test_everything_ignored():
-    x, w, y = make_inputs(9, 13, 17)
-    y[:] = -100
-    loss = ak.arcface_loss(x.to(DEVICE), w.to(DEVICE), y.to(DEVICE), backend=BACKEND)
-    assert loss.item() == 0.0
-
-
-def test_ignore_index_custom():
-    mode = dict(MODES["arcface"], ignore_index=-1)
-    x, w, y = make_inputs(33, 70, 24, ignore_index=-1)
-    assert (y == -1).sum() > 0
-    want = ref.reference_loss(x, w, y, **mode, reduction="none")
-    got = ak.arcface_loss(x.to(DEVICE), w.to(DEVICE), y.to(DEVICE), backend=BACKEND,
-                          reduction="none", **mode)
-    assert max_rel_err(got, want) <= 1e-10
-    assert (got[y == -1] == 0).all()
-
-
-def test_stats_match_reference():
-    """lse, target, sum_z, max_z and argmax of the forward op against the reference."""
-    x, w, y = make_inputs(33, 70, 24, seed=4)
-    lab = torch.where(y >= 0, y, torch.full_like(y, -1))
-    cfg = MarginConfig(s=64.0, m2=0.5)
-    want = ref.reference_forward(x, w, lab, None, cfg)
-    got = _ops().FWD_OP(x.to(DEVICE), w.to(DEVICE), lab.to(DEVICE), None,
-                        *cfg.op_args(), 0.0, 0)
-    for name, g, r in zip(("lse", "target", "sum_z", "max_z"), got[:4], want[:4]):
-        assert g.dtype == torch.float64, name
-        assert max_rel_err(g, r) <= 1e-12, name
-    assert torch.equal(got[4].cpu(), want[4])
-
-
-# --- Partial FC index and sub-centers, at the op level ----------------------------------
-def _oracle_backward(x, w, lab, index, lse, g_p, g_t, g_s, cfg):
-    """(dx, dw) of the backward primitive by float64 autograd through the reference's
-    materialized logits: dL/dz_ij = g_p exp(z_ij - lse_i) + g_t [j = lab_i] + g_s."""
-    xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    z, _ = ref.reference_logits(xr, wr, lab, index, cfg)
-    dz = g_p[:, None] * torch.exp(z.detach() - lse[:, None]) + g_s[:, None]
-    has = lab >= 0
-    dz[has, lab[has]] += g_t[has]
-    return torch.autograd.grad(z, (xr, wr), dz)
-
-
-@pytest.mark.parametrize("k", [1, 3])
-@pytest.mark.parametrize("normalize", [True, False])
-def test_index_matches_reference(k, normalize):
-    """Classes read through an index (shuffled, a repeated class): fwd outputs, dx, and
-    dw (zero on the rows outside the index) equal the reference ops."""
-    g = torch.Generator().manual_seed(7)
-    n, c_total, d = 21, 40, 19
-    x, w, _ = make_inputs(n, c_total, d, sub_centers=k, seed=5)
-    index = torch.randperm(c_total, generator=g)[:17]
-    index[16] = index[3]   # Partial FC never repeats, but the math must still hold
-    lab = torch.randint(-1, 17, (n,), generator=g)
-    cfg = MarginConfig(s=16.0, m2=0.3 if normalize else 0.0, m3=0.1, normalize=normalize,
-                       sub_centers=k)
-    want = ref.reference_forward(x, w, lab, index, cfg)
-    dev = [t.to(DEVICE) for t in (x, w, lab, index)]
-    got = _ops().FWD_OP(*dev, *cfg.op_args(), 0.0, 0)
-    for name, gg, r in zip(("lse", "target", "sum_z", "max_z"), got[:4], want[:4]):
-        assert max_rel_err(gg, r) <= 1e-12, name
-    # the repeated class ties with itself (to round-off): any arg-max of the cosines is
-    # right, and the non-tied rows must agree exactly
-    c = ref.reference_cosines(x, w, index, normalize, k)
-    picked = c.gather(1, got[4].cpu().unsqueeze(1)).squeeze(1)
-    assert (picked >= c.max(1).values - 1e-12).all()
-    tied = (want[4] == 3) | (want[4] == 16)
-    assert torch.equal(got[4].cpu()[~tied], want[4][~tied])
-    gp, gt, gs = (torch.rand(n, generator=g, dtype=torch.float64) - 0.5 for _ in range(3))
-    dx_r, dw_r = _oracle_backward(x, w, lab, index, want[0], gp, gt, gs, cfg)
-    dx, dw = _ops().BWD_OP(*dev, *(t.to(DEVICE) for t in (want[0], gp, gt, gs)),
-                           *cfg.op_args(), 0.0, 5)
-    assert max_rel_err(dx, dx_r) <= 1e-10
-    assert max_rel_err(dw, dw_r) <= 1e-10
-    rows = (index.unsqueeze(1) * k + torch.arange(k)).reshape(-1)
-    outside = torch.ones(w.shape[0], dtype=torch.bool)
-    outside[rows] = False
-    assert (dw.cpu()[outside] == 0).all() and dw.cpu()[~outside].abs().sum() > 0
-
-
-def test_empty_shard():
-    x, w, y = make_inputs(5, 4, 3)
-    cfg = MarginConfig()
-    index = torch.empty(0, dtype=torch.long, device=DEVICE)
-    lab = torch.full((5,), -1, dtype=torch.long, device=DEVICE)
-    lse, tgt, sz, mz, _ = _ops().FWD_OP(x.to(DEVICE), w.to(DEVICE), lab, index,
-                                        *cfg.op_args(), 0.0, 0)
-    assert torch.isneginf(lse).all() and torch.isneginf(mz).all()
-    assert (tgt == 0).all() and (sz == 0).all()
-    one = torch.ones(5, dtype=torch.float64, device=DEVICE)
-    dx, dw = _ops().BWD_OP(x.to(DEVICE), w.to(DEVICE), lab, index, lse, one, one, one,
-                           *cfg.op_args(), 0.0, 0)
-    assert (dx == 0).all() and (dw == 0).all()
-
-
 # --- precision ---------------------------------------------------------------------------
-@pytest.mark.parametrize("mode", ["arcface", "cosface", "smoothing", "linear_ce",
-                                  "sub_centers"])
-def test_float16(mode):
-    assert_low_precision_ok(BACKEND, (33, 70, 24), MODES[mode], torch.float16, device=DEVICE)
-
-
 def test_float16_extreme_norms():
     """Tiny embeddings (|x| ~ 1e-3, inverse norm ~ 1e3) and large class centres in fp16:
     nothing overflows (a_i * dL/dc would pass 65504), and the result equals the float64
@@ -309,14 +140,6 @@ def test_backward_chunk_bounded_by_the_products_size():
     assert cb % 128 == 0 and cb * 4096 * 4 <= budget and 8 * cb * 2 <= budget
 
 
-def test_direct_op_checks_label_range():
-    x, w, y = (t.to(DEVICE) for t in make_inputs(5, 7, 3))
-    args = MarginConfig().op_args() + (0.0, 0)
-    if DEVICE == "cpu":   # on CUDA a device-side assert
-        with pytest.raises(ValueError, match=r"labels must be in \[-1, 7\).*\[0, 7\]"):
-            _ops().FWD_OP(x, w, torch.tensor([0, 7, 1, 2, 3], device=DEVICE), None, *args)
-
-
 @pytest.mark.parametrize("mode", ["arcface", "sub_centers"])
 def test_float16_dw_fp32(mode, monkeypatch):
     """The fp32 dW option (ARCFACE_TRITON_DW_FP32=1 sets OPTIONS.dw_fp32)."""
@@ -324,14 +147,6 @@ def test_float16_dw_fp32(mode, monkeypatch):
     launch = _launch()
     monkeypatch.setattr(launch, "OPTIONS", dataclasses.replace(launch.OPTIONS, dw_fp32=True))
     assert_low_precision_ok(BACKEND, (33, 70, 24), MODES[mode], torch.float16, device=DEVICE)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["arcface", "cosface", "smoothing", "linear_ce",
-                                  "sub_centers", "sphereface"])
-def test_bfloat16(mode):
-    assert_low_precision_ok(BACKEND, (64, 129, 33), MODES[mode], torch.bfloat16,
-                            device=DEVICE)
 
 
 @pytest.mark.gpu
@@ -345,36 +160,7 @@ def test_bfloat16_medium_shape(mode):
                             device=DEVICE)
 
 
-def test_gradcheck():
-    assert finite_difference_ok(BACKEND)
-
-
-# --- bad and special input ---------------------------------------------------------------
-def test_bad_input_same_errors_as_chunked():
-    x, w, y = (t.to(DEVICE) for t in make_inputs(5, 7, 3))
-    # label values are checked on the host only for CPU tensors (on CUDA: a device-side
-    # assert, test_bad_values_on_cuda_are_device_asserts)
-    cases = [
-        (x, w, torch.tensor([0, 1, 7, 2, 3], device=DEVICE), {}),            # label >= C
-        (x, w, torch.tensor([0, 1, -3, 2, 3], device=DEVICE), {}),           # bad negative
-    ] if DEVICE == "cpu" else []
-    cases += [
-        (x, w.float(), y, {}),                                               # dtype mismatch
-        (x, w, y.int(), {}),                                                 # int32 labels
-        (x, w[:, :2], y, {}),                                                # D differs
-        (x, w, y[:4], {}),                                                   # N differs
-        (x, w, y, dict(sub_centers=2)),                                      # 7 % 2
-        (x, w, y, dict(m2=4.0)),                                             # margin range
-    ]
-    for xi, wi, yi, kw in cases:
-        errs = []
-        for backend in ("chunked", BACKEND):
-            with pytest.raises((ValueError, TypeError)) as e:
-                ak.arcface_loss(xi, wi, yi, backend=backend, **kw)
-            errs.append((type(e.value), str(e.value)))
-        assert errs[0] == errs[1]
-
-
+# --- bad input on CUDA ------------------------------------------------------------------
 _DEVICE_ASSERT = r"""
 import sys, torch, arcface_kernels as ak
 from arcface_kernels._config import MarginConfig
@@ -406,43 +192,6 @@ def test_bad_values_on_cuda_are_device_asserts(what, message):
                          text=True, timeout=300)
     assert out.returncode != 0 and "no error" not in out.stdout
     assert message in out.stderr, out.stderr[-2000:]
-
-
-def test_bad_op_arguments():
-    tops = _ops()
-    x, w, y = (t.to(DEVICE) for t in make_inputs(5, 7, 3))
-    args = MarginConfig().op_args() + (0.0, 0)
-    if DEVICE == "cpu":   # on CUDA a device-side assert (see below)
-        with pytest.raises(ValueError, match="index values must be in"):
-            tops.FWD_OP(x, w, y.clamp(min=-1) % 3, torch.tensor([0, 7, 2], device=DEVICE),
-                        *args)
-    with pytest.raises(TypeError, match="index must be int64, got torch.int32"):
-        tops.FWD_OP(x, w, y.clamp(min=-1), torch.tensor([0, 1], dtype=torch.int32,
-                                                        device=DEVICE), *args)
-    with pytest.raises(ValueError, match="index must be 1-D"):
-        tops.FWD_OP(x, w, y.clamp(min=-1), torch.zeros(2, 2, dtype=torch.long,
-                                                       device=DEVICE), *args)
-    with pytest.raises(TypeError, match="labels must be int64, got torch.int32"):
-        tops.FWD_OP(x, w, y.int(), None, *args)
-    with pytest.raises(ValueError, match="g_p must have shape"):
-        v = torch.zeros(5, dtype=torch.float64, device=DEVICE)
-        tops.BWD_OP(x, w, y.clamp(min=-1), None, v, v[:3], v, v, *args)
-
-
-def test_nan_in_nan_out_and_finite_extremes():
-    x, w, y = make_inputs(9, 13, 17)
-    x[2, 5] = float("nan")
-    x[3] = 0.0             # zero embedding: cosine 0, finite
-    w[4] = 0.0             # zero class centre
-    x[6] *= 1e30           # huge but finite
-    loss = ak.arcface_loss(x.to(DEVICE), w.to(DEVICE), y.to(DEVICE), backend=BACKEND,
-                           reduction="none")
-    assert torch.isnan(loss[2])
-    fin = torch.ones(9, dtype=torch.bool)
-    fin[2] = False
-    assert torch.isfinite(loss.cpu()[fin]).all()
-    want = ref.reference_loss(x, w, y, reduction="none")
-    assert max_rel_err(loss.cpu()[fin], want[fin]) <= 1e-10
 
 
 # --- GPU only ----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ Sources
   schedulers per SM, each issuing one warp instruction per clock.
 * NVIDIA H200 datasheet (SXM): the same GH100 compute (989 TFLOP/s dense BF16), HBM3e
   4.8 TB/s, 141 GB.
-* The measured rate (this project's design notes, from an H200): about 790 TFLOP/s for a
+* The measured rate (an earlier H200 measurement of this project): about 790 TFLOP/s for a
   cuBLAS bf16 8192^3 matmul and about 4.3 TB/s for a device copy. The model uses the
   measured matmul rate as the tensor-core ceiling until a GPU run of this project
   measures it again (``bench/gpu_check.sh`` does); the clock it implies (790e12 / (132 x

@@ -14,7 +14,8 @@ PYTEST_ARGS ?=
 $(VENV)/.installed: pyproject.toml setup.py Makefile $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q "$(TORCH_SPEC)" triton pybind11 ninja pytest matplotlib tqdm numpy
+	$(PY) -m pip install -q "$(TORCH_SPEC)" triton pybind11 ninja pytest matplotlib tqdm numpy \
+		hypothesis pytorch-metric-learning
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 

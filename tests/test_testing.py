@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from arcface_kernels._math import fallback_threshold, margin_dpsi, margin_psi
+from arcface_kernels._math import fallback_threshold
+from arcface_kernels.reference import _Psi as _RefPsi
 from arcface_kernels._config import GRAD_MODES, WRAP_MODES
 from arcface_kernels.testing import (MARGIN_GRID, Case, Report, check_linear_cross_entropy,
                                      check_margin_loss, fuzz_margin_loss,
@@ -21,20 +22,10 @@ import arcface_kernels._math as akm
 
 
 # ------------------------------------------------------- a plain implementation to mutate
-class _Psi(torch.autograd.Function):
-    """psi(c) with psi'(c) (the floor at c = +-1), optionally without the clamp."""
-
-    @staticmethod
-    def forward(ctx, c, m1, m2, m3, wrap, grad, clamp):
-        c0 = c.clamp(-1.0, 1.0) if clamp else c
-        ctx.save_for_backward(c0)
-        ctx.args = (m1, m2, wrap, grad)
-        return margin_psi(c0, m1, m2, m3, wrap)
-
-    @staticmethod
-    def backward(ctx, g):
-        (c0,) = ctx.saved_tensors
-        return (g * margin_dpsi(c0, *ctx.args),) + (None,) * 6
+def _psi(c, m1, m2, m3, wrap, grad, clamp):
+    """psi(c) with psi'(c) (the reference's: the floor at c = +-1), optionally without
+    the clamp of the cosine."""
+    return _RefPsi.apply(c.clamp(-1.0, 1.0) if clamp else c, m1, m2, m3, wrap, grad)
 
 
 def plain_loss(x, w, y, *, s=64.0, m1=1.0, m2=0.5, m3=0.0, margin_mode="fallback",
@@ -55,14 +46,14 @@ def plain_loss(x, w, y, *, s=64.0, m1=1.0, m2=0.5, m3=0.0, margin_mode="fallback
     if k > 1 and "max_after_margin" in bugs:
         cc = c.view(n, -1, k)
         tgt_cols = cc.gather(1, col.unsqueeze(2).expand(n, 1, k)).squeeze(1)   # [N, K]
-        psi = _Psi.apply(tgt_cols, m1, m2, m3, wrap, grad, clamp).max(dim=1).values
+        psi = _psi(tgt_cols, m1, m2, m3, wrap, grad, clamp).max(dim=1).values
         c = cc.max(dim=2).values
     else:
         if k > 1:
             c = c.view(n, -1, k).max(dim=2).values
-        psi = _Psi.apply(c.gather(1, col).squeeze(1), m1, m2, m3, wrap, grad, clamp)
+        psi = _psi(c.gather(1, col).squeeze(1), m1, m2, m3, wrap, grad, clamp)
     if "margin_on_all" in bugs:
-        z = s * _Psi.apply(c, m1, m2, m3, wrap, grad, clamp)
+        z = s * _psi(c, m1, m2, m3, wrap, grad, clamp)
     else:
         z = s * c.scatter(1, col, psi.unsqueeze(1))
     if "target_grad_sign" in bugs:
@@ -278,3 +269,31 @@ def test_cli_exit_status(tmp_path):
     missing = subprocess.run(base + ["my_losses:nothing"], capture_output=True, text=True,
                              env=env, timeout=300)
     assert missing.returncode == 2 and "nothing" in missing.stderr
+
+
+def test_peers_as_documented():
+    """docs/testing.md's findings on peers' code, kept true: pytorch-metric-learning's
+    ArcFaceLoss gives infinite gradients for an embedding parallel to its class centre
+    and passes the rest it supports; the insightface transcription's gradients are
+    right, its loss is capped at 69.08 and m3 > 0 drops m2."""
+    pytest.importorskip("pytorch_metric_learning")
+    import importlib
+    import os
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, root)
+    try:
+        peers = importlib.import_module("examples.check_peers")
+    finally:
+        sys.path.remove(root)
+    rep = check_margin_loss(peers.pml_arcface, gradcheck=False)
+    assert set(rep.failed_cases()) == {"parallel", "shape_1x1x1"}, str(rep)
+    assert all("not finite" in r.reason for r in rep.failures)
+    rep = check_margin_loss(peers.insightface_combined_margin, gradcheck=False,
+                            names=["arcface", "arcface_s64", "combined", "sphereface"])
+    by = {(r.case, r.dtype): r for r in rep.results}
+    assert by[("arcface", "float64")].status == "pass"
+    big = by[("arcface_s64", "float64")]
+    assert big.status == "fail" and big.errors["dx"] < 1e-12 and big.errors["loss"] > 1e-3
+    assert by[("combined", "float64")].errors["dx"] > 0.1
+    assert by[("sphereface", "float64")].status == "skip"   # m1 != 1 is rejected

@@ -34,7 +34,8 @@ GOALS = dict(peak_fraction=0.60, extra_bytes=64 << 20, host_syncs=0,
 #: The files a static report depends on: the kernels, their launch paths, the model.
 SOURCES = ["triton_kernels/*.py", "csrc/*.h", "csrc/ops.cpp", "csrc/cuda/*",
            "arcface_kernels/loss.py", "arcface_kernels/_ops.py", "arcface_kernels/backends.py",
-           "arcface_kernels/_cpp.py", "arcface_kernels/_config.py", "bench/static/*.py"]
+           "arcface_kernels/_cpp.py", "arcface_kernels/_config.py",
+           "arcface_kernels/_checks.py", "arcface_kernels/_triton.py", "bench/static/*.py"]
 
 
 def sources_sha() -> str:

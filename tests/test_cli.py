@@ -308,3 +308,16 @@ def test_shadowing_is_named(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Dist())
     note = backends._shadowing_note()
     assert "shadows the installed package" in note and str(so.parent) in note
+
+
+def test_the_design_is_in_the_repo():
+    """docs/design.md exists, and no tracked file points at a design document outside
+    the repository."""
+    assert os.path.exists(os.path.join(REPO, "docs", "design.md"))
+    if not os.path.isdir(os.path.join(REPO, ".git")):
+        pytest.skip("not a git checkout")
+    out = subprocess.run(["git", "grep", "-n", "-I", "-F", "-e", "../shared", "-e",
+                          "shared/design", "--", ".", ":!bench/results"], cwd=REPO,
+                         capture_output=True, text=True)
+    hits = [ln for ln in out.stdout.splitlines() if not ln.startswith("tests/test_cli.py")]
+    assert hits == [], hits

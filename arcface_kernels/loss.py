@@ -178,7 +178,8 @@ class ArcFaceFunction(torch.autograd.Function):
         return reduce_rows(rows, valid, options.reduction)
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor):
+    def backward(ctx, grad_loss: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor], None,
+                                                  None, None]:
         x, w, local, lse, valid = ctx.saved_tensors
         opts = ctx.options
         grad_loss = grad_loss.to(lse.dtype)

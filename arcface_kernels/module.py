@@ -1,7 +1,7 @@
 """nn.Module front-ends."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,9 @@ class ArcFaceLoss(nn.Module):
                  label_smoothing: float = 0.0, normalize: bool = True, sub_centers: int = 1,
                  reduction: str = "mean", ignore_index: int = -100,
                  chunk_size: Optional[int] = None, backend: str = "auto",
-                 grad_filter_eps: Optional[float] = None, device=None, dtype=None):
+                 grad_filter_eps: Optional[float] = None,
+                 device: Optional[Union[str, torch.device]] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         check_positive_int("embedding_size", embedding_size)
         check_positive_int("num_classes", num_classes)

@@ -36,7 +36,7 @@ made, and dW is nonzero only on those rows. ``weight_index`` holds the last samp
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -103,9 +103,12 @@ class PartialFC(nn.Module):
                  label_smoothing: float = 0.0, normalize: bool = True, sub_centers: int = 1,
                  reduction: str = "mean", ignore_index: int = -100,
                  chunk_size: Optional[int] = None, backend: str = "auto",
-                 grad_filter_eps: Optional[float] = None, process_group=None, generator: Optional[torch.Generator] = None,
+                 grad_filter_eps: Optional[float] = None,
+                 process_group: Optional["torch.distributed.ProcessGroup"] = None,
+                 generator: Optional[torch.Generator] = None,
                  embedding_grad_scale: Optional[float] = None, track_stats: bool = False,
-                 device=None, dtype=None):
+                 device: Optional[Union[str, torch.device]] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         self.embedding_size = check_positive_int("embedding_size", embedding_size)
         self.num_classes = check_positive_int("num_classes", num_classes)

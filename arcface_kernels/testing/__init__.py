@@ -231,7 +231,7 @@ def margin_loss_tests(fn: Callable, *, kind: str = "margin",
                       cases: Optional[Sequence[Case]] = None,
                       dtypes: Iterable = (torch.float64, torch.float32),
                       devices: Iterable[str] = ("cpu",), atol_scale: float = 1.0,
-                      gradcheck: bool = True):
+                      gradcheck: bool = True) -> Callable[..., None]:
     """A pytest test function, one test item per (case, dtype, device)::
 
         from arcface_kernels.testing import margin_loss_tests

@@ -6,7 +6,7 @@ import inspect
 import math
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32", torch.float16
                torch.bfloat16: "bfloat16"}
 
 
-def parse_dtype(text) -> torch.dtype:
+def parse_dtype(text: Union[str, torch.dtype]) -> torch.dtype:
     """"float32" / "fp32" / torch.float32 -> torch.float32 (ValueError otherwise)."""
     if isinstance(text, torch.dtype):
         if text in DTYPE_NAMES:
@@ -199,7 +199,7 @@ def needs(case: Case, supports: Optional[Mapping[str, object]],
 
 
 # ----------------------------------------------------------------------------- oracles
-def margin_oracle(x: Tensor, w: Tensor, y: Tensor, **settings) -> Tensor:
+def margin_oracle(x: Tensor, w: Tensor, y: Tensor, **settings: object) -> Tensor:
     """The margin loss by :func:`arcface_kernels.reference.reference_loss` (plain
     autograd over materialized logits)."""
     return reference_loss(x, w, y, **settings)

@@ -84,14 +84,17 @@ def extensions():
     if with_cuda:
         ce.CUDA_HOME = cuda_home
     # -fno-trapping-math / -fno-math-errno (as torch itself is built) let the compiler
-    # vectorize the element-wise loops; NaN and inf semantics are unchanged.
-    cxx = ["-O3", "-std=c++20", "-fopenmp-simd", "-fno-trapping-math", "-fno-math-errno"]
+    # vectorize the element-wise loops; NaN and inf semantics are unchanged. -fopenmp:
+    # at::parallel_for is header code, serial unless compiled with OpenMP (the CPU
+    # kernel's parallel regions); libgomp is the one torch already loaded (same soname).
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
     sources = ["csrc/module.cpp", "csrc/ops.cpp", "csrc/cpu/arcface_cpu.cpp",
                "csrc/cuda/host.cpp", "csrc/cuda/dry_run.cpp"]
     name = "arcface_kernels._C"
     if not with_cuda:
         _log("building the C++ CPU kernel (no CUDA: set FORCE_CUDA=1 to compile it)")
-        ext = ce.CppExtension(name, sources, extra_compile_args={"cxx": cxx})
+        ext = ce.CppExtension(name, sources, extra_compile_args={"cxx": cxx},
+                              extra_link_args=["-fopenmp"])
         return [ext], {"build_ext": ce.BuildExtension}
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo",
             "-DARCFACE_WITH_CUDA"]
@@ -111,7 +114,8 @@ def extensions():
                                        "cuda_cmake_macros.h")):
         include_dirs.append(os.path.join(HERE, "csrc", "cuda", "compat"))
     ext = ce.CUDAExtension(name, sources, include_dirs=include_dirs,
-                           extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+                           extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                           extra_link_args=["-fopenmp"])
     if cpu_torch:  # these libraries exist only in CUDA builds of torch
         ext.libraries = [lib for lib in ext.libraries if lib not in ("c10_cuda", "torch_cuda")]
     return [ext], {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}

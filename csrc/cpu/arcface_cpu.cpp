@@ -1,30 +1,52 @@
 // CPU kernel of the forward / backward primitive (arcface_kernels/_ops.py).
 //
-// The shard's classes are walked in blocks of BC classes (BC*K rows of w, ~2048 rows)
-// and the rows in tiles of BN (a tile holds <= kTileElements values):
-//   * the block's rows of w are gathered (through index when given), converted to the
-//     accumulation type and normalized: ws [BC*K, D], b [BC*K] (parallel over its rows);
-//   * S = xs_tile @ ws^T on the bounded [BN, BC*K] tile (at::mm_out: multi-threaded BLAS);
-//   * the per-element math of arcface_math.h runs in at::parallel_for over the tile's
-//     rows: each row's online-lse state (forward) or its gradient coefficients G
-//     (backward, in place in S) belong to one thread; the per-class sums q of the backward
-//     are per-thread partials added after the loop;
-//   * backward: dX_acc[tile] += G @ ws and dW_block += G^T @ xs_tile (BLAS), then the
-//     block's rows of dw are finished in parallel over the block's rows.
-// The blocks run one after another, so BLAS is never called inside a parallel region
-// (nested OpenMP teams oversubscribe the cores). Nothing of size N x C is held: memory
-// is O(N*D + BN*BC*K + BC*K*D + threads*BC*K). Results do not depend on the thread count.
+// Parallelism: ONE parallel region per pass (plus nothing per tile), robust to other
+// processes competing for the cores. The shard's classes are cut into chunks of bc
+// classes (nr = bc*K rows of w) and the chunks into G <= kWorkers groups of consecutive
+// chunks. In the region each worker takes groups from an atomic counter (a worker whose
+// thread is descheduled simply takes fewer) and, for each chunk of its group, alone:
+//   * gathers the chunk's rows of w (through index when given), converted to the
+//     accumulation type and normalized: ws [nr, D], b [nr];
+//   * walks the rows in tiles of bn: S = xs_tile @ ws^T [bn, nr] (at::mm_out on its own
+//     buffers: inside the region ATen and MKL run single-threaded, no nested teams);
+//   * runs the per-element math of arcface_math.h on the tile (fwd_rows / bwd_rows);
+//   * forward: merges the tile into its GROUP's per-row state (online lse, sum of
+//     logits, best cosine); backward: dX_g[tile] += G @ ws into its GROUP's partial,
+//     dW_chunk += G^T @ xs_tile, then writes the chunk's rows of dw (their only owner).
+// After the region the G group partials are merged serially in group order. Chunks,
+// tiles and groups depend on N, C, D, K and `block` only, never on the thread count, and
+// each group's chunks run in order on one thread: results are bitwise independent of
+// the thread count and of the scheduling.
+//
+// Memory (sa = sizeof(acc_t), 4 for float / half / bfloat16, 8 for double):
+//   per worker   W = nr * sa * (bn + 2*D + 4)   (S tile, ws, dW_chunk, b, q, K>1 scratch)
+//   workers      = min(threads, G, max(1, kWorkspaceBytes / W))  => all of them <= kWorkspaceBytes
+//                  (except a user `block` so large that one worker needs more)
+//   bn           = min(N, kTileRows)
+//   bc           = block                                          when block > 0 (uncapped)
+//                = max(1, min(kWorkspaceBytes / kWorkers / (sa * (bn + 2*D + 4)) / K,
+//                             ceil(C / kWorkers)))                when block == 0
+//   G            = min(number of chunks, kWorkers)
+//   plus the group partials: forward 5*G*N values, backward G*N*(D+1) values, and
+//   xs [N, D]; nothing of size N x C.
+// Without -fopenmp (setup.py / CMakeLists.txt pass it) at::parallel_for is serial.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <vector>
 
 #include "../arcface_math.h"
 #include "../ops.h"
 
+// MKL's thread-local thread count (a weak reference: null where torch's BLAS is not MKL).
+// Inside a parallel region MKL runs on one thread but still plans its matmul for the
+// global count (a split sum for long products): the workers set 1 so that the bits do
+// not depend on the number of threads.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 namespace arcface {
 namespace {
 
@@ -40,8 +62,11 @@ namespace {
 #define AK_ALWAYS_INLINE inline __attribute__((always_inline))
 // NAME_isa(args, i0, i1): the float instantiation of NAME through the cloned (AVX2 +
 // generic) entry point, the double one directly (float64 is for tests and gradcheck).
+// flatten: the math helpers (exp_vec...) are inlined into the vectorized loops whatever
+// the translation unit's inlining budget (--param inline-unit-growth) has left.
 #define AK_ISA_ENTRY(NAME, ARGS)                                                  \
-  AK_CPU_CLONES void NAME##_f32(const ARGS<float>& a, int64_t i0, int64_t i1) {   \
+  AK_CPU_CLONES __attribute__((flatten)) void NAME##_f32(const ARGS<float>& a, int64_t i0, \
+                                                         int64_t i1) {            \
     NAME<float>(a, i0, i1);                                                       \
   }                                                                               \
   inline void NAME##_isa(const ARGS<float>& a, int64_t i0, int64_t i1) {          \
@@ -52,22 +77,66 @@ namespace {
   }
 
 
-constexpr int64_t kWRowsPerBlock = 2048;
-constexpr int64_t kTileElements = int64_t(1) << 19;
+// kWorkspaceBytes (ops.h, shared with the CUDA kernel, exposed as _C.WORKSPACE_BYTES)
+// bounds all workers' buffers together (see the header for the formulas).
+// Workers the default chunk is sized for, and the most class groups (the units of work
+// and of the partial results; parallelism is capped by it).
+constexpr int64_t kWorkers = 16;
+constexpr int64_t kTileRows = 256;  // rows per tile
 
 struct Plan {
-  int64_t bc;    // classes per block
-  int64_t bn;    // rows per tile
-  int64_t nblk;  // class blocks
+  int64_t bc;       // classes per chunk
+  int64_t nr;       // rows of w per chunk: bc * K
+  int64_t bn;       // rows of x per tile
+  int64_t nchunk;   // chunks
+  int64_t ngroup;   // groups of consecutive chunks
+  int64_t workers;  // parallel workers
+  // chunks of group g: [chunk0(g), chunk0(g + 1))
+  int64_t chunk0(int64_t g) const { return g * nchunk / ngroup; }
 };
 
-Plan make_plan(const Dims& dm, int64_t block) {
+Plan make_plan(const Dims& dm, int64_t block, int64_t acc_bytes) {
   Plan p;
-  p.bc = block > 0 ? block : std::max<int64_t>(1, kWRowsPerBlock / dm.k);
+  p.bn = std::max<int64_t>(1, std::min(dm.n, kTileRows));
+  const int64_t row_bytes = acc_bytes * (p.bn + 2 * dm.d + 4);  // a worker's, per w row
+  // default: the workspace's share of one of kWorkers workers, and at most C / kWorkers
+  // (rounded up) so that a small shard still makes kWorkers chunks
+  p.bc = block > 0 ? block
+                   : std::max<int64_t>(1, std::min(kWorkspaceBytes / kWorkers / row_bytes / dm.k,
+                                                   (dm.c + kWorkers - 1) / kWorkers));
   p.bc = std::max<int64_t>(1, std::min(p.bc, std::max<int64_t>(dm.c, 1)));
-  p.bn = std::max<int64_t>(1, std::min(dm.n, kTileElements / (p.bc * dm.k)));
-  p.nblk = (dm.c + p.bc - 1) / p.bc;
+  p.nr = p.bc * dm.k;
+  p.nchunk = (dm.c + p.bc - 1) / p.bc;
+  p.ngroup = std::min(p.nchunk, kWorkers);
+  const int64_t fit = std::max<int64_t>(1, kWorkspaceBytes / (p.nr * row_bytes));
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  p.workers = std::max<int64_t>(1, std::min({threads, p.ngroup, fit}));
   return p;
+}
+
+// One parallel region of pl.workers workers: each makes its buffers (make_buffers()),
+// then pulls groups from a shared counter and runs work(g, buffers) until none is left.
+// The region always spans all threads, also for one worker: the matmuls then always run
+// single-threaded (one BLAS call splitting its sum across threads would change the bits).
+template <typename MakeBuffers, typename Work>
+void run_workers(const Plan& pl, const MakeBuffers& make_buffers, const Work& work) {
+  std::atomic<int64_t> next{0};
+  auto body = [&](int64_t w0, int64_t) {
+    if (w0 >= pl.workers) return;  // beyond the workspace's worker count
+    int64_t g = next.fetch_add(1);
+    if (g >= pl.ngroup) return;
+    // the worker threads do not inherit the caller's dispatch state: skip autograd
+    at::AutoDispatchBelowADInplaceOrView guard;
+    struct MklOneThread {  // restores the thread's previous setting (0: the global one)
+      int prev = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+      ~MklOneThread() {
+        if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev);
+      }
+    } mkl_one_thread;
+    auto buffers = make_buffers();
+    for (; g < pl.ngroup; g = next.fetch_add(1)) work(g, buffers);
+  };
+  at::parallel_for(0, std::max<int64_t>(1, at::get_num_threads()), 1, body);
 }
 
 // Copies one row of d values to dst as acc_t, normalized when `normalize`; returns its
@@ -87,14 +156,11 @@ acc_t copy_row(const scalar_t* src, int64_t d, bool normalize, acc_t* dst) {
 }
 
 // xs = x (as acc_t) normalized by rows (when normalize), and a = 1 / max(|x_i|, eps).
+// Serial: O(N*D), before the region.
 template <typename scalar_t, typename acc_t>
 void prepare_rows(const at::Tensor& x, bool normalize, acc_t* xs, acc_t* a, const Dims& dm) {
   const scalar_t* xp = x.data_ptr<scalar_t>();
-  at::parallel_for(0, dm.n, 64, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      a[i] = copy_row(xp + i * dm.d, dm.d, normalize, xs + i * dm.d);
-    }
-  });
+  for (int64_t i = 0; i < dm.n; ++i) a[i] = copy_row(xp + i * dm.d, dm.d, normalize, xs + i * dm.d);
 }
 
 // Row of w of shard position `pos`, sub-center k.
@@ -102,16 +168,15 @@ inline int64_t w_row(const int64_t* idx, int64_t pos, int64_t k, int64_t K) {
   return (idx ? idx[pos] : pos) * K + k;
 }
 
-// Gathers classes [j0, j0 + nc) into ws [nc*K, D] (acc_t, normalized), b [nc*K].
+// Gathers classes [j0, j0 + nc) into ws [nc*K, D] (acc_t, normalized), b [nc*K]
+// (by the chunk's worker).
 template <typename scalar_t, typename acc_t>
-void gather_block(const scalar_t* wp, const int64_t* idx, int64_t j0, int64_t nc,
+void gather_chunk(const scalar_t* wp, const int64_t* idx, int64_t j0, int64_t nc,
                   const Dims& dm, bool normalize, acc_t* ws, acc_t* b) {
-  at::parallel_for(0, nc * dm.k, 64, [&](int64_t q0, int64_t q1) {
-    for (int64_t rr = q0; rr < q1; ++rr) {
-      const scalar_t* src = wp + w_row(idx, j0 + rr / dm.k, rr % dm.k, dm.k) * dm.d;
-      b[rr] = copy_row(src, dm.d, normalize, ws + rr * dm.d);
-    }
-  });
+  for (int64_t rr = 0; rr < nc * dm.k; ++rr) {
+    const scalar_t* src = wp + w_row(idx, j0 + rr / dm.k, rr % dm.k, dm.k) * dm.d;
+    b[rr] = copy_row(src, dm.d, normalize, ws + rr * dm.d);
+  }
 }
 
 // Class cosines of one tile row: srow [nc*K] dot products of normalized vectors ->
@@ -144,12 +209,13 @@ AK_ALWAYS_INLINE void row_cosines(acc_t* srow, acc_t* c, int64_t nc, int64_t K, 
 
 // ---- the element-wise work of a range of tile rows ----------------------------------
 
-// Forward state of a tile: the dot products S [bn, nr] and the per-row online state.
+// Forward state of a tile: the dot products S [bn, nr] and the per-row online state of
+// the chunk's group (st_*, sz: N long, the group's own), tgt the output (one writer per row).
 template <typename acc_t>
 struct FwdRows {
   acc_t* S;
   int64_t nr, nc, K, j0, r0;
-  bool first;  // first class block
+  bool first;  // first chunk of its group
   const int64_t* lab;
   Margin<acc_t> mp;
   acc_t *st_m, *st_s, *st_b;
@@ -231,52 +297,77 @@ void fwd_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labe
                 at::Tensor& argmax) {
   const auto acc_opt = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const int64_t N = dm.n, D = dm.d, K = dm.k;
-  const Plan pl = make_plan(dm, block);
+  const Plan pl = make_plan(dm, block, sizeof(acc_t));
+  const int64_t G = pl.ngroup;
   at::Tensor xs_t = at::empty({N, D}, acc_opt), a_t = at::empty({N}, acc_opt);
   prepare_rows<scalar_t, acc_t>(x, mp.normalize, xs_t.data_ptr<acc_t>(),
                                 a_t.data_ptr<acc_t>(), dm);
-  // per-row state: online lse (max, sum) and the best cosine's class
-  std::vector<acc_t> st_m(N, -std::numeric_limits<acc_t>::infinity()), st_s(N, acc_t(0));
-  std::vector<acc_t> st_b(N, -std::numeric_limits<acc_t>::infinity());
-  std::vector<int64_t> st_a(N, 0);
+  // per group and row: online lse (max, sum), sum of logits, best cosine and its class
+  std::vector<acc_t> gm(G * N), gs(G * N), gz(G * N), gb(G * N);
+  std::vector<int64_t> ga(G * N);
   acc_t* tgt = target.data_ptr<acc_t>();
-  acc_t* sz = sum_z.data_ptr<acc_t>();
   const int64_t* lab = labels.data_ptr<int64_t>();
   const scalar_t* wp = w.data_ptr<scalar_t>();
   std::fill(tgt, tgt + N, acc_t(0));
-  std::fill(sz, sz + N, acc_t(0));
-  at::Tensor ws_t = at::empty({pl.bc * K, D}, acc_opt);
-  at::Tensor b_t = at::empty({pl.bc * K}, acc_opt);
-  at::Tensor s_t = at::empty({pl.bn * pl.bc * K}, acc_opt);
-  acc_t* ws = ws_t.data_ptr<acc_t>();
-  acc_t* S = s_t.data_ptr<acc_t>();
 
-  for (int64_t blk = 0; blk < pl.nblk; ++blk) {
-    const int64_t j0 = blk * pl.bc, nc = std::min(pl.bc, dm.c - j0), nr = nc * K;
-    gather_block<scalar_t, acc_t>(wp, idx, j0, nc, dm, mp.normalize, ws,
-                                  b_t.data_ptr<acc_t>());
-    at::Tensor wv = ws_t.narrow(0, 0, nr);
-    for (int64_t r0 = 0; r0 < N; r0 += pl.bn) {
-      const int64_t bn = std::min(pl.bn, N - r0);
-      at::Tensor sv = s_t.narrow(0, 0, bn * nr).view({bn, nr});
-      at::mm_out(sv, xs_t.narrow(0, r0, bn), wv.t());
-      FwdRows<acc_t> fr{S, nr, nc, K, j0, r0, blk == 0, lab, mp, st_m.data(), st_s.data(),
-                        st_b.data(), st_a.data(), sz, tgt};
-      at::parallel_for(0, bn, 16, [&](int64_t i0, int64_t i1) { fwd_rows_isa(fr, i0, i1); });
+  struct Buffers {
+    at::Tensor ws, b, s;  // ws [nr, D], b [nr], S tile [bn * nr]
+  };
+  auto make_buffers = [&] {
+    return Buffers{at::empty({pl.nr, D}, acc_opt), at::empty({pl.nr}, acc_opt),
+                   at::empty({pl.bn * pl.nr}, acc_opt)};
+  };
+  run_workers(pl, make_buffers, [&](int64_t g, Buffers& buf) {
+    const at::Tensor &ws_t = buf.ws, &b_t = buf.b, &s_t = buf.s;
+    acc_t* S = s_t.data_ptr<acc_t>();
+    acc_t *m = gm.data() + g * N, *sm = gs.data() + g * N, *z = gz.data() + g * N;
+    std::fill(m, m + N, -std::numeric_limits<acc_t>::infinity());
+    std::fill(sm, sm + N, acc_t(0));
+    std::fill(z, z + N, acc_t(0));
+    for (int64_t ch = pl.chunk0(g); ch < pl.chunk0(g + 1); ++ch) {
+      const int64_t j0 = ch * pl.bc, nc = std::min(pl.bc, dm.c - j0), nr = nc * K;
+      gather_chunk<scalar_t, acc_t>(wp, idx, j0, nc, dm, mp.normalize,
+                                    ws_t.data_ptr<acc_t>(), b_t.data_ptr<acc_t>());
+      at::Tensor wv = ws_t.narrow(0, 0, nr);
+      for (int64_t r0 = 0; r0 < N; r0 += pl.bn) {
+        const int64_t bn = std::min(pl.bn, N - r0);
+        at::Tensor sv = s_t.narrow(0, 0, bn * nr).view({bn, nr});
+        at::mm_out(sv, xs_t.narrow(0, r0, bn), wv.t());
+        FwdRows<acc_t> fr{S, nr, nc, K, j0, r0, ch == pl.chunk0(g), lab, mp, m, sm,
+                          gb.data() + g * N, ga.data() + g * N, z, tgt};
+        fwd_rows_isa(fr, 0, bn);
+      }
     }
-  }
+  });
+
+  // the groups' states merged in group order
   acc_t* lo = lse.data_ptr<acc_t>();
   acc_t* mo = max_z.data_ptr<acc_t>();
+  acc_t* so = sum_z.data_ptr<acc_t>();
   int64_t* ao = argmax.data_ptr<int64_t>();
   for (int64_t i = 0; i < N; ++i) {
-    lo[i] = lse_value(Lse<acc_t>{st_m[i], st_s[i]});
-    mo[i] = mp.s * st_b[i];
-    ao[i] = st_a[i];
+    Lse<acc_t> l = lse_empty<acc_t>();
+    acc_t zs = 0, best = -std::numeric_limits<acc_t>::infinity();
+    int64_t arg = 0;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t o = g * N + i;
+      l = lse_merge(l, Lse<acc_t>{gm[o], gs[o]});
+      zs += gz[o];
+      if (g == 0 || better_max(gb[o], ga[o], best, arg)) {
+        best = gb[o];
+        arg = ga[o];
+      }
+    }
+    lo[i] = lse_value(l);
+    mo[i] = mp.s * best;
+    ao[i] = arg;
+    so[i] = zs;
   }
 }
 
-// Backward state of a tile: S [bn, nr] becomes G in place; q [nr] is the calling thread's
-// partial of q_j, cbuf / kbuf its scratch for K > 1; r [N] the rows' r_i.
+// Backward state of a tile: S [bn, nr] becomes G in place; q [nr] is the chunk's q_j
+// (summed over its row tiles), cbuf / kbuf the worker's scratch for K > 1; r [N] the
+// group's partial of r_i.
 template <typename acc_t>
 struct BwdRows {
   acc_t* S;
@@ -353,13 +444,15 @@ void bwd_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labe
                 const Dims& dm, int64_t block, at::Tensor& dx, at::Tensor& dw) {
   const auto acc_opt = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const int64_t N = dm.n, D = dm.d, K = dm.k;
-  const Plan pl = make_plan(dm, block);
-  const int64_t T = std::max<int64_t>(1, at::get_num_threads());
+  if (N == 0) return;  // dx is empty, dw zero
+  const Plan pl = make_plan(dm, block, sizeof(acc_t));
+  const int64_t G = pl.ngroup;
   at::Tensor xs_t = at::empty({N, D}, acc_opt), a_t = at::empty({N}, acc_opt);
   prepare_rows<scalar_t, acc_t>(x, mp.normalize, xs_t.data_ptr<acc_t>(),
                                 a_t.data_ptr<acc_t>(), dm);
-  at::Tensor dxa_t = at::zeros({N, D}, acc_opt);  // sum_j G_ij ws_j
-  std::vector<acc_t> r(N, acc_t(0));              // r_i = sum_j G_ij c_ij
+  // per group: dX_g = sum over its classes of G_ij ws_j, and r_g,i = sum G_ij c_ij
+  at::Tensor dxg_t = at::empty({G, N, D}, acc_opt);
+  std::vector<acc_t> rg(G * N);
   const int64_t* lab = labels.data_ptr<int64_t>();
   const acc_t* lse = lse_t.data_ptr<acc_t>();
   const acc_t* gp = gp_t.data_ptr<acc_t>();
@@ -367,79 +460,115 @@ void bwd_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labe
   const acc_t* gs = gs_t.data_ptr<acc_t>();
   const scalar_t* wp = w.data_ptr<scalar_t>();
   scalar_t* dwp = dw.data_ptr<scalar_t>();
-  at::Tensor ws_t = at::empty({pl.bc * K, D}, acc_opt);
-  at::Tensor b_t = at::empty({pl.bc * K}, acc_opt);
-  at::Tensor s_t = at::empty({pl.bn * pl.bc * K}, acc_opt);
-  at::Tensor dwa_t = at::empty({pl.bc * K, D}, acc_opt);
-  std::vector<acc_t> qp(T * pl.bc * K);          // per-thread q_j partials
-  std::vector<acc_t> cbuf(K > 1 ? T * pl.bc : 0);  // per-thread class cosines (K > 1)
-  std::vector<int32_t> kbuf(K > 1 ? T * pl.bc : 0);
-  acc_t* ws = ws_t.data_ptr<acc_t>();
-  acc_t* bb = b_t.data_ptr<acc_t>();
-  acc_t* S = s_t.data_ptr<acc_t>();
 
-  for (int64_t blk = 0; blk < pl.nblk; ++blk) {
-    const int64_t j0 = blk * pl.bc, nc = std::min(pl.bc, dm.c - j0), nr = nc * K;
-    gather_block<scalar_t, acc_t>(wp, idx, j0, nc, dm, mp.normalize, ws, bb);
-    at::Tensor wv = ws_t.narrow(0, 0, nr);
-    at::Tensor dwa = dwa_t.narrow(0, 0, nr);
-    dwa.zero_();
-    std::fill(qp.begin(), qp.end(), acc_t(0));
-    for (int64_t r0 = 0; r0 < N; r0 += pl.bn) {
-      const int64_t bn = std::min(pl.bn, N - r0);
-      at::Tensor sv = s_t.narrow(0, 0, bn * nr).view({bn, nr});
-      at::Tensor xv = xs_t.narrow(0, r0, bn);
-      at::mm_out(sv, xv, wv.t());
-      at::parallel_for(0, bn, 16, [&](int64_t i0, int64_t i1) {
-        const int64_t tid = at::get_thread_num();
-        TORCH_CHECK(tid >= 0 && tid < T, "thread id ", tid, " out of [0, ", T, ")");
-        BwdRows<acc_t> br{S, nr, nc, K, j0, r0, lab, mp, lse, gp, gt, gs,
-                          qp.data() + tid * pl.bc * K,
-                          K == 1 ? nullptr : cbuf.data() + tid * pl.bc,
-                          K == 1 ? nullptr : kbuf.data() + tid * pl.bc, r.data()};
-        bwd_rows_isa(br, i0, i1);
-      });
-      // dX_acc += G @ ws ; dW_block += G^T @ xs
-      dxa_t.narrow(0, r0, bn).addmm_(sv, wv);
-      dwa.addmm_(sv.t(), xv);
-    }
-    // the block's rows of dw: b_j (sum_i G_ij xs_i - q_j ws_j)
-    const acc_t* da = dwa_t.data_ptr<acc_t>();
-    auto finish = [&](int64_t q0, int64_t q1, bool add) {
-      for (int64_t rr = q0; rr < q1; ++rr) {
-        acc_t qr = 0;
-        for (int64_t t = 0; t < T; ++t) qr += qp[t * pl.bc * K + rr];
-        scalar_t* dst = dwp + w_row(idx, j0 + rr / K, rr % K, K) * D;
-        const acc_t* src = da + rr * D;
-        const acc_t* wsr = ws + rr * D;
-        const acc_t br = bb[rr];
-        for (int64_t t = 0; t < D; ++t) {
-          const acc_t v = mp.normalize ? norm_grad(src[t], qr, wsr[t], br) : src[t];
-          dst[t] = add ? static_cast<scalar_t>(static_cast<acc_t>(dst[t]) + v)
-                       : static_cast<scalar_t>(v);
+  // A class repeated in index has several owners: their rows of dw go to dup [slot] and
+  // are added in shard order after the region. dslot[pos]: the slot, -1 for the others.
+  std::vector<int64_t> dslot;
+  int64_t ndup = 0;
+  if (idx) {
+    std::vector<int32_t> count(dm.r / K, 0);
+    for (int64_t p = 0; p < dm.c; ++p) ++count[idx[p]];
+    dslot.assign(dm.c, -1);
+    for (int64_t p = 0; p < dm.c; ++p)
+      if (count[idx[p]] > 1) dslot[p] = ndup++;
+  }
+  at::Tensor dup_t = at::empty({ndup * K, D}, acc_opt);
+  acc_t* dup = dup_t.data_ptr<acc_t>();
+
+  struct Buffers {
+    at::Tensor ws, b, s, dwa;    // ws [nr, D], b [nr], S tile [bn * nr], dW_chunk [nr, D]
+    std::vector<acc_t> q, cbuf;  // q [nr]; class cosines [bc] (K > 1)
+    std::vector<int32_t> kbuf;   // their sub-centers [bc] (K > 1)
+  };
+  auto make_buffers = [&] {
+    return Buffers{at::empty({pl.nr, D}, acc_opt), at::empty({pl.nr}, acc_opt),
+                   at::empty({pl.bn * pl.nr}, acc_opt), at::empty({pl.nr, D}, acc_opt),
+                   std::vector<acc_t>(pl.nr), std::vector<acc_t>(K > 1 ? pl.bc : 0),
+                   std::vector<int32_t>(K > 1 ? pl.bc : 0)};
+  };
+  run_workers(pl, make_buffers, [&](int64_t g, Buffers& buf) {
+    acc_t* ws = buf.ws.template data_ptr<acc_t>();
+    acc_t* bb = buf.b.template data_ptr<acc_t>();
+    acc_t* S = buf.s.template data_ptr<acc_t>();
+    const acc_t* da = buf.dwa.template data_ptr<acc_t>();
+    at::Tensor dxg = dxg_t.select(0, g);
+    dxg.zero_();
+    acc_t* r = rg.data() + g * N;
+    std::fill(r, r + N, acc_t(0));
+    for (int64_t ch = pl.chunk0(g); ch < pl.chunk0(g + 1); ++ch) {
+      const int64_t j0 = ch * pl.bc, nc = std::min(pl.bc, dm.c - j0), nr = nc * K;
+      gather_chunk<scalar_t, acc_t>(wp, idx, j0, nc, dm, mp.normalize, ws, bb);
+      at::Tensor wv = buf.ws.narrow(0, 0, nr);
+      at::Tensor dwa = buf.dwa.narrow(0, 0, nr);
+      std::fill(buf.q.begin(), buf.q.end(), acc_t(0));
+      for (int64_t r0 = 0; r0 < N; r0 += pl.bn) {
+        const int64_t bn = std::min(pl.bn, N - r0);
+        at::Tensor sv = buf.s.narrow(0, 0, bn * nr).view({bn, nr});
+        at::Tensor xv = xs_t.narrow(0, r0, bn);
+        at::mm_out(sv, xv, wv.t());
+        BwdRows<acc_t> br{S, nr, nc, K, j0, r0, lab, mp, lse, gp, gt, gs, buf.q.data(),
+                          K == 1 ? nullptr : buf.cbuf.data(),
+                          K == 1 ? nullptr : buf.kbuf.data(), r};
+        bwd_rows_isa(br, 0, bn);
+        // dX_g += G @ ws ; dW_chunk (+)= G^T @ xs
+        dxg.narrow(0, r0, bn).addmm_(sv, wv);
+        if (r0 == 0) {
+          at::mm_out(dwa, sv.t(), xv);
+        } else {
+          dwa.addmm_(sv.t(), xv);
         }
       }
-    };
-    if (idx) {
-      finish(0, nr, true);  // a class may repeat in index: add, serially
-    } else {
-      at::parallel_for(0, nr, 16, [&](int64_t q0, int64_t q1) { finish(q0, q1, false); });
+      // the chunk's rows of dw: b_j (sum_i G_ij xs_i - q_j ws_j)
+      for (int64_t rr = 0; rr < nr; ++rr) {
+        const int64_t pos = j0 + rr / K;
+        const acc_t* src = da + rr * D;
+        const acc_t* wsr = ws + rr * D;
+        const acc_t qr = buf.q[rr], br = bb[rr];
+        const bool dupe = idx && dslot[pos] >= 0;
+        acc_t* tmp = dupe ? dup + (dslot[pos] * K + rr % K) * D : nullptr;
+        scalar_t* dst = dwp + w_row(idx, pos, rr % K, K) * D;
+        for (int64_t t = 0; t < D; ++t) {
+          const acc_t v = mp.normalize ? norm_grad(src[t], qr, wsr[t], br) : src[t];
+          if (dupe) {
+            tmp[t] = v;
+          } else {
+            dst[t] = static_cast<scalar_t>(v);
+          }
+        }
+      }
+    }
+  });
+
+  // repeated classes: their rows added in shard order
+  for (int64_t pos = 0; pos < (idx ? dm.c : 0); ++pos) {
+    if (dslot[pos] < 0) continue;
+    for (int64_t k = 0; k < K; ++k) {
+      scalar_t* dst = dwp + w_row(idx, pos, k, K) * D;
+      const acc_t* src = dup + (dslot[pos] * K + k) * D;
+      for (int64_t t = 0; t < D; ++t)
+        dst[t] = static_cast<scalar_t>(static_cast<acc_t>(dst[t]) + src[t]);
     }
   }
-
-  // dx_i = a_i (dX_acc_i - r_i xs_i)
-  const acc_t* dxa = dxa_t.data_ptr<acc_t>();
+  // dx_i = a_i (sum_g dX_g,i - r_i xs_i), the groups summed in group order
+  const acc_t* dxg = dxg_t.data_ptr<acc_t>();
   const acc_t* xs = xs_t.data_ptr<acc_t>();
   const acc_t* a = a_t.data_ptr<acc_t>();
   scalar_t* dxo = dx.data_ptr<scalar_t>();
-  at::parallel_for(0, N, 64, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i)
-      for (int64_t t = 0; t < D; ++t) {
-        acc_t v = dxa[i * D + t];
-        if (mp.normalize) v = norm_grad(v, r[i], xs[i * D + t], a[i]);
-        dxo[i * D + t] = static_cast<scalar_t>(v);
-      }
-  });
+  std::vector<acc_t> u(D);
+  for (int64_t i = 0; i < N; ++i) {
+    acc_t ri = 0;
+    std::fill(u.begin(), u.end(), acc_t(0));
+    for (int64_t g = 0; g < G; ++g) {
+      ri += rg[g * N + i];
+      const acc_t* src = dxg + (g * N + i) * D;
+      for (int64_t t = 0; t < D; ++t) u[t] += src[t];
+    }
+    for (int64_t t = 0; t < D; ++t) {
+      acc_t v = u[t];
+      if (mp.normalize) v = norm_grad(v, ri, xs[i * D + t], a[i]);
+      dxo[i * D + t] = static_cast<scalar_t>(v);
+    }
+  }
 }
 
 void check_cpu(const at::Tensor& x) {

@@ -279,8 +279,10 @@ AK_ALWAYS_INLINE void fwd_rows(const FwdRows<acc_t>& args, int64_t i0, int64_t i
 #pragma omp simd reduction(+ : e)
         for (int64_t j = lj + 1; j < a.nc; ++j) e += exp_vec(s * c[j] - m);
         tile = lse_merge(Lse<acc_t>{a.nc > 1 ? m : cm, e}, Lse<acc_t>{zt, acc_t(1)});
-        if (csum != csum) tile = lse_merge(tile, Lse<acc_t>{csum, csum});
       }
+      // a NaN cosine makes the row's lse NaN: also when every cosine of the chunk is NaN
+      // (the max is then -inf and lse_merge would take the tile for an empty one)
+      if (csum != csum) tile = Lse<acc_t>{csum, csum};
       const Lse<acc_t> mr = lse_merge(Lse<acc_t>{a.st_m[i], a.st_s[i]}, tile);
       a.st_m[i] = mr.m;
       a.st_s[i] = mr.sum;

@@ -10,8 +10,8 @@ the package or the checkout unless --out names it), for a run tagged TAG:
   TAG.md     the summary tables (the same table is printed last)
 
 Presets (explicit options override them):
-  cpu    the CPU headline: N=1024, D=128, fp32, C from 8192 to 65536, fwd+bwd, one
-         intra-op thread (see --threads)
+  cpu    the CPU headline: N=1024, D=128, fp32, C from 8192 to 65536, fwd+bwd, torch's
+         default thread count (add --busy K to time it next to K competing processes)
   gpu    N=8192 C=262144 D=512 and N=1024 C=128K..1M D=512, bf16, fwd+bwd
   smoke  tiny shapes, every mode, one round (seconds; for tests and sanity checks)
 """
@@ -43,7 +43,7 @@ DEFAULT_OUT = "arcface-bench"
 PRESETS: Dict[str, dict] = {
     "cpu": dict(device="cpu", dtype="fp32", shapes=[(1024, c, 128) for c in
                                                     (8192, 16384, 32768, 65536)],
-                modes=["full"], rounds=3, min_time=0.5, threads=1),
+                modes=["full"], rounds=3, min_time=0.5, threads=0),
     "gpu": dict(device="cuda", dtype="bf16",
                 shapes=[(8192, 262144, 512)] + [(1024, c, 512) for c in
                                                 (131072, 262144, 524288, 1048576)],
@@ -115,11 +115,7 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
     ap.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     ap.add_argument("--no-matmul", action="store_true", help="skip the matmul rate")
     ap.add_argument("--threads", type=int,
-                    help="torch intra-op threads; 0 = torch's default (one per core). The "
-                         "cpu preset uses 1: on a CPU shared with other work, every "
-                         "multi-threaded op waits for a descheduled thread (about 8 ms per "
-                         "op was measured on 2 busy cores), which penalizes backends that "
-                         "issue many small ops far more than the reference")
+                    help="torch intra-op threads; 0 = torch's default (one per core)")
     ap.add_argument("--busy", type=int, default=0, metavar="K",
                     help="start K busy-looping processes that compete for the cores for "
                          "the whole run (every provider, the reference included, is timed "

@@ -52,9 +52,9 @@ and dW passes recompute the logits twice (10 N C D). Memory at N = 8192: H 16 Mi
 b 4 MiB + V partials. Host work: 3 launches per chunk (about 30 us), under the chunk's
 GPU time (about 35 us at N = 8192).
 
-What the static report predicts (``bench/results/static_sm90a.md``, 2026-12-01, an H200
-model, bf16): at N = 8192, C = 262144 a step of 16.2 ms (0.69 of the 790 TFLOP/s matmul
-rate): fwd_kernel 2.9 ms, grad_kernel 4.0 ms, bwd_mm_kernel 7.8 ms, the dW projections
+What the static report predicts (``bench/results/static_sm90a.md``, 2026-12-02, an H200
+model, bf16): at N = 8192, C = 262144 a step of 16.3 ms (0.68 of the 790 TFLOP/s matmul
+rate): fwd_kernel 2.9 ms, grad_kernel 4.1 ms, bwd_mm_kernel 7.8 ms, the dW projections
 1.2 ms; 43 MiB beyond inputs and gradients; host work 7.2 ms, under the GPU's. The
 previous design (cuBLAS products on X_hat / W_hat copies, about 23 torch ops per chunk)
 was predicted at 36 ms. bwd_mm_kernel is issue-bound (about 200 instructions per 64 x

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import arcface_kernels as ak
+from arcface_kernels.testing import MARGIN_GRID
 from arcface_kernels._config import MarginConfig
 from arcface_kernels._ops import BWD_SCHEMA, FWD_SCHEMA, NAMESPACE, acc_dtype
 from arcface_kernels.backends import resolve_backend
@@ -47,20 +48,15 @@ TOL_BWD = {F64: 1e-10, F32: 2e-4}
 # the argmax may differ from the reference's only between classes this close in cosine
 TIE = {F64: 1e-12, F32: 1e-5}
 
-# Margin settings of the ops (the loss-level modes of _cases.py without smoothing and
-# reductions, which are not op arguments; g_s != 0 below is what smoothing feeds the
-# backward).
-OP_MODES = {
-    "arcface": MarginConfig(s=64.0, m2=0.5),
-    "cosface": MarginConfig(s=64.0, m2=0.0, m3=0.35),
-    "sphereface": MarginConfig(s=30.0, m1=1.35, m2=0.0),
-    "combined_m1": MarginConfig(s=16.0, m1=1.2, m2=0.3, m3=0.1, margin_mode="none"),
-    "easy": MarginConfig(s=64.0, m2=0.5, margin_mode="easy"),
-    "big_margin_fallback": MarginConfig(s=8.0, m2=2.5),
-    "straight_through": MarginConfig(s=64.0, m2=0.5, target_grad="straight_through"),
-    "linear_cosface": MarginConfig(s=2.0, m2=0.0, m3=0.5, normalize=False),
-    "sub_centers": MarginConfig(s=64.0, m2=0.5, sub_centers=3),
-}
+# Margin settings of the ops: those of the one grid (arcface_kernels.testing.MARGIN_GRID)
+# without smoothing and reductions, which are not op arguments (g_s != 0 below is what
+# smoothing feeds the backward). "arcface" is the grid's s = 64 ArcFace case.
+_OP_KEYS = ("s", "m1", "m2", "m3", "margin_mode", "target_grad", "normalize", "sub_centers")
+OP_MODES = {("arcface" if c.name == "arcface_s64" else c.name):
+            MarginConfig(**{k: v for k, v in c.settings.items() if k in _OP_KEYS})
+            for c in MARGIN_GRID if c.name in (
+                "arcface_s64", "cosface", "sphereface", "combined_m1", "easy",
+                "big_margin_fallback", "straight_through", "linear_cosface", "sub_centers")}
 
 
 # ------------------------------------------------------------------------------ helpers

@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--dtypes", default="float64,float32",
                      help="comma list among float64, float32, float16, bfloat16")
     chk.add_argument("--cases", default=None, help="comma list of grid case names")
+    chk.add_argument("--shapes", default=None, metavar="NxCxD,...",
+                     help="run each chosen case at these shapes instead of its own")
     chk.add_argument("--random", type=_nonneg_int, default=0, metavar="N",
                      help="also N randomized cases (shrunk with hypothesis if installed)")
     chk.add_argument("--seed", type=_int, default=0, help="seed of the randomized cases")
@@ -227,9 +229,16 @@ def _cmd_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     try:
         dtypes = [testing.parse_dtype(d) for d in args.dtypes.split(",") if d]
         names = [c for c in args.cases.split(",") if c] if args.cases else None
+        shapes = None
+        if args.shapes:
+            try:
+                shapes = [tuple(int(v) for v in item.lower().split("x"))
+                          for item in args.shapes.split(",") if item]
+            except ValueError:
+                parser.error(f"argument --shapes: expected NxCxD,..., got {args.shapes!r}")
         check = testing.check_margin_loss if args.kind == "margin" else \
             testing.check_linear_cross_entropy
-        report = check(fn, names=names, dtypes=dtypes, devices=devices,
+        report = check(fn, names=names, shapes=shapes, dtypes=dtypes, devices=devices,
                        atol_scale=args.atol_scale, gradcheck=not args.no_gradcheck)
     except (ValueError, TypeError) as e:
         parser.error(str(e))

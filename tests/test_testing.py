@@ -297,3 +297,19 @@ def test_peers_as_documented():
     assert big.status == "fail" and big.errors["dx"] < 1e-12 and big.errors["loss"] > 1e-3
     assert by[("combined", "float64")].errors["dx"] > 0.1
     assert by[("sphereface", "float64")].status == "skip"   # m1 != 1 is rejected
+
+
+def test_modes_and_shapes_select_and_resize_cases():
+    rep = check_margin_loss(planted(), modes=["cosface", "sub_centers"],
+                            shapes=[(3, 17, 5), (1, 2, 2)], dtypes=["float64"],
+                            gradcheck=False)
+    names = [r.case for r in rep.results]
+    assert names == ["cosface@3x17x5", "cosface@1x2x2", "sub_centers@3x17x5",
+                     "sub_centers@1x2x2"] and rep.ok, str(rep)
+    rep = check_margin_loss(planted("margin_on_all"), modes="cosface", shapes=[(4, 9, 6)],
+                            dtypes=["float64"], gradcheck=False)
+    assert rep.failed_cases() == ["cosface@4x9x6"]
+    with pytest.raises(ValueError, match="shapes must be"):
+        check_margin_loss(planted(), modes=["cosface"], shapes=[(0, 2, 2)])
+    with pytest.raises(ValueError, match="not both"):
+        check_margin_loss(planted(), modes=["cosface"], names=["cosface"])

@@ -44,6 +44,7 @@ from the shell.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import random as _random
 from typing import Callable, Iterable, List, Mapping, Optional, Sequence
@@ -56,20 +57,35 @@ from ._check import (FACTOR, FLOORS, CaseResult, Report, linear_oracle, margin_o
                      parse_dtype, run_cases)
 
 
-def _select(grid: Sequence[Case], names: Optional[Iterable[str]]) -> List[Case]:
+def _select(grid: Sequence[Case], names: Optional[Iterable[str]],
+            shapes: Optional[Iterable[Sequence[int]]] = None) -> List[Case]:
+    """The grid's cases named in ``names`` (all when None), each at every one of
+    ``shapes`` ((N, C, D); the case's own shape when None)."""
+    if isinstance(names, str):
+        names = [names]
     if names is None:
-        return list(grid)
-    names = list(names)
-    known = {c.name: c for c in grid}
-    bad = [n for n in names if n not in known]
-    if bad:
-        raise ValueError(f"unknown case(s) {bad}; the grid has {list(known)}")
-    return [known[n] for n in names]
+        chosen = list(grid)
+    else:
+        names = list(names)
+        known = {c.name: c for c in grid}
+        bad = [n for n in names if n not in known]
+        if bad:
+            raise ValueError(f"unknown case(s) {bad}; the grid has {list(known)}")
+        chosen = [known[n] for n in names]
+    if shapes is None:
+        return chosen
+    shapes = [tuple(int(v) for v in sh) for sh in shapes]
+    if not shapes or any(len(sh) != 3 or min(sh) < 1 for sh in shapes):
+        raise ValueError(f"shapes must be (N, C, D) triples of positive ints, got {shapes}")
+    return [dataclasses.replace(c, name=f"{c.name}@{'x'.join(map(str, sh))}", shape=sh)
+            for c in chosen for sh in shapes]
 
 
 def check_margin_loss(fn: Callable, *, supports: Optional[Mapping[str, object]] = None,
                       cases: Optional[Sequence[Case]] = None,
                       names: Optional[Iterable[str]] = None,
+                      modes: Optional[Iterable[str]] = None,
+                      shapes: Optional[Iterable[Sequence[int]]] = None,
                       dtypes: Iterable = (torch.float64, torch.float32),
                       devices: Iterable[str] = ("cpu",), atol_scale: float = 1.0,
                       gradcheck: bool = True,
@@ -78,9 +94,13 @@ def check_margin_loss(fn: Callable, *, supports: Optional[Mapping[str, object]] 
     on ``fn`` for every dtype and device; returns the :class:`Report` (module docstring).
     ``defaults`` replaces settings the cases leave at their defaults (e.g. an
     implementation that only has insightface's current semantics:
-    ``{"margin_mode": "none", "target_grad": "straight_through"}``).
+    ``{"margin_mode": "none", "target_grad": "straight_through"}``). ``modes`` is
+    another name for ``names``; ``shapes`` runs each chosen case at each (N, C, D).
     """
-    chosen = list(cases) if cases is not None else _select(MARGIN_GRID, names)
+    if modes is not None and names is not None:
+        raise ValueError("pass names or modes (the same thing), not both")
+    chosen = list(cases) if cases is not None else _select(
+        MARGIN_GRID, names if modes is None else modes, shapes)
     return run_cases(fn, chosen, kind="margin", supports=supports, dtypes=dtypes,
                      devices=devices, atol_scale=atol_scale, gradcheck=gradcheck,
                      defaults=defaults)
@@ -90,6 +110,7 @@ def check_linear_cross_entropy(fn: Callable, *,
                                supports: Optional[Mapping[str, object]] = None,
                                cases: Optional[Sequence[Case]] = None,
                                names: Optional[Iterable[str]] = None,
+                               shapes: Optional[Iterable[Sequence[int]]] = None,
                                dtypes: Iterable = (torch.float64, torch.float32),
                                devices: Iterable[str] = ("cpu",), atol_scale: float = 1.0,
                                gradcheck: bool = True) -> Report:
@@ -98,7 +119,7 @@ def check_linear_cross_entropy(fn: Callable, *,
     label_smoothing, softcap, shift). The oracle is ``F.cross_entropy`` of x @ weight.T
     (softcap: softcap * tanh(logits / softcap); shift: position t predicts label t + 1 of
     [B, T] labels, x [B, T, D]); "mean" over zero rows is 0."""
-    chosen = list(cases) if cases is not None else _select(LINEAR_GRID, names)
+    chosen = list(cases) if cases is not None else _select(LINEAR_GRID, names, shapes)
     return run_cases(fn, chosen, kind="linear", supports=supports, dtypes=dtypes,
                      devices=devices, atol_scale=atol_scale, gradcheck=gradcheck)
 

@@ -116,21 +116,40 @@ def arcface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: float
     opts = LossOptions(reduction=reduction, ignore_index=ignore_index,
                        label_smoothing=label_smoothing, chunk_size=chunk_size, backend=backend,
                        grad_filter_eps=grad_filter_eps)
-    check_loss_inputs(embeddings, weight, labels, sub_centers)
-    block = opts.block
-    be = resolve_backend(backend, embeddings.device)
-    num_classes = weight.shape[0] // sub_centers
-    local = local_labels(labels, 0, num_classes, num_classes, ignore_index)
-    with autocast_off(embeddings.device):
-        lse, target, sum_z, max_z, argmax = be.fwd(embeddings, weight, local, None,
-                                                   *cfg.op_args(), opts.grad_filter,
-                                                   block)
-    valid = labels != ignore_index
-    loss_rows = combine_loss_rows(lse, target, sum_z, label_smoothing, num_classes)
-    loss = reduce_rows(loss_rows, valid, reduction)
+    fwd = _forward(embeddings, weight, labels, cfg, opts)
+    lse, target, _, max_z, argmax = fwd.stats
     if not return_stats:
-        return loss
-    return loss, LossStats(lse.detach(), target.detach(), max_z.detach(), argmax)
+        return fwd.loss
+    return fwd.loss, LossStats(lse.detach(), target.detach(), max_z.detach(), argmax)
+
+
+class _Forward(NamedTuple):
+    loss: Tensor
+    stats: tuple        # the fwd op's (lse, target, sum_z, max_z, argmax)
+    local: Tensor       # labels as shard positions (-1: ignored)
+    valid: Tensor       # rows not ignored
+    backend: object     # the Backend that ran
+    scalars: tuple      # the ops' scalar arguments
+    num_classes: int
+
+
+def _forward(embeddings: Tensor, weight: Tensor, labels: Tensor, cfg: MarginConfig,
+             opts: LossOptions) -> _Forward:
+    """The single-device loss up to its reduction, shared by arcface_loss (whose
+    autograd is the fwd op's registration) and ArcFaceFunction."""
+    k = cfg.sub_centers
+    check_loss_inputs(embeddings, weight, labels, k)
+    be = resolve_backend(opts.backend, embeddings.device)
+    num_classes = weight.shape[0] // k
+    local = local_labels(labels, 0, num_classes, num_classes, opts.ignore_index)
+    scalars = (*cfg.op_args(), opts.grad_filter, opts.block)
+    with autocast_off(embeddings.device):
+        stats = be.fwd(embeddings, weight, local, None, *scalars)
+    valid = labels != opts.ignore_index
+    rows = combine_loss_rows(stats[0], stats[1], stats[2], opts.label_smoothing,
+                             num_classes)
+    return _Forward(reduce_rows(rows, valid, opts.reduction), tuple(stats), local, valid,
+                    be, scalars, num_classes)
 
 
 def loss_row_coefficients(grad_rows: Tensor, label_smoothing: float, num_classes: int
@@ -162,20 +181,11 @@ class ArcFaceFunction(torch.autograd.Function):
             raise TypeError(f"margin must be a MarginConfig, got {type(margin).__name__}")
         if not isinstance(options, LossOptions):
             raise TypeError(f"options must be a LossOptions, got {type(options).__name__}")
-        k = margin.sub_centers
-        check_loss_inputs(embeddings, weight, labels, k)
-        be = resolve_backend(options.backend, embeddings.device)
-        num_classes = weight.shape[0] // k
-        local = local_labels(labels, 0, num_classes, num_classes, options.ignore_index)
-        scalars = (*margin.op_args(), options.grad_filter, options.block)
-        with autocast_off(embeddings.device):
-            lse, target, sum_z, _, _ = be.fwd(embeddings, weight, local, None, *scalars)
-        valid = labels != options.ignore_index
-        rows = combine_loss_rows(lse, target, sum_z, options.label_smoothing, num_classes)
-        ctx.save_for_backward(embeddings, weight, local, lse, valid)
-        ctx.bwd, ctx.scalars, ctx.num_classes = be.bwd, scalars, num_classes
+        fwd = _forward(embeddings, weight, labels, margin, options)
+        ctx.save_for_backward(embeddings, weight, fwd.local, fwd.stats[0], fwd.valid)
+        ctx.bwd, ctx.scalars, ctx.num_classes = fwd.backend.bwd, fwd.scalars, fwd.num_classes
         ctx.options = options
-        return reduce_rows(rows, valid, options.reduction)
+        return fwd.loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor], None,

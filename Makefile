@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml setup.py Makefile $(wildcard csrc/*.h csrc/*.
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH_SPEC)" triton pybind11 ninja pytest matplotlib tqdm numpy \
 		hypothesis pytorch-metric-learning
+	# Cut Cross-Entropy, for the comparison tests: its own dependencies are torch and
+	# triton, installed above
+	$(PY) -m pip install -q --no-deps cut-cross-entropy
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 

@@ -27,14 +27,16 @@ INT32_MAX = 2 ** 31 - 1
 def check_loss_inputs(embeddings: Tensor, weight: Tensor, labels: Tensor, sub_centers: int,
                       *, names: Tuple[str, str, str] = ("embeddings", "weight", "labels"),
                       weight_dtype: str = "same", weight_rows: Optional[int] = None,
-                      weight_rows_note: str = "", min_rows: int = 0) -> None:
+                      weight_rows_note: str = "", min_rows: int = 0,
+                      labels_dtype: str = "any_int") -> None:
     """Shape / dtype / device checks of a loss call.
 
     names: how the caller calls (embeddings, weight, labels). weight_dtype: "same"
     (weight must have the embeddings' dtype) or "any_float" (any floating dtype; the caller
     casts). weight_rows: the exact number of rows weight must have (a shard), with
     ``weight_rows_note`` saying why; else any positive multiple of sub_centers.
-    min_rows: the fewest rows the embeddings may have.
+    min_rows: the fewest rows the embeddings may have. labels_dtype: "any_int" (any
+    integer dtype; the caller casts to int64) or "int64".
     """
     en, wn, ln = names
     for name, t in ((en, embeddings), (wn, weight), (ln, labels)):
@@ -55,8 +57,11 @@ def check_loss_inputs(embeddings: Tensor, weight: Tensor, labels: Tensor, sub_ce
                             f"got {weight.dtype}")
     elif weight.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{wn} must be float16/bfloat16/float32/float64, got {weight.dtype}")
-    if labels.dtype != torch.int64:
-        raise TypeError(f"{ln} must be int64 (torch.long), got {labels.dtype}")
+    if labels.dtype != torch.int64 and (labels_dtype == "int64" or labels.is_floating_point()
+                                        or labels.is_complex() or labels.dtype == torch.bool):
+        raise TypeError(f"{ln} must be int64 (torch.long), got {labels.dtype}"
+                        if labels_dtype == "int64" else
+                        f"{ln} must be an integer tensor (class ids), got {labels.dtype}")
     if labels.shape[0] != embeddings.shape[0]:
         raise ValueError(f"{ln} has {labels.shape[0]} rows but {en} has "
                          f"{embeddings.shape[0]} (N must match)")
@@ -107,11 +112,34 @@ def _check_range(t: Tensor, lo: int, hi: int, what: str, note: str) -> None:
                          f"[{tmin}, {tmax}]")
 
 
+def check_bias(bias: Optional[Tensor], weight: Tensor, sub_centers: int,
+               name: str = "bias", weight_name: str = "weight", pre: str = "") -> None:
+    """bias: None or [C] (one value per class of ``weight``: its rows / sub_centers), in
+    weight's dtype and on its device."""
+    if bias is None:
+        return
+    if not isinstance(bias, Tensor):
+        raise TypeError(f"{pre}{name} must be None or a torch.Tensor, got "
+                        f"{type(bias).__name__}")
+    classes = weight.shape[0] // sub_centers
+    if bias.dim() != 1 or bias.shape[0] != classes:
+        raise ValueError(f"{pre}{name} must have shape [{classes}] (one value per class of "
+                         f"{weight_name}), got {tuple(bias.shape)}")
+    if bias.dtype != weight.dtype:
+        raise TypeError(f"{pre}{name} dtype must match {weight_name} dtype {weight.dtype}, "
+                        f"got {bias.dtype}")
+    if bias.device != weight.device:
+        raise ValueError(f"{pre}{name} must be on {weight_name}'s device {weight.device}, "
+                         f"got {bias.device}")
+
+
 def check_op_args(backend: str, x: Tensor, w: Tensor, labels: Tensor,
                   index: Optional[Tensor], sub_centers: int,
-                  row_vectors: Sequence[Tuple[str, Tensor]] = ()) -> None:
+                  row_vectors: Sequence[Tuple[str, Tensor]] = (),
+                  bias: Optional[Tensor] = None) -> None:
     """Checks of a direct call of backend ``backend``'s fwd / bwd op (module docstring).
-    row_vectors: the backward's (name, [N] floating tensor) pairs lse, g_p, g_t, g_s."""
+    row_vectors: the backward's (name, [N] floating tensor) pairs lse, g_p, g_t, g_s;
+    bias: the op's bias ([R / K] in w's dtype, or None)."""
     pre = f"{backend} backend: "
     if isinstance(sub_centers, bool) or not isinstance(sub_centers, int) or sub_centers < 1:
         raise ValueError(f"{pre}sub_centers must be an int >= 1, got {sub_centers!r}")
@@ -123,9 +151,10 @@ def check_op_args(backend: str, x: Tensor, w: Tensor, labels: Tensor,
                          f"sub_centers={sub_centers}")
     try:
         check_loss_inputs(x, w, labels, sub_centers, names=("x", "w", "labels"),
-                          weight_rows=w.shape[0])
+                          weight_rows=w.shape[0], labels_dtype="int64")
     except (TypeError, ValueError) as e:
         raise type(e)(pre + str(e)) from None
+    check_bias(bias, w, sub_centers, "bias", "w", pre)
     devs = {x.device, w.device, labels.device}
     num_w = w.shape[0] // sub_centers
     shard = num_w

@@ -50,6 +50,10 @@ class MarginConfig:
             normalize=False the logits are s * <x, w>; angular margins (m1 != 1, m2 != 0)
             then have no meaning and are rejected.
         sub_centers: K >= 1 sub-centers per class (weight has C*K rows).
+        softcap: None, or a cap > 0: each logit z becomes softcap * tanh(z / softcap)
+            (Gemma 2's logit soft-capping), after the margin and the bias.
+        interclass_filtering_threshold: 0 (off), or t > 0: a non-target cosine above t
+            counts as 0, in value and gradient (insightface's option of that name).
     """
 
     s: float = 64.0
@@ -60,6 +64,8 @@ class MarginConfig:
     target_grad: str = "exact"
     normalize: bool = True
     sub_centers: int = 1
+    softcap: Optional[float] = None
+    interclass_filtering_threshold: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("s", "m1", "m2", "m3"):
@@ -92,6 +98,18 @@ class MarginConfig:
             raise TypeError(f"sub_centers must be an int, got {self.sub_centers!r}")
         if self.sub_centers < 1:
             raise ValueError(f"sub_centers must be >= 1, got {self.sub_centers!r}")
+        cap = self.softcap
+        if cap is not None:
+            if isinstance(cap, bool) or not isinstance(cap, (int, float)):
+                raise TypeError(f"softcap must be None or a real number, got {cap!r}")
+            if not 0 < cap < math.inf:
+                raise ValueError(f"softcap must be None or finite and > 0, got {cap!r}")
+        t = self.interclass_filtering_threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)):
+            raise TypeError(f"interclass_filtering_threshold must be a real number, got {t!r}")
+        if not 0 <= t < math.inf:
+            raise ValueError(f"interclass_filtering_threshold must be finite and >= 0 "
+                             f"(0 = off), got {t!r}")
 
     @property
     def wrap_code(self) -> int:
@@ -102,17 +120,27 @@ class MarginConfig:
         return GRAD_MODES[self.target_grad]
 
     @classmethod
-    def from_op_args(cls, s, m1, m2, m3, wrap_mode, grad_mode, normalize, sub_centers
-                     ) -> "MarginConfig":
+    def from_op_args(cls, s, m1, m2, m3, wrap_mode, grad_mode, normalize, sub_centers,
+                     softcap, interclass) -> "MarginConfig":
         """Inverse of :meth:`op_args` (the scalars an op receives)."""
+        if isinstance(softcap, (int, float)) and not isinstance(softcap, bool) \
+                and softcap == 0:
+            softcap = None
         return cls(s=s, m1=m1, m2=m2, m3=m3, margin_mode=_WRAP_NAMES[wrap_mode],
                    target_grad=_GRAD_NAMES[grad_mode], normalize=normalize,
-                   sub_centers=sub_centers)
+                   sub_centers=sub_centers, softcap=softcap,
+                   interclass_filtering_threshold=interclass)
+
+    @property
+    def softcap_arg(self) -> float:
+        """The ops' ``softcap`` argument (0.0 = off)."""
+        return 0.0 if self.softcap is None else float(self.softcap)
 
     def op_args(self) -> tuple:
-        """The scalars in the order of the op schema (after x, w, labels, index)."""
+        """The scalars in the order of the op schema (after x, w, labels, index, bias)."""
         return (float(self.s), float(self.m1), float(self.m2), float(self.m3),
-                self.wrap_code, self.grad_code, self.normalize, self.sub_centers)
+                self.wrap_code, self.grad_code, self.normalize, self.sub_centers,
+                self.softcap_arg, float(self.interclass_filtering_threshold))
 
 
 def check_grad_filter(grad_filter: float) -> float:

@@ -5,11 +5,14 @@ Importing this module imports the extension (ImportError when it was not built, 
 kernels and autograd formula to its ops ``arcface_kernels::cpp_fwd`` / ``cpp_bwd``
 (schemas as :data:`arcface_kernels._ops.FWD_SCHEMA` / ``BWD_SCHEMA``).
 
-FWD_OP(x [N, D], w [C*K, D], labels [N], index [C]?, s, m1, m2, m3, wrap_mode,
-grad_mode, normalize, sub_centers, block) -> (lse, target, sum_z, max_z [N] float32 or
-float64, argmax [N] int64); BWD_OP(..., lse, g_p, g_t, g_s [N], ...) -> (dx [N, D],
-dw [C*K, D]). CPU tensors: float64/float32/float16/bfloat16; CUDA tensors (when
-:data:`DEVICES` has "cuda"): float32/float16/bfloat16.
+FWD_OP(x [N, D], w [C*K, D], labels [N], index [C]?, bias [C]?, s, m1, m2, m3,
+wrap_mode, grad_mode, normalize, sub_centers, softcap, interclass, grad_filter, block)
+-> (lse, target, sum_z, max_z [N] float32 or float64, argmax [N] int64);
+BWD_OP(x, w, labels, index, bias, lse, g_p, g_t, g_s [N], <the same scalars>)
+-> (dx [N, D], dw [C*K, D], dbias [C] in bias's dtype, or an empty [0] tensor of x's
+dtype without a bias). bias holds one value per class of w (not per shard position);
+softcap and interclass are 0.0 when off. CPU tensors: float64/float32/float16/bfloat16;
+CUDA tensors (when :data:`DEVICES` has "cuda"): float32/float16/bfloat16.
 """
 from __future__ import annotations
 

@@ -82,3 +82,28 @@ def margin_dpsi(c: Tensor, m1: float, m2: float, wrap_mode: int, grad_mode: int)
     if branch is not None:
         d = torch.where(branch, torch.ones_like(d), d)
     return d
+
+
+def softcap_map(v: Tensor, softcap: float) -> Tensor:
+    """z = softcap * tanh(v / softcap) (Gemma 2's logit soft-capping); v when softcap
+    is 0 (off)."""
+    if not softcap:
+        return v
+    return softcap * torch.tanh(v / softcap)
+
+
+def softcap_grad(v: Tensor, softcap: float) -> Tensor:
+    """dz/dv of :func:`softcap_map`: 1 - tanh(v / softcap)^2 (1 when off)."""
+    if not softcap:
+        return torch.ones_like(v)
+    t = torch.tanh(v / softcap)
+    return 1.0 - t * t
+
+
+def interclass_filtered(c: Tensor, is_target: Tensor, threshold: float) -> Tensor:
+    """Where insightface's interclass filter drops a logit: a non-target cosine above
+    ``threshold`` (> 0; 0 = off, nothing dropped). A dropped logit counts as u = 0, in
+    value and gradient. NaN is never dropped."""
+    if not threshold:
+        return torch.zeros_like(c, dtype=torch.bool)
+    return (c > threshold) & ~is_target

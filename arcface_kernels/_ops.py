@@ -3,23 +3,29 @@
 Every backend supplies two ops with the schemas below, named
 ``arcface_kernels::<backend>_fwd`` and ``arcface_kernels::<backend>_bwd``:
 
-  fwd(x [N, D], w [R, D], labels [N] int64, index [C]? int64,
-      s, m1, m2, m3, wrap_mode, grad_mode, normalize, sub_centers, grad_filter, block)
+  fwd(x [N, D], w [R, D], labels [N] int64, index [C]? int64, bias [R / K]?,
+      s, m1, m2, m3, wrap_mode, grad_mode, normalize, sub_centers, softcap, interclass,
+      grad_filter, block)
       -> (lse [N], target [N], sum_z [N], max_z [N], argmax [N] int64)
 
-  bwd(x, w, labels, index, lse [N], g_p [N], g_t [N], g_s [N],
-      s, m1, m2, m3, wrap_mode, grad_mode, normalize, sub_centers, grad_filter, block)
-      -> (dx [N, D], dw [R, D])
+  bwd(x, w, labels, index, bias, lse [N], g_p [N], g_t [N], g_s [N], <the same scalars>)
+      -> (dx [N, D], dw [R, D], dbias [R / K], or [0] without bias)
 
 * The shard's classes are ``index`` (class ids into w's C = R / K classes) or, when index
   is None, all C classes of w. Class j owns rows j*K .. j*K+K-1 of w (K = sub_centers).
 * ``labels`` holds each row's target as a position in the shard's class list, or -1
   when the row has no target in this shard (ignored, or the target lives elsewhere).
+* The logit of row i at shard position j (class id g), from its cosine c (docs/design.md
+  sections 1 and 3): u = 0 where the interclass filter drops it (non-target, c >
+  interclass > 0), psi(c) at the target, c elsewhere; v = s u + bias[g];
+  z = softcap tanh(v / softcap) (softcap > 0) or v.
 * lse, target, sum_z, max_z are float64 for float64 inputs and float32 otherwise:
   lse = log sum_j exp(z_ij); target = z_i,label (0 without); sum_z = sum_j z_ij;
-  max_z = s * max_j c_ij (no margin; for accuracy) at class argmax.
+  max_z = the capped max_j (s c_ij + bias[g]) (no margin, no filter; for accuracy) at
+  class argmax.
 * The backward computes dL/dz_ij = g_p_i exp(z_ij - lse_i) + g_t_i [j = label_i] + g_s_i
-  and returns dx, dw in the input dtypes; rows of w outside the shard get zero.
+  and returns dx, dw in the input dtypes (rows of w outside the shard get zero) and
+  dbias in bias's dtype (an empty tensor without bias).
 * ``block`` is a backend tuning hint (class chunk size for chunked); 0 = default.
 * ``grad_filter`` (eps >= 0; the forward ignores it): the backward may treat softmax
   values p_ij < eps of non-target classes as 0 (Cut Cross-Entropy's gradient filter);
@@ -28,12 +34,12 @@ Every backend supplies two ops with the schemas below, named
 
 Because the backward takes the three per-row coefficients, autograd registered on the
 fwd op (below, once for all backends) covers any loss built from lse, target and sum_z
-with ordinary torch ops: the single-device loss, label smoothing, and the sharded loss
-whose cross-rank logsumexp lives in torch.distributed.nn. That backward is not itself
-differentiable: a gradient taken with create_graph=True is right, but differentiating it
-again raises (``DOUBLE_BACKWARD_ERROR``). arcface_loss, PartialFC and this backward call
-the ops with autocast off (:func:`autocast_off`), so a loss inside a torch.autocast region
-computes exactly what it computes outside one.
+with ordinary torch ops: the single-device loss, label smoothing, a z-loss, and the
+sharded loss whose cross-rank logsumexp lives in torch.distributed.nn. That backward is
+not itself differentiable: a gradient taken with create_graph=True is right, but
+differentiating it again raises (``DOUBLE_BACKWARD_ERROR``). arcface_loss, PartialFC and
+this backward call the ops with autocast off (:func:`autocast_off`), so a loss inside a
+torch.autocast region computes exactly what it computes outside one.
 """
 from __future__ import annotations
 
@@ -46,19 +52,20 @@ from torch import Tensor
 NAMESPACE = "arcface_kernels"
 
 FWD_SCHEMA = (
-    "(Tensor x, Tensor w, Tensor labels, Tensor? index, float s, float m1, float m2, "
-    "float m3, int wrap_mode, int grad_mode, bool normalize, int sub_centers, "
-    "float grad_filter, int block)"
+    "(Tensor x, Tensor w, Tensor labels, Tensor? index, Tensor? bias, float s, float m1, "
+    "float m2, float m3, int wrap_mode, int grad_mode, bool normalize, int sub_centers, "
+    "float softcap, float interclass, float grad_filter, int block)"
     " -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 BWD_SCHEMA = (
-    "(Tensor x, Tensor w, Tensor labels, Tensor? index, Tensor lse, Tensor g_p, "
-    "Tensor g_t, Tensor g_s, float s, float m1, float m2, float m3, int wrap_mode, "
-    "int grad_mode, bool normalize, int sub_centers, float grad_filter, int block) "
-    "-> (Tensor, Tensor)"
+    "(Tensor x, Tensor w, Tensor labels, Tensor? index, Tensor? bias, Tensor lse, "
+    "Tensor g_p, Tensor g_t, Tensor g_s, float s, float m1, float m2, float m3, "
+    "int wrap_mode, int grad_mode, bool normalize, int sub_centers, float softcap, "
+    "float interclass, float grad_filter, int block) -> (Tensor, Tensor, Tensor)"
 )
-# s, m1, m2, m3, wrap_mode, grad_mode, normalize, sub_centers, grad_filter, block
-NUM_SCALARS = 10
+# s, m1, m2, m3, wrap_mode, grad_mode, normalize, sub_centers, softcap, interclass,
+# grad_filter, block
+NUM_SCALARS = 12
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -76,22 +83,30 @@ def autocast_off(device: torch.device):
     return contextlib.nullcontext()
 
 
-def fwd_fake(x, w, labels, index, *scalars):
+def fwd_fake(x, w, labels, index, bias, *scalars):
     n = x.shape[0]
     acc = acc_dtype(x.dtype)
     return (x.new_empty(n, dtype=acc), x.new_empty(n, dtype=acc), x.new_empty(n, dtype=acc),
             x.new_empty(n, dtype=acc), x.new_empty(n, dtype=torch.long))
 
 
-def bwd_fake(x, w, labels, index, lse, g_p, g_t, g_s, *scalars):
+def empty_dbias(x: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """The backward's dbias output when there is no bias: an empty tensor; else a new
+    (uninitialized) tensor like bias."""
+    if bias is None:
+        return x.new_empty(0)
+    return torch.empty_like(bias, memory_format=torch.contiguous_format)
+
+
+def bwd_fake(x, w, labels, index, bias, lse, g_p, g_t, g_s, *scalars):
     return torch.empty_like(x, memory_format=torch.contiguous_format), \
-        torch.empty_like(w, memory_format=torch.contiguous_format)
+        torch.empty_like(w, memory_format=torch.contiguous_format), empty_dbias(x, bias)
 
 
 def _setup_context(ctx, inputs, output):
-    x, w, labels, index = inputs[:4]
-    ctx.save_for_backward(x, w, labels, index, output[0])
-    ctx.scalars = tuple(inputs[4:])
+    x, w, labels, index, bias = inputs[:5]
+    ctx.save_for_backward(x, w, labels, index, bias, output[0])
+    ctx.scalars = tuple(inputs[5:])
 
 
 DOUBLE_BACKWARD_ERROR = (
@@ -116,15 +131,16 @@ def _not_differentiable(grads, sources):
 
 
 def primitive_backward(bwd_op: Callable, x: Tensor, w: Tensor, labels: Tensor,
-                       index: Optional[Tensor], lse: Tensor, scalars: tuple,
-                       g_lse: Optional[Tensor], g_tgt: Optional[Tensor],
-                       g_sum: Optional[Tensor], need_dx: bool, need_dw: bool
-                       ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """(dx, dw) from the incoming gradients of the forward's lse, target and sum_z (None:
-    zero): the one backward of every backend, behind both the ops' registered autograd
-    and :class:`arcface_kernels.ArcFaceFunction`."""
-    if not (need_dx or need_dw):
-        return None, None
+                       index: Optional[Tensor], bias: Optional[Tensor], lse: Tensor,
+                       scalars: tuple, g_lse: Optional[Tensor], g_tgt: Optional[Tensor],
+                       g_sum: Optional[Tensor], need_dx: bool, need_dw: bool,
+                       need_db: bool = False
+                       ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """(dx, dw, dbias) from the incoming gradients of the forward's lse, target and sum_z
+    (None: zero): the one backward of every backend, behind both the ops' registered
+    autograd and :class:`arcface_kernels.ArcFaceFunction`."""
+    if not (need_dx or need_dw or need_db):
+        return None, None, None
     coeffs = []
     for g in (g_lse, g_tgt, g_sum):
         coeffs.append(torch.zeros_like(lse) if g is None else g.to(lse.dtype).contiguous())
@@ -132,12 +148,13 @@ def primitive_backward(bwd_op: Callable, x: Tensor, w: Tensor, labels: Tensor,
     # of its own, so compute it without recording a graph and make any attempt to
     # differentiate its result raise, instead of returning a silently wrong (zero or
     # partial) second derivative.
-    sources = (x, w, g_lse, g_tgt, g_sum)
+    sources = (x, w, bias, g_lse, g_tgt, g_sum)
     create_graph = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in sources)
     with torch.no_grad(), autocast_off(x.device):
-        dx, dw = bwd_op(x, w, labels, index, lse, *coeffs, *scalars)
-    grads = (dx if need_dx else None), (dw if need_dw else None)
+        dx, dw, db = bwd_op(x, w, labels, index, bias, lse, *coeffs, *scalars)
+    grads = (dx if need_dx else None), (dw if need_dw else None), \
+        (db if need_db and bias is not None else None)
     if create_graph:
         grads = _not_differentiable(grads, sources)
     return grads
@@ -145,11 +162,11 @@ def primitive_backward(bwd_op: Callable, x: Tensor, w: Tensor, labels: Tensor,
 
 def _make_backward(bwd_op: Callable) -> Callable:
     def backward(ctx, g_lse, g_tgt, g_sum, _g_max, _g_arg):
-        x, w, labels, index, lse = ctx.saved_tensors
-        grads = primitive_backward(bwd_op, x, w, labels, index, lse, ctx.scalars, g_lse,
-                                   g_tgt, g_sum, ctx.needs_input_grad[0],
-                                   ctx.needs_input_grad[1])
-        return grads + (None,) * (2 + NUM_SCALARS)
+        x, w, labels, index, bias, lse = ctx.saved_tensors
+        dx, dw, db = primitive_backward(bwd_op, x, w, labels, index, bias, lse, ctx.scalars,
+                                        g_lse, g_tgt, g_sum, ctx.needs_input_grad[0],
+                                        ctx.needs_input_grad[1], ctx.needs_input_grad[4])
+        return (dx, dw, None, None, db) + (None,) * NUM_SCALARS
     return backward
 
 

@@ -22,6 +22,9 @@ chunk few (the elementwise passes, not the matmuls, dominate on CPUs):
   margin, which only the target meets (its cosine is clamped), and it can change a
   non-target logit s * c only by a rounding error of c, below the logit's own resolution.
 * Row reductions over [block, D] use vecdot / mv (BLAS-like kernels), not mul + sum.
+* With a bias, a soft cap or the interclass filter (the LLM-head and insightface terms)
+  each chunk's logits are built in full (``_chunk_terms``): the tricks above assume
+  z = s c off the target.
 
 Half-precision inputs are computed in float32 (each chunk of w is upcast on the fly);
 float64 stays float64, which is what gradcheck needs. Runs on any device torch runs on.
@@ -35,9 +38,10 @@ import torch
 from torch import Tensor
 
 from ._checks import check_op_args
-from ._config import WORKSPACE_BYTES, check_grad_filter
-from ._ops import acc_dtype, define_python_backend
-from ._math import NORM_EPS, margin_dpsi, margin_psi, radial_mask
+from ._config import WORKSPACE_BYTES, MarginConfig, check_grad_filter
+from ._ops import acc_dtype, define_python_backend, empty_dbias
+from ._math import NORM_EPS, interclass_filtered, margin_dpsi, margin_psi, radial_mask, \
+    softcap_grad, softcap_map
 
 def default_block(n: int, k: int, acc: torch.dtype) -> int:
     """Classes per chunk so that one [N, block*K] temporary in the accumulation dtype
@@ -127,6 +131,136 @@ def _targets(labels: Tensor, j0: int, j1: int):
     return inside, col
 
 
+def _chunk_bias(bias: Optional[Tensor], shard: _Shard, j0: int, j1: int, acc):
+    """The bias of the shard's classes j0..j1 [1, j1 - j0] in acc dtype (None: no bias)."""
+    if bias is None:
+        return None
+    b = bias[j0:j1] if shard.index is None else bias.index_select(0, shard.index[j0:j1])
+    return b.to(acc).unsqueeze(0)
+
+
+def _chunk_terms(xh: Tensor, wc: Tensor, labels: Tensor, bias_c: Optional[Tensor],
+                 cfg: MarginConfig, j0: int, j1: int):
+    """One chunk's logits with every term (docs/design.md section 1): returns c
+    [N, nc] (cosines, sub-center max), kidx (arg-max sub-center or None), the target
+    mask [N, nc], the filter's mask (or None), v = s u + b and z = T(v)."""
+    c, kidx = _chunk_logits(xh, wc, cfg.sub_centers)
+    if cfg.normalize:
+        c = c.clamp(-1.0, 1.0)
+    inside, col = _targets(labels, j0, j1)
+    is_t = torch.zeros_like(c, dtype=torch.bool).scatter_(1, col, inside)
+    c_t = c.gather(1, col)
+    u = c.scatter(1, col, torch.where(
+        inside, margin_psi(c_t, cfg.m1, cfg.m2, cfg.m3, cfg.wrap_code), c_t))
+    dropped = None
+    if cfg.interclass_filtering_threshold:
+        dropped = interclass_filtered(c, is_t, cfg.interclass_filtering_threshold)
+        u.masked_fill_(dropped, 0.0)
+    v = u.mul_(cfg.s)
+    if bias_c is not None:
+        v.add_(bias_c)
+    return c, kidx, is_t, dropped, v, softcap_map(v, cfg.softcap_arg)
+
+
+def _walk(shard: _Shard, bias: Optional[Tensor], block: int, n: int, acc):
+    """The chunks of classes of a call: (j0, j1, w_hat chunk, its inverse norms, its
+    bias [1, j1 - j0] or None)."""
+    step = block if block > 0 else default_block(n, shard.k, acc)
+    for j0 in range(0, shard.num_classes, step):
+        j1 = min(shard.num_classes, j0 + step)
+        wc, b = shard.chunk(j0, j1)
+        yield j0, j1, wc, b, _chunk_bias(bias, shard, j0, j1, acc)
+
+
+def _fwd_terms(x, w, labels, index, bias, cfg: MarginConfig, block: int):
+    """The forward with bias / soft cap / interclass filter, chunk by chunk."""
+    acc = acc_dtype(x.dtype)
+    n, k, dev = x.shape[0], cfg.sub_centers, x.device
+    shard = _Shard(w, index, k, acc, cfg.normalize)
+    xh, _ = _normalized_rows(x, acc, cfg.normalize)
+    lse = torch.full((n,), -math.inf, dtype=acc, device=dev)
+    best = torch.full((n,), -math.inf, dtype=acc, device=dev)
+    argmax = torch.zeros(n, dtype=torch.long, device=dev)
+    target = torch.zeros(n, dtype=acc, device=dev)
+    sum_z = torch.zeros(n, dtype=acc, device=dev)
+    for j0, j1, wc, _, bias_c in _walk(shard, bias, block, n, acc):
+        c, _, is_t, _, _, z = _chunk_terms(xh, wc, labels, bias_c, cfg, j0, j1)
+        lse = torch.logaddexp(lse, torch.logsumexp(z, dim=1))
+        target += torch.where(is_t, z, torch.zeros_like(z)).sum(dim=1)
+        sum_z += z.sum(dim=1)
+        raw = c.mul_(cfg.s) if bias_c is None else c.mul_(cfg.s).add_(bias_c)
+        m, arg = raw.max(dim=1)
+        better = (m > best) | (j0 == 0)
+        best = torch.where(better, m, best)
+        argmax = torch.where(better, arg + j0, argmax)
+    return lse, target, sum_z, softcap_map(best, cfg.softcap_arg), argmax
+
+
+def _add_chunk_grad(grad: Tensor, kidx: Optional[Tensor], wc: Tensor, b: Optional[Tensor],
+                    xh: Tensor, dxs: Tensor, dw: Tensor, shard: _Shard, j0: int, j1: int,
+                    normalize: bool) -> None:
+    """dX += G w_hat and dW[chunk] = b (G^T x_hat - q w_hat) for one chunk's
+    G = dL/dc [N, nc] (the sub-center scatter first)."""
+    n, k = grad.shape[0], shard.k
+    if k > 1:  # the gradient flows to the arg-max sub-center only
+        full = torch.zeros(n, j1 - j0, k, dtype=grad.dtype, device=grad.device)
+        full.scatter_(2, kidx.unsqueeze(2), grad.unsqueeze(2))
+        grad = full.view(n, -1)
+    dxs.addmm_(grad, wc)
+    dwc = grad.T @ xh
+    if normalize:  # dW_j = b_j (sum_i G_ij x_hat_i - q_j w_hat_j), q_j = <w_hat_j, .>
+        q = torch.linalg.vecdot(wc, dwc).unsqueeze(1) * radial_mask(b)
+        dwc.addcmul_(q, wc, value=-1.0).mul_(b)
+    rows = shard.rows(j0, j1)
+    if rows is None:
+        dw[j0 * k:j1 * k] = dwc
+    else:
+        dw.index_add_(0, rows, dwc)
+
+
+def _finish_dx(dxs: Tensor, xh: Tensor, a: Optional[Tensor], normalize: bool) -> Tensor:
+    """dx_i = a_i (sum_j G_ij w_hat_j - r_i x_hat_i), r_i = <x_hat_i, .> (normalized)."""
+    if not normalize:
+        return dxs
+    r = torch.linalg.vecdot(xh, dxs).unsqueeze(1) * radial_mask(a)
+    return dxs.addcmul_(r, xh, value=-1.0).mul_(a)
+
+
+def _bwd_terms(x, w, labels, index, bias, lse, g_p, g_t, g_s, cfg: MarginConfig,
+               grad_filter: float, block: int):
+    """The backward with bias / soft cap / interclass filter, chunk by chunk."""
+    acc = acc_dtype(x.dtype)
+    n, k = x.shape[0], cfg.sub_centers
+    shard = _Shard(w, index, k, acc, cfg.normalize)
+    xh, a = _normalized_rows(x, acc, cfg.normalize)
+    lse, g_p, g_t, g_s = (t.to(acc).unsqueeze(1) for t in (lse, g_p, g_t, g_s))
+    dxs = torch.zeros_like(xh)
+    dw = torch.zeros(w.shape, dtype=acc, device=w.device)
+    db = None if bias is None else torch.zeros(bias.shape, dtype=acc, device=bias.device)
+    for j0, j1, wc, b, bias_c in _walk(shard, bias, block, n, acc):
+        c, kidx, is_t, dropped, v, z = _chunk_terms(xh, wc, labels, bias_c, cfg, j0, j1)
+        p = z.sub_(lse).exp_()
+        if grad_filter > 0:  # the filter: p < eps of a non-target counts as 0
+            p.masked_fill_((p < grad_filter) & ~is_t, 0.0)
+        dv = p.mul_(g_p).add_(g_s).add_(torch.where(is_t, g_t, torch.zeros_like(p)))
+        if cfg.softcap_arg:
+            dv.mul_(softcap_grad(v, cfg.softcap_arg))
+        if db is not None:
+            if shard.index is None:
+                db[j0:j1] += dv.sum(dim=0)
+            else:
+                db.index_add_(0, shard.index[j0:j1], dv.sum(dim=0))
+        dpsi = margin_dpsi(torch.where(is_t, c, torch.zeros_like(c)), cfg.m1, cfg.m2,
+                           cfg.wrap_code, cfg.grad_code)
+        grad = dv.mul_(cfg.s).mul_(torch.where(is_t, dpsi, torch.ones_like(dpsi)))
+        if dropped is not None:
+            grad.masked_fill_(dropped, 0.0)
+        _add_chunk_grad(grad, kidx, wc, b, xh, dxs, dw, shard, j0, j1, cfg.normalize)
+    dx = _finish_dx(dxs, xh, a, cfg.normalize)
+    dbias = empty_dbias(x, None) if db is None else db.to(bias.dtype)
+    return dx.to(x.dtype), dw.to(w.dtype), dbias
+
+
 def chunked_fwd(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], s: float,
                 m1: float, m2: float, m3: float, wrap_mode: int, grad_mode: int,
                 normalize: bool, sub_centers: int, grad_filter: float, block: int):
@@ -210,41 +344,40 @@ def chunked_bwd(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], l
             grad.add_(coef_s)
         inside, col = _targets(labels, j0, j1)
         grad.scatter_(1, col, torch.where(inside, grad_t, grad.gather(1, col)))
-        if k > 1:  # the gradient flows to the arg-max sub-center only
-            full = torch.zeros(n, j1 - j0, k, dtype=acc, device=x.device)
-            full.scatter_(2, kidx.unsqueeze(2), grad.unsqueeze(2))
-            grad = full.view(n, -1)
-        dxs.addmm_(grad, wc)
-        dwc = grad.T @ xh
-        if normalize:  # dW_j = b_j (sum_i G_ij x_hat_i - q_j w_hat_j), q_j = <w_hat_j, .>
-            q = torch.linalg.vecdot(wc, dwc).unsqueeze(1) * radial_mask(b)
-            dwc.addcmul_(q, wc, value=-1.0).mul_(b)
-        rows = shard.rows(j0, j1)
-        if rows is None:
-            dw[j0 * k:j1 * k] = dwc
-        else:
-            dw.index_add_(0, rows, dwc)
-    if normalize:  # dx_i = a_i (sum_j G_ij w_hat_j - r_i x_hat_i), r_i = <x_hat_i, .>
-        r = torch.linalg.vecdot(xh, dxs).unsqueeze(1) * radial_mask(a)
-        dx = dxs.addcmul_(r, xh, value=-1.0).mul_(a)
-    else:
-        dx = dxs
+        _add_chunk_grad(grad, kidx, wc, b, xh, dxs, dw, shard, j0, j1, normalize)
+    dx = _finish_dx(dxs, xh, a, normalize)
     return dx.to(x.dtype), dw.to(w.dtype)
 
 
-def _chunked_fwd_op(x, w, labels, index, s, m1, m2, m3, wrap_mode, grad_mode, normalize,
-                    sub_centers, grad_filter, block):
-    check_op_args("chunked", x, w, labels, index, sub_centers)
+def _has_terms(bias: Optional[Tensor], cfg: MarginConfig) -> bool:
+    return bias is not None or bool(cfg.softcap_arg) \
+        or bool(cfg.interclass_filtering_threshold)
+
+
+def _chunked_fwd_op(x, w, labels, index, bias, s, m1, m2, m3, wrap_mode, grad_mode,
+                    normalize, sub_centers, softcap, interclass, grad_filter, block):
+    check_op_args("chunked", x, w, labels, index, sub_centers, bias=bias)
+    cfg = MarginConfig.from_op_args(s, m1, m2, m3, wrap_mode, grad_mode, normalize,
+                                    sub_centers, softcap, interclass)
+    if _has_terms(bias, cfg):
+        return _fwd_terms(x, w, labels, index, bias, cfg, block)
     return chunked_fwd(x, w, labels, index, s, m1, m2, m3, wrap_mode, grad_mode, normalize,
                        sub_centers, grad_filter, block)
 
 
-def _chunked_bwd_op(x, w, labels, index, lse, g_p, g_t, g_s, s, m1, m2, m3, wrap_mode,
-                    grad_mode, normalize, sub_centers, grad_filter, block):
+def _chunked_bwd_op(x, w, labels, index, bias, lse, g_p, g_t, g_s, s, m1, m2, m3,
+                    wrap_mode, grad_mode, normalize, sub_centers, softcap, interclass,
+                    grad_filter, block):
     check_op_args("chunked", x, w, labels, index, sub_centers,
-                  (("lse", lse), ("g_p", g_p), ("g_t", g_t), ("g_s", g_s)))
-    return chunked_bwd(x, w, labels, index, lse, g_p, g_t, g_s, s, m1, m2, m3, wrap_mode,
-                       grad_mode, normalize, sub_centers, grad_filter, block)
+                  (("lse", lse), ("g_p", g_p), ("g_t", g_t), ("g_s", g_s)), bias=bias)
+    cfg = MarginConfig.from_op_args(s, m1, m2, m3, wrap_mode, grad_mode, normalize,
+                                    sub_centers, softcap, interclass)
+    if _has_terms(bias, cfg):
+        return _bwd_terms(x, w, labels, index, bias, lse, g_p, g_t, g_s, cfg,
+                          check_grad_filter(grad_filter), block)
+    dx, dw = chunked_bwd(x, w, labels, index, lse, g_p, g_t, g_s, s, m1, m2, m3, wrap_mode,
+                         grad_mode, normalize, sub_centers, grad_filter, block)
+    return dx, dw, empty_dbias(x, None)
 
 
 FWD_OP, BWD_OP = define_python_backend("chunked", _chunked_fwd_op, _chunked_bwd_op)

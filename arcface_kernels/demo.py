@@ -322,9 +322,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     acc_ema = None
     t0 = time.perf_counter()
     for step in bar:
-        m2 = _margin_at(step, cfg)
-        if m2 != head.cfg.m2:
-            head.cfg = dataclasses.replace(head.cfg, m2=m2)
+        m2 = head.m2 = _margin_at(step, cfg)   # validated, used from this step on
         labels_cpu = data.working_set_labels(step, cfg, gen)
         x = data.sample(labels_cpu, gen)
         labels = labels_cpu.to(device)

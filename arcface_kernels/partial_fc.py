@@ -47,7 +47,9 @@ from ._ops import acc_dtype, autocast_off, local_labels
 from .backends import resolve_backend
 from .distributed import Comm, gather_ints, gather_live, gather_objects, gather_rows, \
     resolve_comm
-from .loss import LossStats, combine_loss_rows, reduce_rows
+from .loss import LossStats, check_prob_floor, combine_loss_rows, floor_probability, \
+    reduce_rows
+from .module import MarginAttributes
 
 _FLOAT_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 
@@ -59,7 +61,7 @@ def shard_range(num_classes: int, world_size: int, rank: int):
     return class_start, num_local
 
 
-class PartialFC(nn.Module):
+class PartialFC(MarginAttributes, nn.Module):
     """Class-sharded margin-softmax loss over a torch.distributed group (NCCL or gloo).
 
     Args:
@@ -73,6 +75,11 @@ class PartialFC(nn.Module):
             (sampled, all ranks).
         reduction: "mean" (default: over the global batch's rows not ignored), "sum", or
             "none" (the [W * N] per-row losses of the global batch, rank-major).
+        interclass_filtering_threshold, prob_floor: as
+            :class:`arcface_kernels.ArcFaceLoss` (insightface's options).
+        fp16: compute the logits in float16, as insightface's ``fp16=True``: the
+            embeddings and the rows of the weight in this step's softmax (the sampled ones,
+            with sample_rate < 1) are cast to float16, the float32 shard is not.
         ignore_index: label of rows that do not count.
         process_group: the group the classes are sharded over; None = the default group,
             or a single device when torch.distributed is not initialized. Resolved at
@@ -92,15 +99,21 @@ class PartialFC(nn.Module):
         num_sample: classes sampled per step (sample_rate < 1).
         weight_index: the last step's sampled shard positions (int64, sorted) or None.
 
-    forward(local_embeddings [N, D], local_labels [N] (or [N, 1]) int64) -> the loss
-    (float32; float64 for float64 embeddings), equal on every rank. Every rank must call
-    forward and backward (they communicate), with the same N.
+    forward(local_embeddings [N, D], local_labels [N] (or [N, 1]), any integer dtype) ->
+    the loss (float32; float64 for float64 embeddings), equal on every rank. Every rank
+    must call forward and backward (they communicate), with the same N.
+
+    ``s``, ``m1``, ``m2``, ``m3`` and ``interclass_filtering_threshold`` are settable
+    attributes (:class:`~arcface_kernels.module.MarginAttributes`). :meth:`from_insightface`
+    takes insightface ``PartialFC_V2``'s own arguments.
     """
 
     def __init__(self, embedding_size: int, num_classes: int, sample_rate: float = 1.0,
                  s: float = 64.0, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0, *,
                  margin_mode: str = "fallback", target_grad: str = "exact",
                  label_smoothing: float = 0.0, normalize: bool = True, sub_centers: int = 1,
+                 interclass_filtering_threshold: float = 0.0,
+                 prob_floor: Optional[float] = None, fp16: bool = False,
                  reduction: str = "mean", ignore_index: int = -100,
                  chunk_size: Optional[int] = None, backend: str = "auto",
                  grad_filter_eps: Optional[float] = None,
@@ -110,6 +123,11 @@ class PartialFC(nn.Module):
                  device: Optional[Union[str, torch.device]] = None,
                  dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
+        if not isinstance(embedding_size, int) and hasattr(embedding_size, "m2"):
+            raise TypeError(f"embedding_size must be a positive int, got a margin loss "
+                            f"({type(embedding_size).__name__}): insightface's argument "
+                            f"order PartialFC_V2(margin_loss, embedding_size, num_classes, "
+                            f"sample_rate, fp16) is PartialFC.from_insightface(...)")
         self.embedding_size = check_positive_int("embedding_size", embedding_size)
         self.num_classes = check_positive_int("num_classes", num_classes)
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) \
@@ -117,7 +135,12 @@ class PartialFC(nn.Module):
             raise ValueError(f"sample_rate must be a number in (0, 1], got {sample_rate!r}")
         self.cfg = MarginConfig(s=s, m1=m1, m2=m2, m3=m3, margin_mode=margin_mode,
                                 target_grad=target_grad, normalize=normalize,
-                                sub_centers=sub_centers)
+                                sub_centers=sub_centers,
+                                interclass_filtering_threshold=interclass_filtering_threshold)
+        if not isinstance(fp16, bool):
+            raise TypeError(f"fp16 must be a bool, got {fp16!r}")
+        self.fp16 = fp16
+        self.prob_floor = check_prob_floor(prob_floor)
         opts = LossOptions(reduction=reduction, ignore_index=ignore_index,
                            label_smoothing=label_smoothing, chunk_size=chunk_size,
                            backend=backend, grad_filter_eps=grad_filter_eps)
@@ -146,6 +169,21 @@ class PartialFC(nn.Module):
         self.weight_index: Optional[Tensor] = None
         self.last_stats: Optional[LossStats] = None
         self.reset_parameters()
+
+    @classmethod
+    def from_insightface(cls, margin_loss, embedding_size: int, num_classes: int,
+                         sample_rate: float = 1.0, fp16: bool = False,
+                         **kwargs) -> "PartialFC":
+        """insightface's ``PartialFC_V2(margin_loss, embedding_size, num_classes,
+        sample_rate, fp16)``, positional arguments included: ``margin_loss`` is a
+        ``CombinedMarginLoss`` or any object with its attributes s, m1, m2, m3,
+        interclass_filtering_threshold (insightface need not be installed). The head
+        then computes insightface's loss and gradients (see
+        :mod:`arcface_kernels.compat.insightface`); ``kwargs`` go to the constructor
+        (process_group, generator, backend, device, ...)."""
+        from .compat.insightface import settings
+        return cls(embedding_size, num_classes, sample_rate,
+                   **{**settings(margin_loss), "fp16": fp16, **kwargs})
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, 0.0, 0.01)
@@ -253,26 +291,36 @@ class PartialFC(nn.Module):
             local_labels = local_labels.reshape(-1)
         err = self._check_local(local_embeddings, local_labels)
         self._check_group(local_embeddings, local_labels, err)
+        local_labels = local_labels.long()   # any integer dtype (insightface: .long())
         comm, cfg = self.comm, self.cfg
         x, n = local_embeddings, local_embeddings.shape[0]
         labels_all = gather_ints(local_labels, comm)
         x_all = gather_rows(x, comm, self.embedding_grad_scale)
         shard_labels = self._map_labels(labels_all, n)
 
-        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         sampling = self.sample_rate < 1.0
         index = None
         if sampling:
             index, shard_labels = self.sample(shard_labels)
             self.weight_index = index
         shard_size = index.numel() if sampling else self.num_local
-        acc = acc_dtype(x.dtype)
+        dtype = torch.float16 if self.fp16 else x.dtype
+        x_all = x_all.to(dtype)
+        w, w_index = self.weight, index
+        if w.dtype != dtype:
+            if sampling:   # cast the rows in this step's softmax only, not the shard
+                k = cfg.sub_centers
+                rows = (index.unsqueeze(1) * k + torch.arange(k, device=index.device))
+                w, w_index = w.index_select(0, rows.reshape(-1)).to(dtype), None
+            else:
+                w = w.to(dtype)
+        acc = acc_dtype(dtype)
         if shard_size > 0:
             be = resolve_backend(self.backend, x.device)
             with autocast_off(x.device):
                 lse_r, tgt_r, sumz_r, maxz_r, arg_r = be.fwd(
-                    x_all, w, shard_labels, index, *cfg.op_args(), self.grad_filter,
-                    self.block)
+                    x_all, w, shard_labels, w_index, None, *cfg.op_args(),
+                    self.grad_filter, self.block)
         else:  # an empty shard: no classes here, but stay in the graph on every rank
             zero = (x_all[:0].sum() + w[:0].sum()).to(acc)
             lse_r = torch.full((x_all.shape[0],), -math.inf, dtype=acc,
@@ -292,7 +340,9 @@ class PartialFC(nn.Module):
         if smoothing and sampling:
             counts = gather_ints(torch.tensor([shard_size], device=x.device), comm)
             num_softmax = int(counts.sum())
-        loss_rows = combine_loss_rows(lse, target, sum_z, self.label_smoothing, num_softmax)
+        loss_rows = floor_probability(
+            combine_loss_rows(lse, target, sum_z, self.label_smoothing, num_softmax),
+            self.prob_floor)
         valid = labels_all != self.ignore_index
         loss = reduce_rows(loss_rows, valid, self.reduction)
         if self.track_stats:

@@ -8,6 +8,10 @@ The math every backend computes (x [N, D], w [C, D], labels y):
     loss_i = logsumexp_j z_ij - z_iy   (smoothing eps_ls: lse - (1 - eps_ls) z_iy
                                         - eps_ls / C sum_j z_ij)
 
+and, where asked, three more terms per logit: the interclass filter (a non-target cosine
+above t > 0 counts as 0), a bias b_j added after the scale, and the soft cap
+z -> softcap tanh(z / softcap) last: z_ij = T(s u_ij + b_j).
+
 with the wrap modes where m1 theta + m2 passes pi (fallback: psi = c - m2 sin m2 - m3
 past it; easy: psi = c - m3 where c <= 0; none: as written). Its gradient, with
 G_ij = dL/dc_ij, r_i = sum_j G_ij c_ij and q_j = sum_i G_ij c_ij:
@@ -43,11 +47,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_op_args
+from ._checks import check_bias, check_op_args
 from ._config import MarginConfig, check_grad_filter, check_reduction
-from ._math import NORM_EPS, SIN2_MIN, fallback_threshold, margin_dpsi, margin_psi, \
-    radial_mask
-from ._ops import acc_dtype, define_python_backend
+from ._math import NORM_EPS, SIN2_MIN, fallback_threshold, interclass_filtered, \
+    margin_dpsi, margin_psi, radial_mask, softcap_grad, softcap_map
+from ._ops import acc_dtype, define_python_backend, empty_dbias
 
 __all__ = ["reference_loss", "reference_forward", "reference_backward", "reference_logits",
            "reference_cosines", "margin_psi", "margin_dpsi", "fallback_threshold",
@@ -90,11 +94,21 @@ def reference_cosines(x: Tensor, w: Tensor, index: Optional[Tensor], normalize: 
     return c
 
 
+def shard_bias(bias: Optional[Tensor], index: Optional[Tensor]) -> Optional[Tensor]:
+    """The bias of the shard's classes: bias[index] (or bias without an index)."""
+    if bias is None or index is None:
+        return bias
+    return bias[index]
+
+
 def reference_logits(x: Tensor, w: Tensor, labels_local: Tensor, index: Optional[Tensor],
-                     cfg: MarginConfig) -> Tuple[Tensor, Tensor]:
-    """(z [N, C], c [N, C]): margin-adjusted scaled logits and the cosines.
+                     cfg: MarginConfig, bias: Optional[Tensor] = None
+                     ) -> Tuple[Tensor, Tensor]:
+    """(z [N, C], c [N, C]): the logits z = T(s u + b) (margin at the target, interclass
+    filter, bias, soft cap) and the cosines c.
 
     labels_local [N] int64 holds each row's target column, or -1 for no target here.
+    bias: [classes of w] or None; ``index`` selects both w's classes and the bias.
     """
     c = reference_cosines(x, w, index, cfg.normalize, cfg.sub_centers)
     has = labels_local >= 0
@@ -104,20 +118,28 @@ def reference_logits(x: Tensor, w: Tensor, labels_local: Tensor, index: Optional
     c_t = c.gather(1, col).squeeze(1)
     psi_t = _Psi.apply(c_t, cfg.m1, cfg.m2, cfg.m3, cfg.wrap_code, cfg.grad_code)
     new_t = torch.where(has, psi_t, c_t)
-    z = cfg.s * c.scatter(1, col, new_t.unsqueeze(1))
-    return z, c
+    is_t = torch.zeros_like(c, dtype=torch.bool).scatter(1, col, has.unsqueeze(1))
+    u = c.scatter(1, col, new_t.unsqueeze(1))
+    dropped = interclass_filtered(c, is_t, cfg.interclass_filtering_threshold)
+    u = torch.where(dropped, torch.zeros_like(u), u)
+    v = cfg.s * u
+    b = shard_bias(bias, index)
+    if b is not None:
+        v = v + b.to(v.dtype)
+    return softcap_map(v, cfg.softcap_arg), c
 
 
 def reference_forward(x: Tensor, w: Tensor, labels_local: Tensor, index: Optional[Tensor],
-                      cfg: MarginConfig):
+                      cfg: MarginConfig, bias: Optional[Tensor] = None):
     """The shared forward primitive (docs/design.md section 3), materializing the logits.
 
     Returns (lse [N], target_logit [N] (0 without local target), sum_z [N],
-    max_logit [N] (s * max cosine, no margin), argmax [N] int64 local class).
+    max_logit [N] (the capped max of s * cosine + bias, no margin, no filter),
+    argmax [N] int64 local class).
     """
     acc = acc_dtype(x.dtype)
     n = x.shape[0]
-    z, c = reference_logits(x, w, labels_local, index, cfg)
+    z, c = reference_logits(x, w, labels_local, index, cfg, bias)
     z = z.to(acc)
     if z.shape[1] == 0:
         ninf = torch.full((n,), -math.inf, dtype=acc, device=x.device)
@@ -128,8 +150,12 @@ def reference_forward(x: Tensor, w: Tensor, labels_local: Tensor, index: Optiona
     has = labels_local >= 0
     tgt = torch.where(has, z.gather(1, labels_local.clamp(min=0).unsqueeze(1)).squeeze(1),
                       torch.zeros((), dtype=acc, device=x.device))
-    cmax, arg = c.to(acc).max(dim=1)
-    return lse, tgt, z.sum(dim=1), cfg.s * cmax, arg
+    raw = cfg.s * c.to(acc)
+    b = shard_bias(bias, index)
+    if b is not None:
+        raw = raw + b.to(acc)
+    vmax, arg = raw.max(dim=1)
+    return lse, tgt, z.sum(dim=1), softcap_map(vmax, cfg.softcap_arg), arg
 
 
 def reference_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: float = 64.0,
@@ -137,19 +163,27 @@ def reference_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: flo
                    margin_mode: str = "fallback", target_grad: str = "exact",
                    normalize: bool = True, sub_centers: int = 1,
                    label_smoothing: float = 0.0, ignore_index: int = -100,
-                   reduction: str = "mean") -> Tensor:
+                   reduction: str = "mean", bias: Optional[Tensor] = None,
+                   softcap: Optional[float] = None,
+                   interclass_filtering_threshold: float = 0.0) -> Tensor:
     """The whole loss by plain autograd over materialized logits (the oracle).
 
-    embeddings [N, D], weight [C*K, D], labels [N] int64 in [0, C) or ignore_index.
+    embeddings [N, D], weight [C*K, D], labels [N] int64 in [0, C) or ignore_index;
+    bias [C] or None (added to the logits after the scale), softcap (z -> softcap *
+    tanh(z / softcap)), interclass_filtering_threshold (non-target cosines above it count
+    as 0; 0 = off).
     Returns a scalar ("mean", "sum") or [N] ("none", 0 at ignored rows). "mean" divides
     by the number of rows not ignored (and is 0 when every row is ignored).
     """
     check_reduction(reduction)
     cfg = MarginConfig(s=s, m1=m1, m2=m2, m3=m3, margin_mode=margin_mode,
-                       target_grad=target_grad, normalize=normalize, sub_centers=sub_centers)
+                       target_grad=target_grad, normalize=normalize, sub_centers=sub_centers,
+                       softcap=softcap,
+                       interclass_filtering_threshold=interclass_filtering_threshold)
+    check_bias(bias, weight, sub_centers)
     valid = labels != ignore_index
     labels_local = torch.where(valid, labels, torch.full_like(labels, -1))
-    z, _ = reference_logits(embeddings, weight, labels_local, None, cfg)
+    z, _ = reference_logits(embeddings, weight, labels_local, None, cfg, bias)
     num_classes = z.shape[1]
     z_t = z.gather(1, labels_local.clamp(min=0).unsqueeze(1)).squeeze(1)
     loss = torch.logsumexp(z, dim=1) - (1.0 - label_smoothing) * z_t
@@ -164,22 +198,25 @@ def reference_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: flo
 
 
 # --- the reference as a backend of the shared primitive (ops "reference_fwd/bwd") -------
-def _reference_fwd_op(x, w, labels, index, s, m1, m2, m3, wrap_mode, grad_mode, normalize,
-                      sub_centers, grad_filter, block):
-    check_op_args("reference", x, w, labels, index, sub_centers)
+def _reference_fwd_op(x, w, labels, index, bias, s, m1, m2, m3, wrap_mode, grad_mode,
+                      normalize, sub_centers, softcap, interclass, grad_filter, block):
+    check_op_args("reference", x, w, labels, index, sub_centers, bias=bias)
     cfg = MarginConfig.from_op_args(s, m1, m2, m3, wrap_mode, grad_mode, normalize,
-                                    sub_centers)
+                                    sub_centers, softcap, interclass)
     with torch.no_grad():
-        return reference_forward(x, w, labels, index, cfg)
+        return reference_forward(x, w, labels, index, cfg, bias)
 
 
 def reference_backward(x: Tensor, w: Tensor, labels_local: Tensor, index: Optional[Tensor],
                        lse: Tensor, g_p: Tensor, g_t: Tensor, g_s: Tensor,
-                       cfg: MarginConfig) -> Tuple[Tensor, Tensor]:
+                       cfg: MarginConfig, bias: Optional[Tensor] = None
+                       ) -> Tuple[Tensor, Tensor, Tensor]:
     """The shared backward primitive in closed form over the materialized matrices.
 
-    dL/dz_ij = g_p_i exp(z_ij - lse_i) + g_t_i [j = y_i] + g_s_i; G_ij = dL/dc_ij is
-    s dL/dz_ij, times psi'(c_iy) at the target; with x_hat = a x, w_hat = b w and the
+    dL/dz_ij = g_p_i exp(z_ij - lse_i) + g_t_i [j = y_i] + g_s_i; dL/dv_ij = dL/dz_ij
+    times the soft cap's derivative; dbias_j = sum_i dL/dv_ij; G_ij = dL/dc_ij is
+    s dL/dv_ij, times psi'(c_iy) at the target, 0 where the interclass filter drops the
+    logit; with x_hat = a x, w_hat = b w and the
     unclamped cosines S = x_hat w_hat^T (per row of w; with sub-centers G goes to each
     class's arg-max row):
 
@@ -199,8 +236,10 @@ def reference_backward(x: Tensor, w: Tensor, labels_local: Tensor, index: Option
         rows = (index.unsqueeze(1) * k + torch.arange(k, device=w.device)).reshape(-1)
         wf = wf.index_select(0, rows)
     xf = x.to(acc)
+    db = None if bias is None else torch.zeros(bias.shape, dtype=acc, device=bias.device)
     if wf.shape[0] == 0 or n == 0:
-        return torch.zeros_like(x), torch.zeros_like(w)
+        return torch.zeros_like(x), torch.zeros_like(w), \
+            (empty_dbias(x, None) if db is None else db.to(bias.dtype))
     if cfg.normalize:
         a = 1.0 / torch.linalg.vector_norm(xf, dim=1, keepdim=True).clamp(min=NORM_EPS)
         b = 1.0 / torch.linalg.vector_norm(wf, dim=1, keepdim=True).clamp(min=NORM_EPS)
@@ -218,15 +257,25 @@ def reference_backward(x: Tensor, w: Tensor, labels_local: Tensor, index: Option
     has = labels_local >= 0
     col = labels_local.clamp(min=0).unsqueeze(1)
     c_t = c.gather(1, col).squeeze(1)
-    z = cfg.s * c
-    z_t = cfg.s * margin_psi(c_t, cfg.m1, cfg.m2, cfg.m3, cfg.wrap_code)
-    z = z.scatter(1, col, torch.where(has, z_t, c_t * cfg.s).unsqueeze(1))
+    u_t = margin_psi(c_t, cfg.m1, cfg.m2, cfg.m3, cfg.wrap_code)
+    u = c.scatter(1, col, torch.where(has, u_t, c_t).unsqueeze(1))
+    onehot = torch.zeros_like(c).scatter(1, col, has.to(acc).unsqueeze(1))
+    dropped = interclass_filtered(c, onehot.bool(), cfg.interclass_filtering_threshold)
+    v = cfg.s * torch.where(dropped, torch.zeros_like(u), u)
+    bias_s = shard_bias(bias, index)
+    if bias_s is not None:
+        v = v + bias_s.to(acc)
+    z = softcap_map(v, cfg.softcap_arg)
     lse, g_p, g_t, g_s = (t.to(acc).unsqueeze(1) for t in (lse, g_p, g_t, g_s))
     dz = g_p * torch.exp(z - lse) + g_s                    # dL/dz [N, C]
-    onehot = torch.zeros_like(dz).scatter(1, col, has.to(acc).unsqueeze(1))
     dz = dz + onehot * g_t
+    dv = dz * softcap_grad(v, cfg.softcap_arg)             # dL/dv
+    if db is not None:
+        col_sums = dv.sum(dim=0)
+        db = db.index_add_(0, index, col_sums) if index is not None else db + col_sums
     dpsi = margin_dpsi(c_t, cfg.m1, cfg.m2, cfg.wrap_code, cfg.grad_code).unsqueeze(1)
-    grad = cfg.s * dz * torch.where(onehot.bool(), dpsi, torch.ones_like(dz))
+    grad = cfg.s * dv * torch.where(onehot.bool(), dpsi, torch.ones_like(dz))
+    grad = torch.where(dropped, torch.zeros_like(grad), grad)
     if k > 1:  # to the arg-max sub-center row of each class
         grad = torch.zeros(n, c.shape[1], k, dtype=acc, device=x.device).scatter(
             2, kbest.unsqueeze(2), grad.unsqueeze(2)).view(n, -1)
@@ -243,22 +292,24 @@ def reference_backward(x: Tensor, w: Tensor, labels_local: Tensor, index: Option
         dw = dws
     else:
         dw = torch.zeros(w.shape, dtype=acc, device=w.device).index_add_(0, rows, dws)
-    return dx.to(x.dtype), dw.to(w.dtype)
+    dbias = empty_dbias(x, None) if db is None else db.to(bias.dtype)
+    return dx.to(x.dtype), dw.to(w.dtype), dbias
 
 
-def _reference_bwd_op(x, w, labels, index, lse, g_p, g_t, g_s, s, m1, m2, m3, wrap_mode,
-                      grad_mode, normalize, sub_centers, grad_filter, block):
+def _reference_bwd_op(x, w, labels, index, bias, lse, g_p, g_t, g_s, s, m1, m2, m3,
+                      wrap_mode, grad_mode, normalize, sub_centers, softcap, interclass,
+                      grad_filter, block):
     check_op_args("reference", x, w, labels, index, sub_centers,
-                  (("lse", lse), ("g_p", g_p), ("g_t", g_t), ("g_s", g_s)))
+                  (("lse", lse), ("g_p", g_p), ("g_t", g_t), ("g_s", g_s)), bias=bias)
     # The closed form, not autograd: an op's kernel sits below the autograd dispatch key.
     # The end-to-end oracle for gradients is reference_loss (plain autograd).
     if check_grad_filter(grad_filter) > 0:
         raise NotImplementedError("the reference backend computes the exact gradient: it "
                                   "has no gradient filter (grad_filter_eps must be None)")
     cfg = MarginConfig.from_op_args(s, m1, m2, m3, wrap_mode, grad_mode, normalize,
-                                    sub_centers)
+                                    sub_centers, softcap, interclass)
     with torch.no_grad():
-        return reference_backward(x, w, labels, index, lse, g_p, g_t, g_s, cfg)
+        return reference_backward(x, w, labels, index, lse, g_p, g_t, g_s, cfg, bias)
 
 
 FWD_OP, BWD_OP = define_python_backend("reference", _reference_fwd_op, _reference_bwd_op)

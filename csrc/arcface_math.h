@@ -15,6 +15,16 @@
 #else
 #define AK_HD inline
 #endif
+// AK_HD, and always inlined on the host too: the helpers of the CPU kernel's vectorized
+// loops (exp_vec, tanh_vec, the bias / softcap / filter terms), which the translation
+// unit's inlining budget would otherwise leave as calls.
+#if defined(__CUDACC__)
+#define AK_HDI __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define AK_HDI inline __attribute__((always_inline))
+#else
+#define AK_HDI inline
+#endif
 
 namespace arcface {
 
@@ -42,6 +52,8 @@ template <typename T>
 AK_HD T ak_sin(T v) { return sin(v); }
 template <typename T>
 AK_HD T ak_acos(T v) { return acos(v); }
+template <typename T>
+AK_HD T ak_tanh(T v) { return tanh(v); }
 template <>
 AK_HD float ak_sqrt<float>(float v) {
 #if defined(__CUDA_ARCH__)
@@ -90,17 +102,25 @@ AK_HD float ak_acos<float>(float v) {
   return std::acos(v);
 #endif
 }
+template <>
+AK_HD float ak_tanh<float>(float v) {
+#if defined(__CUDA_ARCH__)
+  return tanhf(v);
+#else
+  return std::tanh(v);
+#endif
+}
 
 // exp(v) for the CPU's hot loops, written so that compilers vectorize it (no calls, no
 // branches): Cody-Waite reduction v = n ln2 + r, |r| <= ln2/2, and the degree-6 minimax
 // polynomial of Cephes' expf (about 1 ulp in float); 0 below -87 (exp < 1.7e-38),
 // inf above 88 (exp > 1.6e38; the kernels only take exp of z - lse <= 0), NaN stays NaN. double, and any device code, use exp itself.
 template <typename T>
-AK_HD T exp_vec(T v) {
+AK_HDI T exp_vec(T v) {
   return ak_exp(v);
 }
 template <>
-AK_HD float exp_vec<float>(float v) {
+AK_HDI float exp_vec<float>(float v) {
 #if defined(__CUDA_ARCH__)
   return expf(v);
 #else
@@ -129,6 +149,34 @@ AK_HD float exp_vec<float>(float v) {
 #endif
 }
 
+// tanh(v) for the CPU's hot loops (the softcap), vectorizable like exp_vec: Cephes'
+// tanhf, both branches computed and one selected: v + v^3 P(v^2) for |v| <= 0.625, else
+// sign(v) (1 - 2 / (exp(2|v|) + 1)) (about 2 ulp in float; +-1 for large |v|, NaN stays
+// NaN). double, and any device code, use tanh itself.
+template <typename T>
+AK_HDI T tanh_vec(T v) {
+  return ak_tanh(v);
+}
+template <>
+AK_HDI float tanh_vec<float>(float v) {
+#if defined(__CUDA_ARCH__)
+  return tanhf(v);
+#else
+  const float a = v < 0.0f ? -v : v;
+  const float e = exp_vec(a + a);
+  float big = 1.0f - 2.0f / (e + 1.0f);
+  big = v < 0.0f ? -big : big;
+  const float z = v * v;
+  float p = -5.70498872745e-3f;
+  p = p * z + 2.06390887954e-2f;
+  p = p * z - 5.37397155531e-2f;
+  p = p * z + 1.33314422036e-1f;
+  p = p * z - 3.33332819422e-1f;
+  const float small = p * z * v + v;
+  return a > 0.625f ? big : small;
+#endif
+}
+
 // The loss scalars, with the constants derived from them computed once on the host (in
 // double) and then stored in the accumulation type.
 template <typename T>
@@ -137,8 +185,12 @@ struct Margin {
   T cos_m2, sin_m2;
   T threshold;       // fallback: the branch is taken where c < threshold
   T fallback_shift;  // m2 * sin(m2)
+  T softcap;         // z = softcap * tanh(v / softcap); 0 = off
+  T interclass;      // non-target cosines above it are dropped (u = 0); 0 = off
+  T filter_above;    // interclass when the filter is on, else +inf (branch-free test)
   int wrap, grad;
   bool m1_is_one, normalize;
+  bool capped, filter;  // softcap > 0, interclass > 0
 };
 
 // cos of the angle past which m1*theta + m2 exceeds pi: cos(min((pi - m2) / m1, pi)).
@@ -149,7 +201,8 @@ inline double fallback_threshold(double m1, double m2) {
 
 template <typename T>
 inline Margin<T> make_margin(double s, double m1, double m2, double m3, int64_t wrap,
-                             int64_t grad, bool normalize) {
+                             int64_t grad, bool normalize, double softcap,
+                             double interclass) {
   Margin<T> p;
   p.s = static_cast<T>(s);
   p.m1 = static_cast<T>(m1);
@@ -163,6 +216,11 @@ inline Margin<T> make_margin(double s, double m1, double m2, double m3, int64_t 
   p.grad = static_cast<int>(grad);
   p.m1_is_one = (m1 == 1.0);
   p.normalize = normalize;
+  p.softcap = static_cast<T>(softcap);
+  p.interclass = static_cast<T>(interclass);
+  p.capped = softcap > 0;
+  p.filter = interclass > 0;
+  p.filter_above = p.filter ? p.interclass : std::numeric_limits<T>::infinity();
   return p;
 }
 
@@ -212,6 +270,78 @@ AK_HD T dpsi(T c, const Margin<T>& p) {
   T sin_t = ak_sqrt(s2 > T(SIN2_MIN) ? s2 : T(SIN2_MIN));
   if (p.m1_is_one) return p.cos_m2 + c * p.sin_m2 / sin_t;
   return p.m1 * ak_sin(p.m1 * ak_acos(c) + p.m2) / sin_t;
+}
+
+// ---- bias, softcap, interclass filter (the spec of issue 12; docs/design.md section 3) ----
+// Per element (row i, shard position j of class g, cosine c after the sub-center max):
+//   filtered = !target && interclass > 0 && c > interclass        (NaN: not filtered)
+//   u = filtered ? 0 : (target ? psi(c) : c),   v = s u + bias[g],   z = softcap_map(v)
+
+// Cap (the template argument of logit_z, grad_dv): kRuntime tests p.capped; kOff / kOn
+// are for callers that have tested it outside their loop (the CPU kernel's loops, which
+// then vectorize: no test of a flag inside them).
+enum class Cap { kRuntime, kOff, kOn };
+
+// Whether the interclass filter drops a logit (never the target, never NaN; without the
+// filter filter_above is +inf, so that nothing is above it).
+template <typename T>
+AK_HDI bool filtered(T c, bool target, const Margin<T>& p) {
+  return !target && c > p.filter_above;
+}
+
+// The soft cap z = softcap * tanh(v / softcap) (identity when off).
+template <typename T>
+AK_HDI T softcap_map(T v, const Margin<T>& p) {
+  return p.capped ? p.softcap * tanh_vec(v / p.softcap) : v;
+}
+
+// Its derivative dz/dv = 1 - tanh(v / softcap)^2 (1 when off).
+template <typename T>
+AK_HDI T softcap_grad(T v, const Margin<T>& p) {
+  if (!p.capped) return T(1);
+  const T t = tanh_vec(v / p.softcap);
+  return T(1) - t * t;
+}
+
+// v = s u + bias: the logit before the cap.
+template <typename T>
+AK_HDI T logit_v(T c, bool target, T bias, const Margin<T>& p) {
+  const T u = target ? psi(c, p) : (filtered(c, false, p) ? T(0) : c);
+  return p.s * u + bias;
+}
+
+// z: the logit the softmax sees.
+template <Cap kCap = Cap::kRuntime, typename T>
+AK_HDI T logit_z(T c, bool target, T bias, const Margin<T>& p) {
+  const T v = logit_v(c, target, bias, p);
+  if (kCap == Cap::kOff) return v;
+  if (kCap == Cap::kOn) return p.softcap * tanh_vec(v / p.softcap);
+  return softcap_map(v, p);
+}
+
+// The backward of one element with the terms above, in two steps (two scalar results
+// keep the CPU loops vectorizable):
+//   grad_dv: dL/dv = dL/dz * softcap'(v), dL/dz = g_p exp(z - lse) + g_s + g_t [target]
+//            (the element's share of dbias[g]; also where filtered, v = bias there);
+//   grad_c:  G = dL/dc = filtered ? 0 : s dL/dv (psi'(c) at the target, else 1).
+// Without bias, cap and filter G equals grad_nontarget / grad_target.
+template <Cap kCap = Cap::kRuntime, typename T>
+AK_HDI T grad_dv(T c, bool target, T bias, T lse, T g_p, T g_t, T g_s, const Margin<T>& p) {
+  const T v = logit_v(c, target, bias, p);
+  T z = v, tp = T(1);
+  if (kCap == Cap::kOn || (kCap == Cap::kRuntime && p.capped)) {
+    const T t = tanh_vec(v / p.softcap);
+    z = p.softcap * t;
+    tp = T(1) - t * t;
+  }
+  const T dz = target ? g_p * ak_exp(z - lse) + g_s + g_t : g_p * exp_vec(z - lse) + g_s;
+  return dz * tp;
+}
+
+template <typename T>
+AK_HDI T grad_c(T c, bool target, T dv, const Margin<T>& p) {
+  if (filtered(c, target, p)) return T(0);
+  return target ? p.s * dv * dpsi(c, p) : p.s * dv;
 }
 
 // Online log-sum-exp state: sum of exp(z - m). Empty: m = -inf, sum = 0.

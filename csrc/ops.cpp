@@ -11,9 +11,11 @@
 namespace arcface {
 
 Dims check_fwd_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
-                    const std::optional<at::Tensor>& index, double s, double m1, double m2,
+                    const std::optional<at::Tensor>& index,
+                    const std::optional<at::Tensor>& bias, double s, double m1, double m2,
                     double m3, int64_t wrap_mode, int64_t grad_mode, bool normalize,
-                    int64_t sub_centers, double grad_filter, int64_t block) {
+                    int64_t sub_centers, double softcap, double interclass,
+                    double grad_filter, int64_t block) {
   TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D [N, D], got shape ", x.sizes());
   TORCH_CHECK_VALUE(w.dim() == 2, "w must be 2-D [C*K, D], got shape ", w.sizes());
   TORCH_CHECK_VALUE(labels.dim() == 1, "labels must be 1-D [N], got shape ", labels.sizes());
@@ -47,6 +49,10 @@ Dims check_fwd_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   TORCH_CHECK_VALUE(block >= 0, "block must be >= 0 (0 = default), got ", block);
   TORCH_CHECK_VALUE(std::isfinite(grad_filter) && grad_filter >= 0 && grad_filter < 1,
                     "grad_filter must be in [0, 1) (0 = exact gradient), got ", grad_filter);
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0,
+                    "softcap must be finite and >= 0 (0 = off), got ", softcap);
+  TORCH_CHECK_VALUE(std::isfinite(interclass) && interclass >= 0,
+                    "interclass must be finite and >= 0 (0 = off), got ", interclass);
   Dims dims{x.size(0), x.size(1), w.size(0), sub_centers, w.size(0) / sub_centers};
   if (index.has_value()) {
     const auto& idx = *index;
@@ -56,6 +62,17 @@ Dims check_fwd_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
     TORCH_CHECK_VALUE(idx.device() == x.device(), "index must be on x's device ", x.device(),
                 ", got ", idx.device());
     dims.c = idx.size(0);
+  }
+  if (bias.has_value()) {
+    const auto& b = *bias;
+    const int64_t classes = w.size(0) / sub_centers;
+    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == classes, "bias must have shape [",
+                      classes, "] (one value per class of w: ", w.size(0), " rows / sub_centers=",
+                      sub_centers, "), got shape ", b.sizes());
+    TORCH_CHECK_TYPE(b.scalar_type() == w.scalar_type(), "bias dtype must match w dtype ",
+                     w.scalar_type(), ", got ", b.scalar_type());
+    TORCH_CHECK_VALUE(b.device() == x.device(), "bias must be on x's device ", x.device(),
+                      ", got ", b.device());
   }
   return dims;
 }
@@ -72,13 +89,14 @@ void check_row_vector(const at::Tensor& t, const char* name, int64_t n, const at
 }  // namespace
 
 Dims check_bwd_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
-                    const std::optional<at::Tensor>& index, const at::Tensor& lse,
+                    const std::optional<at::Tensor>& index,
+                    const std::optional<at::Tensor>& bias, const at::Tensor& lse,
                     const at::Tensor& g_p, const at::Tensor& g_t, const at::Tensor& g_s,
                     double s, double m1, double m2, double m3, int64_t wrap_mode,
-                    int64_t grad_mode, bool normalize, int64_t sub_centers,
-                    double grad_filter, int64_t block) {
-  Dims dm = check_fwd_args(x, w, labels, index, s, m1, m2, m3, wrap_mode, grad_mode,
-                           normalize, sub_centers, grad_filter, block);
+                    int64_t grad_mode, bool normalize, int64_t sub_centers, double softcap,
+                    double interclass, double grad_filter, int64_t block) {
+  Dims dm = check_fwd_args(x, w, labels, index, bias, s, m1, m2, m3, wrap_mode, grad_mode,
+                           normalize, sub_centers, softcap, interclass, grad_filter, block);
   TORCH_CHECK_NOT_IMPLEMENTED(grad_filter == 0,
                               "the cpp backend computes the exact gradient: it has no "
                               "gradient filter (grad_filter_eps must be None), got ",
@@ -111,9 +129,12 @@ void check_values(const at::Tensor& labels, const std::optional<at::Tensor>& ind
 
 ContiguousInputs make_contiguous(const at::Tensor& x, const at::Tensor& w,
                                  const at::Tensor& labels,
-                                 const std::optional<at::Tensor>& index) {
-  ContiguousInputs in{x.contiguous(), w.contiguous(), labels.contiguous(), std::nullopt};
+                                 const std::optional<at::Tensor>& index,
+                                 const std::optional<at::Tensor>& bias) {
+  ContiguousInputs in{x.contiguous(), w.contiguous(), labels.contiguous(), std::nullopt,
+                      std::nullopt};
   if (index.has_value()) in.index = index->contiguous();
+  if (bias.has_value()) in.bias = bias->contiguous();
   return in;
 }
 
@@ -129,12 +150,13 @@ bool compiled_with_cuda() {
 
 TORCH_LIBRARY_FRAGMENT(arcface_kernels, m) {
   m.def(
-      "cpp_fwd(Tensor x, Tensor w, Tensor labels, Tensor? index, float s, float m1, "
-      "float m2, float m3, int wrap_mode, int grad_mode, bool normalize, int sub_centers, "
-      "float grad_filter, int block) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "cpp_fwd(Tensor x, Tensor w, Tensor labels, Tensor? index, Tensor? bias, float s, "
+      "float m1, float m2, float m3, int wrap_mode, int grad_mode, bool normalize, "
+      "int sub_centers, float softcap, float interclass, float grad_filter, int block) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "cpp_bwd(Tensor x, Tensor w, Tensor labels, Tensor? index, Tensor lse, Tensor g_p, "
-      "Tensor g_t, Tensor g_s, float s, float m1, float m2, float m3, int wrap_mode, "
-      "int grad_mode, bool normalize, int sub_centers, float grad_filter, int block) "
-      "-> (Tensor, Tensor)");
+      "cpp_bwd(Tensor x, Tensor w, Tensor labels, Tensor? index, Tensor? bias, Tensor lse, "
+      "Tensor g_p, Tensor g_t, Tensor g_s, float s, float m1, float m2, float m3, "
+      "int wrap_mode, int grad_mode, bool normalize, int sub_centers, float softcap, "
+      "float interclass, float grad_filter, int block) -> (Tensor, Tensor, Tensor)");
 }

@@ -26,20 +26,25 @@ struct Dims {
 
 // Checks of the forward's arguments (shapes, dtypes, devices, scalar ranges); labels and
 // index values are checked by check_values. Errors name the argument and its value.
+// bias: None or [R / K] (one value per class of w) in w's dtype on x's device; softcap
+// and interclass: finite and >= 0 (0 = off).
 Dims check_fwd_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
-                    const std::optional<at::Tensor>& index, double s, double m1, double m2,
+                    const std::optional<at::Tensor>& index,
+                    const std::optional<at::Tensor>& bias, double s, double m1, double m2,
                     double m3, int64_t wrap_mode, int64_t grad_mode, bool normalize,
-                    int64_t sub_centers, double grad_filter, int64_t block);
+                    int64_t sub_centers, double softcap, double interclass,
+                    double grad_filter, int64_t block);
 
 // Checks of the backward's arguments: the forward's, and its per-row vectors lse, g_p,
 // g_t, g_s (1-D, N long, floating, on x's device). The C++ backends have no gradient
 // filter: grad_filter > 0 raises NotImplementedError.
 Dims check_bwd_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
-                    const std::optional<at::Tensor>& index, const at::Tensor& lse,
+                    const std::optional<at::Tensor>& index,
+                    const std::optional<at::Tensor>& bias, const at::Tensor& lse,
                     const at::Tensor& g_p, const at::Tensor& g_t, const at::Tensor& g_s,
                     double s, double m1, double m2, double m3, int64_t wrap_mode,
-                    int64_t grad_mode, bool normalize, int64_t sub_centers,
-                    double grad_filter, int64_t block);
+                    int64_t grad_mode, bool normalize, int64_t sub_centers, double softcap,
+                    double interclass, double grad_filter, int64_t block);
 
 // Value checks: labels in [-1, C), index in [0, R / K). One host sync on CUDA.
 void check_values(const at::Tensor& labels, const std::optional<at::Tensor>& index,
@@ -49,14 +54,15 @@ void check_values(const at::Tensor& labels, const std::optional<at::Tensor>& ind
 // pointer (nullptr without an index). Shared by the CPU and CUDA entry points.
 struct ContiguousInputs {
   at::Tensor x, w, labels;
-  std::optional<at::Tensor> index;
+  std::optional<at::Tensor> index, bias;
   const int64_t* idx() const {
     return index.has_value() ? index->data_ptr<int64_t>() : nullptr;
   }
 };
 ContiguousInputs make_contiguous(const at::Tensor& x, const at::Tensor& w,
                                  const at::Tensor& labels,
-                                 const std::optional<at::Tensor>& index);
+                                 const std::optional<at::Tensor>& index,
+                                 const std::optional<at::Tensor>& bias);
 
 // Whether the CUDA kernels were compiled into this build.
 bool compiled_with_cuda();

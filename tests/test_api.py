@@ -23,9 +23,14 @@ def _inputs(n=6, c=5, d=4, dtype=torch.float32):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 class TestBadInput:
     def test_label_dtype(self, backend):
+        """Labels of any integer dtype give the int64 result; others are a TypeError."""
         x, w, y = _inputs()
-        with pytest.raises(TypeError, match=r"labels must be int64.*torch.int32"):
-            ak.arcface_loss(x, w, y.int(), backend=backend)
+        want = ak.arcface_loss(x, w, y, backend=backend)
+        for dt in (torch.int32, torch.int16):
+            assert torch.equal(ak.arcface_loss(x, w, y.to(dt), backend=backend), want)
+        for bad in (y.float(), y >= 0):
+            with pytest.raises(TypeError, match=r"labels must be an integer tensor.*torch\."):
+                ak.arcface_loss(x, w, bad, backend=backend)
 
     def test_label_shape(self, backend):
         x, w, y = _inputs()
@@ -72,7 +77,7 @@ class TestBadInput:
                  (dict(sub_centers=0), "sub_centers must be >= 1, got 0"),
                  (dict(sub_centers=2), "weight has 5 rows, not a multiple of sub_centers=2"),
                  (dict(chunk_size=0), "chunk_size must be a positive int or None, got 0"),
-                 (dict(normalize=False), "normalize=False .* m2 must be 0")]
+                 (dict(normalize=False, m2=0.5), "normalize=False .* m2 must be 0")]
         for kwargs, msg in cases:
             with pytest.raises(ValueError, match=msg):
                 ak.arcface_loss(x, w, y, **{"backend": backend, **kwargs})
@@ -220,15 +225,15 @@ def test_opcheck(backend):
     x, w, y = make_inputs(6, 5, 4)
     y = torch.where(y < 0, -1, y)
     be = resolve_backend(backend, torch.device("cpu"))
-    scalars = (16.0, 1.0, 0.5, 0.0, 0, 0, True, 1, 0.0, 0)
+    scalars = (16.0, 1.0, 0.5, 0.0, 0, 0, True, 1, 0.0, 0.0, 0.0, 0)
     xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
-    torch.library.opcheck(be.fwd, (xr, wr, y, None, *scalars))
+    torch.library.opcheck(be.fwd, (xr, wr, y, None, None, *scalars))
     idx = torch.tensor([4, 0, 2])
     yi = torch.tensor([0, 1, -1, 2, 0, -1])
-    torch.library.opcheck(be.fwd, (xr, wr, yi, idx, *scalars))
-    lse = be.fwd(x, w, y, None, *scalars)[0]
+    torch.library.opcheck(be.fwd, (xr, wr, yi, idx, None, *scalars))
+    lse = be.fwd(x, w, y, None, None, *scalars)[0]
     g = torch.rand(6, dtype=torch.float64)
-    torch.library.opcheck(be.bwd, (x, w, y, None, lse, g, -g, 0.1 * g, *scalars))
+    torch.library.opcheck(be.bwd, (x, w, y, None, None, lse, g, -g, 0.1 * g, *scalars))
 
 
 def test_opcheck_local_labels():

@@ -1,7 +1,7 @@
 """The forward / backward ops of every backend, called directly, against the float64
 reference: one file for all backends (tests/_backends.py lists them).
 
-``be = resolve_backend(name, device)``; ``be.fwd(x, w, labels, index, *scalars)`` and
+``be = resolve_backend(name, device)``; ``be.fwd(x, w, labels, index, bias, *scalars)`` and
 ``be.bwd(...)`` with the schemas of arcface_kernels/_ops.py. Oracles: the reference's
 ``reference_forward`` and its closed-form ``reference_backward``, and for the backward also
 plain autograd through ``reference_logits`` (which checks the closed form itself).
@@ -101,30 +101,40 @@ def _coeffs(n: int, seed: int = 1):
     return g_p, g_t, g_s
 
 
-def autograd_backward(x, w, labels, index, lse, g_p, g_t, g_s, cfg):
+def autograd_backward(x, w, labels, index, lse, g_p, g_t, g_s, cfg, bias=None):
     """The backward primitive by float64 autograd through the reference's materialized
-    logits: dL/dz_ij = g_p_i exp(z_ij - lse_i) + g_t_i [j = label_i] + g_s_i."""
+    logits: dL/dz_ij = g_p_i exp(z_ij - lse_i) + g_t_i [j = label_i] + g_s_i. Returns
+    (dx, dw) and, with a bias, dbias."""
     xr = x.detach().double().clone().requires_grad_(True)
     wr = w.detach().double().clone().requires_grad_(True)
-    z, _ = reference_logits(xr, wr, labels, index, cfg)
+    leaves = [xr, wr]
+    br = None
+    if bias is not None:
+        br = bias.detach().double().clone().requires_grad_(True)
+        leaves.append(br)
+    z, _ = reference_logits(xr, wr, labels, index, cfg, br)
     if z.shape[1] == 0 or z.shape[0] == 0:
-        return torch.zeros_like(xr), torch.zeros_like(wr)
+        return tuple(torch.zeros_like(t) for t in leaves)
     dz = g_p[:, None] * torch.exp(z.detach() - lse[:, None]) + g_s[:, None]
     has = labels >= 0
     dz[has, labels[has]] += g_t[has]
-    return torch.autograd.grad(z, (xr, wr), dz, allow_unused=True)
+    return tuple(torch.zeros_like(leaf) if g is None else g for g, leaf in zip(
+        torch.autograd.grad(z, leaves, dz, allow_unused=True), leaves))
 
 
 def oracle_backward(x, w, labels, index, lse, g_p, g_t, g_s, cfg, tol=1e-10, scale=None,
-                    slack=None):
-    """(dx, dw) in float64 from reference_backward (closed form), after checking it
-    against autograd_backward (compared as ``grad_errors`` does)."""
+                    slack=None, bias=None):
+    """(dx, dw, dbias) in float64 from reference_backward (closed form), after checking
+    it against autograd_backward (compared as ``grad_errors`` does)."""
     args = (x.double(), w.double(), labels, index, lse.double(), g_p, g_t, g_s)
-    dx, dw = reference_backward(*args, cfg)
-    adx, adw = autograd_backward(*args, cfg)
-    err = grad_errors((dx, dw), (adx, adw), scale, slack)
+    b64 = None if bias is None else bias.double()
+    dx, dw, db = reference_backward(*args, cfg, b64)
+    auto = autograd_backward(*args, cfg, b64)
+    err = grad_errors((dx, dw), auto[:2], scale, slack)
+    if bias is not None:
+        err = err + grad_errors((db,), auto[2:])
     assert max(err) <= tol, f"closed form != autograd: {err}"
-    return dx, dw
+    return dx, dw, db
 
 
 def row_norms(x, w):
@@ -191,7 +201,7 @@ def _check_argmax(arg, x, w, index, cfg, tie):
 
 
 def check_op(device, backend, x, w, labels, index, cfg, *, dtype=F64, block=0,
-             scale_rows=False):
+             scale_rows=False, bias=None):
     """Run fwd and bwd of ``backend`` on (x, w) cast to ``dtype`` and compare with the
     float64 oracles (on the inputs as rounded to ``dtype``). The backward gets the
     reference's lse (in the statistics dtype), so each op is checked on its own.
@@ -205,8 +215,10 @@ def check_op(device, backend, x, w, labels, index, cfg, *, dtype=F64, block=0,
     ld = labels.to(device)
     idx = None if index is None else index.to(device)
     args = _scalars(cfg, 0.0, block)
-    got = be.fwd(xd, wd, ld, idx, *args)
-    want = reference_forward(xq, wq, labels, index, cfg)
+    bd = None if bias is None else bias.to(device=device, dtype=dtype)
+    got = be.fwd(xd, wd, ld, idx, bd, *args)
+    bq = None if bd is None else bd.double().cpu()
+    want = reference_forward(xq, wq, labels, index, cfg, bq)
     tol_fwd, tol_bwd = TOL_FWD[dtype], TOL_BWD[dtype]
     for name, g, r in zip(("lse", "target", "sum_z", "max_z"), got[:4], want[:4]):
         assert g.shape == (n,) and g.dtype == acc, (name, g.shape, g.dtype)
@@ -216,7 +228,10 @@ def check_op(device, backend, x, w, labels, index, cfg, *, dtype=F64, block=0,
             f"{name}: non-finite values differ: {g} vs {r}"
         err = max_rel_err(g[finite], r[finite])
         assert err <= tol_fwd, f"{backend} {name}: relative error {err:.2e} > {tol_fwd:.0e}"
-    _check_argmax(got[4], xq, wq, index, cfg, TIE[dtype])
+    if bias is None and not cfg.softcap:
+        _check_argmax(got[4], xq, wq, index, cfg, TIE[dtype])
+    else:
+        assert torch.equal(got[4].cpu(), want[4]), (got[4], want[4])
     g_p, g_t, g_s = _coeffs(n)
     lse = want[0].to(acc)
     scale = slack = slack64 = None
@@ -224,13 +239,19 @@ def check_op(device, backend, x, w, labels, index, cfg, *, dtype=F64, block=0,
         scale = row_norms(xq, wq)
         slack, slack64 = (target_slack(xq, wq, labels, lse, g_p, g_t, g_s, cfg,
                                        torch.finfo(t).eps) for t in (dtype, F64))
-    rdx, rdw = oracle_backward(xq, wq, labels, index, lse, g_p, g_t, g_s, cfg, scale=scale,
-                               slack=slack64)
-    dx, dw = be.bwd(xd, wd, ld, idx, *(t.to(device=device, dtype=acc)
+    rdx, rdw, rdb = oracle_backward(xq, wq, labels, index, lse, g_p, g_t, g_s, cfg,
+                                    scale=scale, slack=slack64, bias=bq)
+    dx, dw, db = be.bwd(xd, wd, ld, idx, bd, *(t.to(device=device, dtype=acc)
                                        for t in (lse, g_p, g_t, g_s)), *args)
     assert dx.shape == x.shape and dx.dtype == dtype
     assert dw.shape == w.shape and dw.dtype == dtype
     errs = grad_errors((dx, dw), (rdx, rdw), scale, slack)
+    if bias is None:
+        assert db.shape == (0,) and db.dtype == dtype, (db.shape, db.dtype)
+    else:
+        assert db.shape == bias.shape and db.dtype == dtype, (db.shape, db.dtype)
+        err = grad_errors((db,), (rdb,))[0]
+        assert err <= tol_bwd, f"{backend} dbias: relative error {err:.2e} > {tol_bwd:.0e}"
     for name, g, err in zip(("dx", "dw"), (dx, dw), errs):
         assert torch.isfinite(g).all(), f"{backend} {name} has non-finite values"
         assert err <= tol_bwd, f"{backend} {name}: relative error {err:.2e} > {tol_bwd:.0e}"
@@ -300,12 +321,19 @@ def test_opcheck(device, backend):
     scal = _scalars(cfg)
     xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
     v = torch.rand(6, device=device)
-    for op, a in ((be.fwd, (x, w, lab_all, None)),
-                  (be.fwd, (xg, wg, lab_all, None)),
-                  (be.fwd, (xg, wg, labels, index)),
-                  (be.bwd, (x, w, lab_all, None, v + 1.0, v, -v, 0.1 * v)),
-                  (be.bwd, (x, w, labels, index, v + 1.0, v, -v, 0.1 * v))):
-        res = torch.library.opcheck(op, (*a, *scal), test_utils=utils)
+    bias = torch.randn(4, device=device)
+    bg = bias.clone().requires_grad_(True)
+    scal_t = _scalars(MarginConfig(s=16.0, m2=0.3, sub_centers=2, softcap=5.0,
+                                   interclass_filtering_threshold=0.2))
+    for op, a, sc in ((be.fwd, (x, w, lab_all, None, None), scal),
+                      (be.fwd, (xg, wg, lab_all, None, None), scal),
+                      (be.fwd, (xg, wg, labels, index, None), scal),
+                      (be.fwd, (xg, wg, labels, index, bg), scal_t),
+                      (be.bwd, (x, w, lab_all, None, None, v + 1.0, v, -v, 0.1 * v), scal),
+                      (be.bwd, (x, w, labels, index, None, v + 1.0, v, -v, 0.1 * v), scal),
+                      (be.bwd, (x, w, labels, index, bias, v + 1.0, v, -v, 0.1 * v),
+                       scal_t)):
+        res = torch.library.opcheck(op, (*a, *sc), test_utils=utils)
         assert set(res.values()) == {"SUCCESS"}, res
 
 
@@ -372,13 +400,13 @@ def test_empty_shard(device, backend, k, empty):
     labels = torch.full((6,), -1, dtype=torch.long)
     want = reference_forward(x, w, labels, index, cfg)
     dev = [t if t is None else t.to(device) for t in (x, w, labels, index)]
-    lse, tgt, sz, mz, am = be.fwd(*dev, *_scalars(cfg))
+    lse, tgt, sz, mz, am = be.fwd(*dev, None, *_scalars(cfg))
     assert torch.isneginf(lse).all() and torch.isneginf(mz).all()
     assert (tgt == 0).all() and (sz == 0).all() and (am == 0).all()
     for g, r in zip((lse, tgt, sz, mz, am), want):
         assert torch.equal(g.cpu(), r)
     one = torch.ones(6, dtype=F64, device=device)
-    dx, dw = be.bwd(*dev, lse, one, -one, one * 0.1, *_scalars(cfg))
+    dx, dw, _ = be.bwd(*dev, None, lse, one, -one, one * 0.1, *_scalars(cfg))
     assert dx.shape == x.shape and dw.shape == w.shape
     assert (dx == 0).all() and (dw == 0).all()
 
@@ -479,7 +507,7 @@ def test_nan_propagates_to_affected_rows_only(device, backend, dtype):
     dev = _nan_inputs(dtype, device)
     xq, wq, labels, index = (t.cpu() for t in dev)
     xq, wq = xq.double(), wq.double()
-    got = be.fwd(*dev, *_scalars(cfg))
+    got = be.fwd(*dev, None, *_scalars(cfg))
     ok = torch.arange(7) != 2
     want = reference_forward(xq[ok], wq, labels[ok], index, cfg)
     for name, g, r in zip(("lse", "target", "sum_z"), got[:3], want[:3]):
@@ -491,9 +519,9 @@ def test_nan_propagates_to_affected_rows_only(device, backend, dtype):
     lse = torch.full((7,), math.nan, dtype=F64)
     lse[ok] = want[0].double()
     vecs = [t.to(device=device, dtype=acc) for t in (lse, g_p, g_t, g_s)]
-    dx, dw = be.bwd(*dev, *vecs, *_scalars(cfg))
-    rdx, _ = reference_backward(xq[ok], wq, labels[ok], index, lse[ok], g_p[ok], g_t[ok],
-                                g_s[ok], cfg)
+    dx, dw, _ = be.bwd(*dev, None, *vecs, *_scalars(cfg))
+    rdx, _, _ = reference_backward(xq[ok], wq, labels[ok], index, lse[ok], g_p[ok],
+                                   g_t[ok], g_s[ok], cfg)
     dx, dw = dx.cpu(), dw.cpu()
     assert torch.isnan(dx[2]).all()
     assert max_rel_err(dx[ok], rdx) <= TOL_BWD[dtype]
@@ -505,7 +533,7 @@ def test_nan_propagates_to_affected_rows_only(device, backend, dtype):
     x2, w2 = dev[0].clone(), dev[1].clone()
     x2[2, 1] = 0.5
     w2[5, 0] = math.nan
-    assert torch.isnan(be.fwd(x2, w2, *dev[2:], *_scalars(cfg))[0]).all()
+    assert torch.isnan(be.fwd(x2, w2, *dev[2:], None, *_scalars(cfg))[0]).all()
 
 
 @pytest.mark.parametrize("device, backend", PARAMS)
@@ -514,9 +542,62 @@ def test_nan_max_z(device, backend, dtype):
     """max_z (s * the row's max cosine) of a row with a NaN in x is NaN."""
     be = _backend(device, backend, dtype)
     dev = _nan_inputs(dtype, device)
-    max_z = be.fwd(*dev, *_scalars(MarginConfig()))[3].cpu()
+    max_z = be.fwd(*dev, None, *_scalars(MarginConfig()))[3].cpu()
     assert torch.isnan(max_z[2])
     assert torch.isfinite(max_z[torch.arange(7) != 2]).all()
+
+
+# ------------------------------------------- 6b. bias, soft cap, interclass filtering
+# (the LLM-head and insightface terms: docs/design.md section 1)
+TERM_CASES = {
+    "bias_linear": dict(cfg=dict(s=1.0, m2=0.0, normalize=False), bias=True),
+    "softcap_linear": dict(cfg=dict(s=1.0, m2=0.0, normalize=False, softcap=4.0)),
+    "bias_softcap_linear": dict(cfg=dict(s=1.0, m2=0.0, m3=0.5, normalize=False,
+                                         softcap=3.0), bias=True),
+    "interclass": dict(cfg=dict(s=64.0, m2=0.5, margin_mode="none",
+                                target_grad="straight_through",
+                                interclass_filtering_threshold=0.2)),
+    "interclass_cosface_k2_index": dict(cfg=dict(s=32.0, m2=0.0, m3=0.35, sub_centers=2,
+                                                 interclass_filtering_threshold=0.15),
+                                        index=True),
+    "all_terms_k2_index": dict(cfg=dict(s=16.0, m2=0.4, sub_centers=2, softcap=10.0,
+                                        interclass_filtering_threshold=0.25),
+                               bias=True, index=True),
+}
+
+
+@on_backends
+@DTYPES
+@pytest.mark.parametrize("case", list(TERM_CASES))
+def test_terms(device, backend, dtype, case):
+    """lse, target, sum_z, max_z, argmax, dx, dw and dbias with a bias, a soft cap and the
+    interclass filter, against the float64 oracles (with an index: classes repeated,
+    so dbias accumulates; rows without a target filter every class above the threshold)."""
+    spec = TERM_CASES[case]
+    cfg = MarginConfig(**spec["cfg"])
+    k = cfg.sub_centers
+    index = None
+    if spec.get("index"):
+        index = torch.tensor([7, 2, 9, 2, 0, 11, 4, 5, 1, 7, 3])
+    x, w, labels = _make(13, 12, 9, k=k, index=index, seed=21)
+    bias = None
+    if spec.get("bias"):
+        bias = torch.randn(12, generator=torch.Generator().manual_seed(5), dtype=F64)
+    check_op(device, backend, x, w, labels, index, cfg, dtype=dtype, bias=bias)
+
+
+def test_interclass_filters_something():
+    """The interclass cases above drop some logits but not all (else they test nothing),
+    and a dropped logit is exactly s * 0 + bias."""
+    cfg = MarginConfig(**TERM_CASES["interclass"]["cfg"])
+    x, w, labels = _make(13, 12, 9, seed=21)
+    z, c = reference_logits(x, w, labels, None, cfg)
+    is_t = torch.zeros_like(c, dtype=torch.bool)
+    has = labels >= 0
+    is_t[has, labels[has]] = True
+    dropped = (c > 0.2) & ~is_t
+    assert 0 < int(dropped.sum()) < int((~is_t).sum())
+    assert (z[dropped] == 0).all()
 
 
 # ----------------------------------------------------------------------- 7. bad input
@@ -527,7 +608,7 @@ def _bad_args(case: str):
     x = torch.randn(5, 4, generator=g)
     w = torch.randn(6, 4, generator=g)
     labels = torch.tensor([0, 5, -1, 2, 3])
-    index, k = None, 1
+    index, k, bias = None, 1, None
     vec = {n: torch.rand(5, generator=g) for n in ("lse", "g_p", "g_t", "g_s")}
     if case == "x_dims":
         x = x.unsqueeze(2)
@@ -570,9 +651,28 @@ def _bad_args(case: str):
         vec["g_p"] = vec["g_p"].unsqueeze(1)
     elif case == "g_s_int":
         vec["g_s"] = vec["g_s"].long()
+    elif case == "bias_length":
+        bias = torch.zeros(5)
+    elif case == "bias_2d":
+        bias = torch.zeros(6, 1)
+    elif case == "bias_dtype":
+        bias = torch.zeros(6, dtype=torch.float64)
+    elif case in ("softcap_negative", "softcap_inf", "interclass_negative"):
+        pass   # a scalar: see _bad_scalars
     else:
         raise KeyError(case)
-    return x, w, labels, index, k, vec
+    return x, w, labels, index, k, vec, bias
+
+
+def _bad_scalars(case: str, k: int) -> tuple:
+    scal = list(_scalars(MarginConfig(sub_centers=k)))
+    if case == "softcap_negative":
+        scal[8] = -1.0
+    elif case == "softcap_inf":
+        scal[8] = math.inf
+    elif case == "interclass_negative":
+        scal[9] = -0.5
+    return tuple(scal)
 
 
 # (case, exception, regex of the message naming the argument, value check: on CUDA a
@@ -596,6 +696,12 @@ BAD_INPUT = [
     ("labels_high_index", ValueError, r"\blabels must be in \[-1, 3\)", True),
     ("labels_low", ValueError, r"\blabels must be in \[-1, 6\).*got values in \[-2, 3\]",
      True),
+    ("bias_length", ValueError, r"\bbias must (have shape|be 1-D).*6", False),
+    ("bias_2d", ValueError, r"\bbias must (have shape|be 1-D)", False),
+    ("bias_dtype", TypeError, r"\bbias dtype must match", False),
+    ("softcap_negative", ValueError, r"\bsoftcap must .*-1", False),
+    ("softcap_inf", ValueError, r"\bsoftcap must .*inf", False),
+    ("interclass_negative", ValueError, r"\binterclass.* must .*-0\.5", False),
 ]
 BAD_ROW_VECTORS = [
     ("short_lse", ValueError, r"\blse must .*5"),
@@ -617,14 +723,15 @@ def test_bad_input(device, backend, kind, case, exc, match, value_check):
     if value_check and device == "cuda":
         pytest.skip("on CUDA the value checks are device-side asserts (test_triton.py)")
     be = _backend(device, backend, F32)
-    x, w, labels, index, k, vec = _bad_args(case)
+    x, w, labels, index, k, vec, bias = _bad_args(case)
     dev = [t if t is None else t.to(device) for t in (x, w, labels, index)]
-    scal = _scalars(MarginConfig(sub_centers=k))
+    bias = None if bias is None else bias.to(device)
+    scal = _bad_scalars(case, k)
     with pytest.raises(exc, match=match):
         if kind == "fwd":
-            be.fwd(*dev, *scal)
+            be.fwd(*dev, bias, *scal)
         else:
-            be.bwd(*dev, *(v.to(device) for v in vec.values()), *scal)
+            be.bwd(*dev, bias, *(v.to(device) for v in vec.values()), *scal)
 
 
 @on_backends
@@ -632,9 +739,9 @@ def test_bad_input(device, backend, kind, case, exc, match, value_check):
                          ids=[c[0] for c in BAD_ROW_VECTORS])
 def test_bad_backward_row_vectors(device, backend, case, exc, match):
     be = _backend(device, backend, F32)
-    x, w, labels, index, k, vec = _bad_args(case)
+    x, w, labels, index, k, vec, _ = _bad_args(case)
     with pytest.raises(exc, match=match):
-        be.bwd(x.to(device), w.to(device), labels.to(device), None,
+        be.bwd(x.to(device), w.to(device), labels.to(device), None, None,
                *(v.to(device) for v in vec.values()), *_scalars(MarginConfig()))
 
 
@@ -647,19 +754,19 @@ def test_grad_filter(device, backend):
     cfg = MarginConfig(s=8.0, m2=0.3)
     x, w, labels = _make(7, 11, 5, seed=10)
     dev = [t.to(device) for t in (x, w, labels)]
-    exact = be.fwd(*dev, None, *_scalars(cfg))
-    filt = be.fwd(*dev, None, *_scalars(cfg, grad_filter=0.5))
+    exact = be.fwd(*dev, None, None, *_scalars(cfg))
+    filt = be.fwd(*dev, None, None, *_scalars(cfg, grad_filter=0.5))
     for a, b in zip(exact, filt):
         assert torch.equal(a, b)
     vecs = [exact[0]] + [t.to(device) for t in _coeffs(7)]
-    dx0, dw0 = be.bwd(*dev, None, *vecs, *_scalars(cfg))
+    dx0, dw0, _ = be.bwd(*dev, None, None, *vecs, *_scalars(cfg))
     if backend in ("reference", "cpp"):
         with pytest.raises(NotImplementedError, match="gradient filter"):
-            be.bwd(*dev, None, *vecs, *_scalars(cfg, grad_filter=1e-3))
+            be.bwd(*dev, None, None, *vecs, *_scalars(cfg, grad_filter=1e-3))
         return
     # s = 8: every softmax value is above e^-16 / 11 > 1e-9
-    dx, dw = be.bwd(*dev, None, *vecs, *_scalars(cfg, grad_filter=1e-9))
+    dx, dw, _ = be.bwd(*dev, None, None, *vecs, *_scalars(cfg, grad_filter=1e-9))
     assert max_rel_err(dx, dx0) <= 1e-12 and max_rel_err(dw, dw0) <= 1e-12
-    dx, dw = be.bwd(*dev, None, *vecs, *_scalars(cfg, grad_filter=0.5))
+    dx, dw, _ = be.bwd(*dev, None, None, *vecs, *_scalars(cfg, grad_filter=0.5))
     assert torch.isfinite(dx).all() and torch.isfinite(dw).all()
     assert dx.shape == x.shape and dw.shape == w.shape

@@ -29,6 +29,8 @@ import arcface_kernels as ak  # noqa: E402
 from arcface_kernels.partial_fc import PartialFC, shard_range  # noqa: E402
 from arcface_kernels.reference import reference_loss  # noqa: E402
 from _cases import make_inputs, max_rel_err  # noqa: E402
+from _insightface import CONFIGS as IF_CONFIGS, CombinedMarginLossStandIn, \
+    insightface_loss, make_problem  # noqa: E402
 
 GROUP_TIMEOUT_S = 170
 WORLDS = (2, 3)
@@ -53,7 +55,10 @@ SAMPLING = {
     "rate_0.04_positives_only": (0.04, dict(s=64.0, m2=0.5)),
 }
 BAD_INPUTS = ("label_too_big", "label_negative", "batch_size_differs", "weight_shape",
-              "num_classes_differs", "dtype_differs", "labels_int32")
+              "num_classes_differs", "dtype_differs", "labels_float")
+# insightface's configurations (tests/_insightface.py) through PartialFC.from_insightface,
+# dense, and one with sampling
+IF_SAMPLED = "arcface_interclass"
 
 
 def cpu_backends():
@@ -71,6 +76,8 @@ def planned_checks(backends):
         names += [f"{be}/arcface/float32", f"{be}/stats", f"{be}/rate_1",
                   f"{be}/sampling_path_all_classes", f"{be}/tiny_C_empty_shard"]
         names += [f"{be}/{s}" for s in SAMPLING]
+        names += [f"{be}/insightface/{m}" for m in IF_CONFIGS]
+        names += [f"{be}/insightface/{IF_SAMPLED}/half_the_classes"]
     return names
 
 
@@ -185,6 +192,41 @@ class _Worker:
             extra["index_is_all"] = bool(torch.equal(idx, torch.arange(pfc.num_local)))
         self.record(name, got, want, TOL[torch.float64], extra)
 
+    def sampled_ids(self, pfc):
+        """The global class ids every rank sampled (sorted), from each rank's index."""
+        import torch.distributed as dist
+        all_idx = [None] * self.world
+        dist.all_gather_object(all_idx, (pfc.class_start, pfc.weight_index.tolist()))
+        return torch.tensor([s + i for s, ii in all_idx for i in ii], dtype=torch.long)
+
+    def check_insightface(self, backend, config, rate=1.0):
+        """PartialFC.from_insightface (insightface's positional arguments, int32 labels)
+        against the stand-in of insightface's loss on the full weight (or on the sampled
+        classes of all ranks)."""
+        import warnings
+        margin = CombinedMarginLossStandIn(*IF_CONFIGS[config])
+        c = C if rate == 1.0 else C_SAMPLED
+        x, w, y = make_problem(self.world * N_LOCAL, c, D, seed=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pfc = PartialFC.from_insightface(margin, D, c, rate, False, backend=backend,
+                                             dtype=torch.float64,
+                                             generator=torch.Generator().manual_seed(
+                                                 7 + self.rank))
+        with torch.no_grad():
+            pfc.weight.copy_(w[pfc.class_start:pfc.class_start + pfc.num_local])
+        got = self.run_pfc(pfc, x, y.to(torch.int32), torch.float64)
+        ids = torch.arange(c) if rate == 1.0 else self.sampled_ids(pfc)
+        xr = x.clone().requires_grad_(True)
+        wr = w[ids].clone().requires_grad_(True)
+        loss = insightface_loss(xr, wr, torch.searchsorted(ids, y), margin)
+        dx, dws = torch.autograd.grad(loss, (xr, wr))
+        dw = torch.zeros_like(w).index_add_(0, ids, dws)
+        want = (loss.detach(), self.world * self.local(dx), self.shard_rows(pfc, dw, 1))
+        name = f"{backend}/insightface/{config}" + ("" if rate == 1.0 else
+                                                     "/half_the_classes")
+        self.record(name, got, want, TOL[torch.float64])
+
     def bad_input(self, case):
         """Run one bad input; record what this rank raised (must raise on every rank)."""
         x, w, y = self.problem()
@@ -199,8 +241,8 @@ class _Worker:
             xl, yl = x[:n + 1], y[:n + 1]
         if case == "num_classes_differs" and self.rank == 0:
             c = C + 1
-        if case == "labels_int32" and self.rank == 0:
-            yl = yl.to(torch.int32)
+        if case == "labels_float" and self.rank == 0:
+            yl = yl.to(torch.float32)
         if case == "dtype_differs" and self.rank == last:
             dtype = torch.float32
         pfc = PartialFC(D, c, backend="chunked", dtype=torch.float64, ignore_index=IGNORE)
@@ -238,6 +280,11 @@ class _Worker:
                         f"{be}/tiny_C_empty_shard", be, MODES["arcface"], torch.float64, c=2)
             for s, (rate, mode) in SAMPLING.items():
                 self._guard(f"{be}/{s}", self.check_sampled, f"{be}/{s}", be, rate, mode)
+            for m in IF_CONFIGS:
+                self._guard(f"{be}/insightface/{m}", self.check_insightface, be, m)
+            self._guard(f"{be}/insightface/{IF_SAMPLED}/half_the_classes",
+                        self.check_insightface,
+                        be, IF_SAMPLED, 0.5)
         for case in BAD_INPUTS:
             self._guard(f"bad/{case}", self.bad_input, case)
         # the group still works after the errors
@@ -380,8 +427,8 @@ if __name__ != "__main__":
             pfc(x, torch.tensor([0, 1, 11, 2]))
         with pytest.raises(ValueError, match="local_embeddings must have shape"):
             pfc(x[:, :3], torch.tensor([0, 1, 2, 3]))
-        with pytest.raises(TypeError, match="int64"):
-            pfc(x, torch.tensor([0, 1, 2, 3], dtype=torch.int32))
+        with pytest.raises(TypeError, match="integer tensor"):
+            pfc(x, torch.tensor([0, 1, 2, 3], dtype=torch.float32))
         pfc.weight = torch.nn.Parameter(torch.zeros(C + 1, D, dtype=torch.float64))
         with pytest.raises(ValueError, match="weight has shape"):
             pfc(x, torch.tensor([0, 1, 2, 3]))
@@ -465,7 +512,7 @@ if __name__ != "__main__":
         "weight_shape": (r"rank\(s\) \[1\].*weight has shape \(\d+, 7\)",),
         "num_classes_differs": (r"class sharding differs.*num_classes.*\[12, 11",),
         "dtype_differs": (r"dtype must be the same on every rank.*float32",),
-        "labels_int32": (r"rank\(s\) \[0\].*int64",),
+        "labels_float": (r"rank\(s\) \[0\].*integer tensor.*float32",),
     }
 
     @pytest.mark.parametrize("world", WORLDS)

@@ -20,6 +20,12 @@
   H^T @ X (raw x), split over K where the tiles alone would not fill the GPU.
 * :func:`proj_rows_kernel`: sums a row's split partials and removes the radial part
   (the normalization backward): dx_i = V_i - <x_i, V_i> a_i^2 x_i, and the same for dw.
+* :func:`bias_sum_kernel`: dbias of a backward chunk, the sum in order of grad_kernel's
+  per-row-block column sums of dL/dv (deterministic, no atomics).
+
+The bias, soft cap and interclass filter (docs/design.md section 3) are constexpr
+switches (HAS_BIAS, SOFTCAP, INTERCLASS; ``FILTER`` is the gradient filter): off, the
+kernels compile to exactly their code without these terms.
 
 Conventions: the last dimension of x and w is contiguous; row offsets are int64 (N*D and
 C*K*D may pass 2^31); column indices within the shard are int32 (C < 2^31); ``a_ptr``'s
@@ -31,8 +37,8 @@ per-element math comes from ``math.py`` only.
 import triton
 import triton.language as tl
 
-from .math import clamp_unit, from_base2, inv_norm, margin_dpsi, margin_psi, radial, \
-    to_base2
+from .math import clamp_unit, from_base2, interclass_filtered, inv_norm, margin_dpsi, \
+    margin_psi, radial, softcap, softcap_and_grad, softcap_grad, to_base2
 
 # How a tile's dot products are computed (``DOT_MODE``):
 DOT_TENSOR_CORE = 0   # fp16 / bf16 operands, fp32 accumulation
@@ -142,6 +148,26 @@ def _load_params(prm_ptr, dtype: tl.constexpr):
     return s, m1, m2, m3
 
 
+@triton.jit
+def _load_terms(prm_ptr, s, dtype: tl.constexpr):
+    """The new logit terms' scalars in base 2 (params [4] = softcap, [5] = interclass):
+    (cap2 = softcap log2 e, 1 / cap2, thr2 = s interclass log2 e); the tiles compare the
+    base-2 logits y = s c log2 e with thr2 and cap them at cap2 (the soft cap is
+    scale-equivariant)."""
+    cap2 = to_base2(tl.load(prm_ptr + 4).to(dtype))
+    thr2 = to_base2(s * tl.load(prm_ptr + 5).to(dtype))
+    return cap2, 1.0 / tl.where(cap2 > 0.0, cap2, 1.0), thr2   # (softcap 0: unused)
+
+
+@triton.jit
+def _bias_of(bias_ptr, idx_ptr, cols, cmask, NUM_W_CLASSES, HAS_INDEX: tl.constexpr,
+             acc_t: tl.constexpr):
+    """bias[class of shard position j] for the columns ``cols`` (0 where masked), in the
+    accumulation type."""
+    cls, ok = _class_rows(idx_ptr, cols, cmask, NUM_W_CLASSES, HAS_INDEX)
+    return tl.load(bias_ptr + cls, mask=ok, other=0.0).to(acc_t)
+
+
 # Shape-like integer arguments that only bound masks and loops are not specialized on
 # (Triton otherwise compiles a variant per "== 1" / "% 16 == 0" of each: every new N or
 # chunk start of the backward would cost a recompile); D, the row strides and the
@@ -173,23 +199,27 @@ def inv_norm_kernel(src_ptr, idx_ptr, out_ptr, M, D, stride, NUM_W_CLASSES,
 
 
 @triton.jit(do_not_specialize=["N", "NUM_W_CLASSES"])
-def target_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr,
-                  tz_ptr, tc_ptr, tk_ptr, lse_ptr, gp_ptr, gt_ptr, gs_ptr, th_ptr,
+def target_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr, bias_ptr,
+                  tz_ptr, tc_ptr, tk_ptr, lse_ptr, gp_ptr, gt_ptr, gs_ptr, th_ptr, tv_ptr,
                   N, C, NUM_W_CLASSES, D, stride_x, stride_w,
                   K: tl.constexpr, HAS_INDEX: tl.constexpr, NORMALIZE: tl.constexpr,
                   WRAP: tl.constexpr, GRAD: tl.constexpr, M1_IS_ONE: tl.constexpr,
-                  BWD: tl.constexpr, SCALE_H: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_D: tl.constexpr):
+                  BWD: tl.constexpr, SCALE_H: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Per row i with a target t = label_i (>= 0): c_t = max over sub-centers k of the
-    cosine (clamped to [-1, 1]; the plain dot product without normalization),
+    cosine (clamped to [-1, 1]; the plain dot product without normalization), with the
+    target's bias b_t (HAS_BIAS, else 0) and the soft cap T (SOFTCAP, else the identity),
 
-        tz[i] = s psi(c_t)                        (0 without a target)
-        tc[i] = s c_t                             (0 without a target)
+        tz[i] = T(s psi(c_t) + b_t)               (0 without a target)
+        tc[i] = T(s c_t + b_t)                    (0 without a target: the tiles' plain
+                                                   logit of the target column)
         tk[i] = the arg-max sub-center            (int32)
 
-    and with BWD, the target's entry of the gradient tile (a_i b_t only with SCALE_H),
+    and with BWD, dL/dv at the target and the target's entry of the gradient tile (a_i
+    b_t only with SCALE_H),
 
-        th[i] = a_i b_t s psi'(c_t) (g_p exp(s psi(c_t) - lse) + g_t + g_s).
+        tv[i] = T'(s psi(c_t) + b_t) (g_p exp(tz - lse) + g_t + g_s)   (HAS_BIAS only)
+        th[i] = a_i b_t s psi'(c_t) tv[i].
 
     A label outside [0, C) counts as no target (never read outside the shard)."""
     pid = tl.program_id(0)
@@ -231,9 +261,22 @@ def target_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr,
             bb = tl.where(upd, bk, bb)
             kb = tl.where(upd, k, kb)
     psi = margin_psi(best, m1, m2, m3, WRAP, M1_IS_ONE)
-    tz = tl.where(has, s * psi, 0.0)
+    vt = s * psi
+    vc = s * best
+    if HAS_BIAS:
+        bt = tl.load(bias_ptr + cls, mask=valid, other=0.0).to(acc_t)
+        vt = vt + bt
+        vc = vc + bt
+    if SOFTCAP:
+        cap = tl.load(prm_ptr + 4).to(acc_t)
+        inv_cap = 1.0 / cap
+        zt = softcap(vt, cap, inv_cap)
+        vc = softcap(vc, cap, inv_cap)
+    else:
+        zt = vt
+    tz = tl.where(has, zt, 0.0)
     tl.store(tz_ptr + rows, tz, mask=rmask)
-    tl.store(tc_ptr + rows, tl.where(has, s * best, 0.0), mask=rmask)
+    tl.store(tc_ptr + rows, tl.where(has, vc, 0.0), mask=rmask)
     tl.store(tk_ptr + rows, kb, mask=rmask)
     if BWD:
         lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0).to(acc_t)
@@ -241,21 +284,35 @@ def target_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr,
         g_t = tl.load(gt_ptr + rows, mask=rmask, other=0.0).to(acc_t)
         g_s = tl.load(gs_ptr + rows, mask=rmask, other=0.0).to(acc_t)
         dpsi = margin_dpsi(best, m1, m2, WRAP, GRAD, M1_IS_ONE)
-        g = s * dpsi * (g_p * tl.exp(tz - lse) + g_t + g_s)
+        dv = g_p * tl.exp(tz - lse) + g_t + g_s
+        if SOFTCAP:
+            dv = dv * softcap_grad(vt, inv_cap)
+        if HAS_BIAS:
+            tl.store(tv_ptr + rows, tl.where(has, dv, 0.0), mask=rmask)
+        g = s * dpsi * dv
         if SCALE_H:
             g = g * a * bb
         tl.store(th_ptr + rows, tl.where(has, g, 0.0), mask=rmask)
 
 
 @triton.jit
-def _fwd_tile(x_ptr, w_ptr, idx_ptr, b_ptr, row_scale, rows, rmask, labels, j0, j_end,
-              run_max, run_sum, sum_y, arg, first, NUM_W_CLASSES, D, stride_x, stride_w,
+def _fwd_tile(x_ptr, w_ptr, idx_ptr, b_ptr, bias_ptr, row_scale, rows, rmask, labels, j0,
+              j_end, run_max, run_sum, sum_y, arg, lmax, first, cap2, inv_cap2, thr2,
+              NUM_W_CLASSES, D, stride_x, stride_w,
               K: tl.constexpr, HAS_INDEX: tl.constexpr, NORMALIZE: tl.constexpr,
               DOT_MODE: tl.constexpr, FP32_PREC: tl.constexpr, MASKED: tl.constexpr,
+              HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, INTERCLASS: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Fold the class tile starting at j0 into the running (max, sum, sum of y, arg).
-    MASKED: the tile may pass j_end (only a split's last tile); the others carry no
-    column mask at all."""
+    """Fold the class tile starting at j0 into the running (max, sum, sum of z, arg[,
+    lse max]). MASKED: the tile may pass j_end (only a split's last tile); the others
+    carry no column mask at all.
+
+    The top-1 runs over m = y + bias (base 2; y = s c log2 e, no margin, no filter). The
+    logits are z = T(v), v = (filtered ? 0 : y) + bias. Without SOFTCAP and INTERCLASS
+    z = m, and the running max of m also shifts the exponential sum; with either, the
+    sum has its own running max ``lmax`` (the filter may drop the largest logits far
+    below the top-1's max)."""
+    acc_t: tl.constexpr = row_scale.dtype
     cols = j0 + tl.arange(0, BLOCK_C)
     if MASKED:
         cmask = cols < j_end
@@ -264,37 +321,71 @@ def _fwd_tile(x_ptr, w_ptr, idx_ptr, b_ptr, row_scale, rows, rmask, labels, j0, 
     y, _kb = _scaled_logits(x_ptr, w_ptr, idx_ptr, b_ptr, row_scale, rows, rmask, cols,
                             cmask, NUM_W_CLASSES, D, stride_x, stride_w, K, HAS_INDEX,
                             NORMALIZE, DOT_MODE, FP32_PREC, BLOCK_N, BLOCK_C, BLOCK_D)
+    if HAS_BIAS:
+        bias2 = to_base2(_bias_of(bias_ptr, idx_ptr, cols, cmask, NUM_W_CLASSES, HAS_INDEX,
+                                  acc_t))
+        m = y + bias2[None, :]
+    else:
+        m = y
     if MASKED:
-        y = tl.where(cmask[None, :], y, float("-inf"))
-    tile_max = tl.max(y, axis=1)
-    tile_arg = tl.argmax(y, axis=1).to(tl.int32) + j0
+        m = tl.where(cmask[None, :], m, float("-inf"))
+    tile_max = tl.max(m, axis=1)
+    tile_arg = tl.argmax(m, axis=1).to(tl.int32) + j0
     # the first tile always sets the arg-max (NaN rows included); later tiles only when
     # strictly larger, so ties keep the lower class
     upd = first | (tile_max > run_max)
     arg = tl.where(upd, tile_arg, arg)
     new_max = tl.maximum(run_max, tile_max)
-    ref = tl.where(new_max == float("-inf"), 0.0, new_max)
-    # the target's exp is left out here (its margin logit is added in the combine); the
-    # sum of y keeps it (the combine subtracts the target's plain logit: no mask per y)
-    yt = tl.where(cols[None, :] == labels[:, None], float("-inf"), y)
-    run_sum = run_sum * tl.exp2(run_max - ref) + tl.sum(tl.exp2(yt - ref[:, None]), axis=1)
+    is_t = cols[None, :] == labels[:, None]
+    if SOFTCAP or INTERCLASS:
+        v = m
+        if INTERCLASS:
+            filt = interclass_filtered(y, is_t, thr2)
+            if HAS_BIAS:
+                v = tl.where(filt, bias2[None, :], v)
+            else:
+                v = tl.where(filt, 0.0, v)
+        if SOFTCAP:
+            z = softcap(v, cap2, inv_cap2)
+        else:
+            z = v
+        if MASKED:
+            z = tl.where(cmask[None, :], z, float("-inf"))
+        # the target's exp is left out (its margin logit is added in the combine)
+        zt = tl.where(is_t, float("-inf"), z)
+        new_l = tl.maximum(lmax, tl.max(zt, axis=1))
+        ref = tl.where(new_l == float("-inf"), 0.0, new_l)
+        run_sum = run_sum * tl.exp2(lmax - ref) + tl.sum(tl.exp2(zt - ref[:, None]), axis=1)
+        lmax = new_l
+    else:
+        z = m
+        ref = tl.where(new_max == float("-inf"), 0.0, new_max)
+        # the target's exp is left out here (its margin logit is added in the combine);
+        # the sum of z keeps it (the combine subtracts the target's plain logit: no mask
+        # per z)
+        zt = tl.where(is_t, float("-inf"), z)
+        run_sum = run_sum * tl.exp2(run_max - ref) + tl.sum(tl.exp2(zt - ref[:, None]),
+                                                           axis=1)
     if MASKED:
-        y = tl.where(cmask[None, :], y, 0.0)
-    sum_y += tl.sum(y, axis=1)
-    return new_max, run_sum, sum_y, arg
+        z = tl.where(cmask[None, :], z, 0.0)
+    sum_y += tl.sum(z, axis=1)
+    return new_max, run_sum, sum_y, arg, lmax
 
 
 @triton.jit(do_not_specialize=["N", "C", "NUM_W_CLASSES", "cls_per_split"])
-def fwd_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr,
-               pmax_ptr, psum_ptr, psz_ptr, parg_ptr,
+def fwd_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr, bias_ptr,
+               pmax_ptr, psum_ptr, psz_ptr, parg_ptr, plm_ptr,
                N, C, NUM_W_CLASSES, D, stride_x, stride_w, cls_per_split,
                K: tl.constexpr, HAS_INDEX: tl.constexpr, NORMALIZE: tl.constexpr,
-               DOT_MODE: tl.constexpr, FP32_PREC: tl.constexpr,
+               DOT_MODE: tl.constexpr, FP32_PREC: tl.constexpr, HAS_BIAS: tl.constexpr,
+               SOFTCAP: tl.constexpr, INTERCLASS: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (row blocks, class splits). Partials [N, splits], in base 2 (y = z log2 e):
-    the running max of y over all the split's classes (no margin) and its class, the sum
-    of exp2(y - max) over the non-target classes and the sum of all their y. Whole tiles
-    first, without column masks; then the split's partial last tile, if any."""
+    the running max of s c + bias over all the split's classes (no margin, no filter, no
+    cap) and its class, the sum of exp2(z - shift) over the non-target classes and the
+    sum of all their z; the shift is that max, or with SOFTCAP / INTERCLASS the
+    non-target z's own running max, stored in plm. Whole tiles first, without column
+    masks; then the split's partial last tile, if any."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     acc_t: tl.constexpr = a_ptr.dtype.element_ty
@@ -302,40 +393,52 @@ def fwd_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr,
     a = _row_norms(a_ptr, rows, rmask, NORMALIZE, acc_t)
     s = tl.load(prm_ptr).to(acc_t)
     row_scale = a * to_base2(s)
+    if SOFTCAP or INTERCLASS:
+        cap2, inv_cap2, thr2 = _load_terms(prm_ptr, s, acc_t)
+    else:   # unused
+        cap2 = s
+        inv_cap2 = s
+        thr2 = s
     run_max = tl.full((BLOCK_N,), float("-inf"), acc_t)
     run_sum = tl.zeros((BLOCK_N,), acc_t)
     sum_y = tl.zeros((BLOCK_N,), acc_t)
     arg = tl.zeros((BLOCK_N,), tl.int32)
+    lmax = tl.full((BLOCK_N,), float("-inf"), acc_t)
     j_start = pid_s * cls_per_split
     j_end = j_start + tl.minimum(cls_per_split, C - j_start)   # no int32 overflow
     j_full = j_start + (j_end - j_start) // BLOCK_C * BLOCK_C
     for j0 in range(j_start, j_full, BLOCK_C):
-        run_max, run_sum, sum_y, arg = _fwd_tile(
-            x_ptr, w_ptr, idx_ptr, b_ptr, row_scale, rows, rmask, labels, j0, j_end,
-            run_max, run_sum, sum_y, arg, j0 == j_start, NUM_W_CLASSES, D, stride_x,
-            stride_w, K, HAS_INDEX, NORMALIZE, DOT_MODE, FP32_PREC, False, BLOCK_N, BLOCK_C,
-            BLOCK_D)
+        run_max, run_sum, sum_y, arg, lmax = _fwd_tile(
+            x_ptr, w_ptr, idx_ptr, b_ptr, bias_ptr, row_scale, rows, rmask, labels, j0,
+            j_end, run_max, run_sum, sum_y, arg, lmax, j0 == j_start, cap2, inv_cap2, thr2,
+            NUM_W_CLASSES, D, stride_x, stride_w, K, HAS_INDEX, NORMALIZE, DOT_MODE,
+            FP32_PREC, False, HAS_BIAS, SOFTCAP, INTERCLASS, BLOCK_N, BLOCK_C, BLOCK_D)
     if j_full < j_end:
-        run_max, run_sum, sum_y, arg = _fwd_tile(
-            x_ptr, w_ptr, idx_ptr, b_ptr, row_scale, rows, rmask, labels, j_full, j_end,
-            run_max, run_sum, sum_y, arg, j_full == j_start, NUM_W_CLASSES, D, stride_x,
-            stride_w, K, HAS_INDEX, NORMALIZE, DOT_MODE, FP32_PREC, True, BLOCK_N, BLOCK_C,
-            BLOCK_D)
+        run_max, run_sum, sum_y, arg, lmax = _fwd_tile(
+            x_ptr, w_ptr, idx_ptr, b_ptr, bias_ptr, row_scale, rows, rmask, labels, j_full,
+            j_end, run_max, run_sum, sum_y, arg, lmax, j_full == j_start, cap2, inv_cap2,
+            thr2, NUM_W_CLASSES, D, stride_x, stride_w, K, HAS_INDEX, NORMALIZE, DOT_MODE,
+            FP32_PREC, True, HAS_BIAS, SOFTCAP, INTERCLASS, BLOCK_N, BLOCK_C, BLOCK_D)
     off = rows * tl.num_programs(1) + pid_s   # partials are [N, splits], int64 offsets
     tl.store(pmax_ptr + off, run_max, mask=rmask)
     tl.store(psum_ptr + off, run_sum, mask=rmask)
     tl.store(psz_ptr + off, sum_y, mask=rmask)
     tl.store(parg_ptr + off, arg, mask=rmask)
+    if SOFTCAP or INTERCLASS:
+        tl.store(plm_ptr + off, lmax, mask=rmask)
 
 
 @triton.jit(do_not_specialize=["N", "SPLITS"])
-def fwd_combine_kernel(pmax_ptr, psum_ptr, psz_ptr, parg_ptr, tz_ptr, tc_ptr, lab_ptr,
-                       lse_ptr, tgt_ptr, sz_ptr, maxz_ptr, arg_ptr, N, SPLITS,
+def fwd_combine_kernel(pmax_ptr, psum_ptr, psz_ptr, parg_ptr, plm_ptr, tz_ptr, tc_ptr,
+                       lab_ptr, prm_ptr, lse_ptr, tgt_ptr, sz_ptr, maxz_ptr, arg_ptr, N,
+                       SPLITS, SEP_MAX: tl.constexpr, SOFTCAP: tl.constexpr,
                        BLOCK: tl.constexpr):
     """Merge the [N, SPLITS] base-2 partials of fwd_kernel and the target's margin logit
     tz into lse, target, sum_z (the partials' sum of all logits, with the target's plain
-    logit tc replaced by tz), max_z (= max_j s c_ij, no margin) and the arg-max (a tie
-    between splits keeps the lower class, as within a split)."""
+    logit tc replaced by tz), max_z (= T(max_j s c_ij + bias_j), no margin, T the soft
+    cap with SOFTCAP) and the arg-max (a tie between splits keeps the lower class, as
+    within a split). The exponential sums' shifts are plm (SEP_MAX), else pmax (pass
+    pmax as plm then)."""
     pid = tl.program_id(0)
     acc_t: tl.constexpr = lse_ptr.dtype.element_ty
     rows = (pid * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
@@ -351,13 +454,20 @@ def fwd_combine_kernel(pmax_ptr, psum_ptr, psz_ptr, parg_ptr, tz_ptr, tc_ptr, la
         upd = (sp == 0) | (m > big)
         arg = tl.where(upd, g, arg)
         big = tl.maximum(big, m)
-    top = tl.where(has, tl.maximum(big, ty), big)
+    if SEP_MAX:
+        lbig = tl.full((BLOCK,), float("-inf"), acc_t)
+        for sp in range(0, SPLITS):
+            lbig = tl.maximum(lbig, tl.load(plm_ptr + rows * SPLITS + sp, mask=mask,
+                                            other=float("-inf")))
+    else:
+        lbig = big
+    top = tl.where(has, tl.maximum(lbig, ty), lbig)
     ref = tl.where(top == float("-inf"), 0.0, top)
     total = tl.where(has, tl.exp2(ty - ref), 0.0)
     sum_y = tl.zeros((BLOCK,), acc_t)
     for sp in range(0, SPLITS):
         off = rows * SPLITS + sp
-        m = tl.load(pmax_ptr + off, mask=mask, other=float("-inf"))
+        m = tl.load(plm_ptr + off, mask=mask, other=float("-inf"))
         total += tl.load(psum_ptr + off, mask=mask, other=0.0) * tl.exp2(m - ref)
         sum_y += tl.load(psz_ptr + off, mask=mask, other=0.0)
     total = tl.where(mask, total, 1.0)   # rows past N: no log(0)
@@ -375,30 +485,42 @@ def fwd_combine_kernel(pmax_ptr, psum_ptr, psz_ptr, parg_ptr, tz_ptr, tc_ptr, la
     # a NaN logit makes the row's sum of logits NaN, while the running max skips it
     # (comparisons with NaN are false): max_z is NaN then, as torch.max gives
     big = tl.where(sum_y != sum_y, sum_y, big)
-    tl.store(maxz_ptr + rows, from_base2(big), mask=mask)
+    big = from_base2(big)
+    if SOFTCAP:
+        cap = tl.load(prm_ptr + 4).to(acc_t)
+        big = softcap(big, cap, 1.0 / cap)
+    tl.store(maxz_ptr + rows, big, mask=mask)
     tl.store(arg_ptr + rows, arg.to(tl.int64), mask=mask)
 
 
 @triton.jit(do_not_specialize=["N", "j_chunk", "C_chunk", "NUM_W_CLASSES"])
-def grad_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr,
-                lse_ptr, gp_ptr, gs_ptr, th_ptr, tk_ptr, h_ptr, ld_h, flag_ptr, eps,
-                N, j_chunk, C_chunk, NUM_W_CLASSES, D, stride_x, stride_w,
+def grad_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr, bias_ptr,
+                lse_ptr, gp_ptr, gs_ptr, th_ptr, tk_ptr, tv_ptr, h_ptr, ld_h, flag_ptr,
+                dbp_ptr, eps, N, j_chunk, C_chunk, NUM_W_CLASSES, D, stride_x, stride_w,
                 K: tl.constexpr, HAS_INDEX: tl.constexpr, NORMALIZE: tl.constexpr,
                 DOT_MODE: tl.constexpr, FP32_PREC: tl.constexpr, FILTER: tl.constexpr,
-                SCALE_H: tl.constexpr,
+                SCALE_H: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+                INTERCLASS: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (row blocks, class tiles of the chunk). For classes j_chunk + [0, C_chunk):
 
-        H[i, jl*K + k] = a_i b_j s (g_p exp(z_ij - lse_i) + g_s)   at the arg-max k
+        H[i, jl*K + k] = a_i b_j s dL/dv_ij                         at the arg-max k
                        = th_i (from target_kernel)                  at the target
                        = 0                                          at other sub-centers
+                                                                    and filtered logits
+        dL/dv_ij = T'(v_ij) (g_p exp(z_ij - lse_i) + g_s)           (non-target)
 
     i.e. H = a b dL/dc; without SCALE_H (float16: the workspace's range), H = dL/dc and
     the products scale the rows they read instead. The logits are recomputed exactly as
-    in fwd_kernel. Tiles are
-    stored whole, the grid covering all of the workspace's padded width ld_h (columns
-    past the chunk as zeros, which the products then read instead of masking), so every
-    store is a full 16-byte vector.
+    in fwd_kernel (z = T(v), v = (filtered ? 0 : s c) + bias; T' = 1 without SOFTCAP).
+    Tiles are stored whole, the grid covering all of the workspace's padded width ld_h
+    (columns past the chunk as zeros, which the products then read instead of masking),
+    so every store is a full 16-byte vector.
+
+    HAS_BIAS: the tile's column sums of dL/dv (the target's entry tv from target_kernel;
+    filtered logits included) go to dbp[pid_n, pid_c * BLOCK_C + [0, BLOCK_C)] (the
+    chunk's [row blocks, ld_h / K] partials, zeros past the chunk), summed over the row
+    blocks in order by bias_sum_kernel: deterministic, no atomics.
 
     FILTER (the gradient filter, eps > 0): a tile without a target whose softmax values
     are all below eps drops its p-term; if no row of it has a smoothing term either, the
@@ -429,7 +551,26 @@ def grad_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr,
     is_t = cols[None, :] == labels[:, None]
     valid = rmask[:, None] & cmask[None, :]
     hrow = rows[:, None] * ld_h
-    p = tl.exp2(y - lse2[:, None])
+    FEATURES: tl.constexpr = HAS_BIAS or SOFTCAP or INTERCLASS
+    if FEATURES:
+        z = y
+        if HAS_BIAS:
+            bias2 = to_base2(_bias_of(bias_ptr, idx_ptr, cols, cmask, NUM_W_CLASSES,
+                                      HAS_INDEX, acc_t))
+            z = z + bias2[None, :]
+        if SOFTCAP or INTERCLASS:
+            cap2, inv_cap2, thr2 = _load_terms(prm_ptr, s, acc_t)
+        if INTERCLASS:
+            filt = interclass_filtered(y, is_t, thr2)
+            if HAS_BIAS:
+                z = tl.where(filt, bias2[None, :], z)
+            else:
+                z = tl.where(filt, 0.0, z)
+        if SOFTCAP:
+            z, tp = softcap_and_grad(z, cap2, inv_cap2)
+        p = tl.exp2(z - lse2[:, None])
+    else:
+        p = tl.exp2(y - lse2[:, None])
     # a softmax value is at most 1; at huge logits the recomputed y may pass lse by a
     # rounding error that is huge in absolute terms (exp2 would overflow). NaN stays NaN.
     p = tl.where(p > 1.0, 1.0, p)
@@ -440,8 +581,25 @@ def grad_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr,
         p = tl.where(drop, 0.0, p)
         live = tl.where(drop & (tl.max(tl.abs(c0), axis=0) == 0.0), 0, 1)
         tl.store(flag_ptr + pid_n * tl.num_programs(1) + pid_c, live.to(tl.int8))
+    if FEATURES:
+        dv = g_p[:, None] * p + g_s[:, None]
+        if SOFTCAP:
+            dv = dv * tp
+        if HAS_BIAS:
+            tv = tl.load(tv_ptr + rows, mask=rmask, other=0.0)
+            db = tl.where(valid, tl.where(is_t, tv[:, None], dv), 0.0)
+            tl.store(dbp_ptr + pid_n * (tl.num_programs(1) * BLOCK_C) + cl,
+                     tl.sum(db, axis=0))
+        sa = tl.full((BLOCK_N,), 1.0, acc_t) * s      # H = s a_i dL/dv (SCALE_H)
+        if SCALE_H:
+            sa = sa * a
+        hv = sa[:, None] * dv
+        if INTERCLASS:
+            hv = tl.where(filt, 0.0, hv)
+    else:
+        hv = c1[:, None] * p + c0[:, None]
     for k in tl.static_range(K):
-        h = c1[:, None] * p + c0[:, None]
+        h = hv
         if NORMALIZE and SCALE_H:
             bk = tl.load(b_ptr + cols * K + k, mask=cmask, other=0.0)
             h = h * bk[None, :]
@@ -454,6 +612,20 @@ def grad_kernel(x_ptr, w_ptr, lab_ptr, idx_ptr, a_ptr, b_ptr, prm_ptr,
         h = tl.where(valid, h, 0.0)
         tl.store(h_ptr + hrow + (cl * K + k)[None, :], h.to(h_ptr.dtype.element_ty),
                  mask=rmask[:, None])
+
+
+@triton.jit(do_not_specialize=["ROW_BLOCKS", "j_chunk", "C_chunk"])
+def bias_sum_kernel(dbp_ptr, ld, ROW_BLOCKS, out_ptr, j_chunk, C_chunk,
+                    BLOCK: tl.constexpr):
+    """out[j_chunk + j] = sum over the row blocks rb (in order) of dbp[rb, j], for j <
+    C_chunk: the chunk's dbias over shard positions (each written once)."""
+    pid = tl.program_id(0)
+    j = pid * BLOCK + tl.arange(0, BLOCK)
+    m = j < C_chunk
+    acc = tl.zeros((BLOCK,), out_ptr.dtype.element_ty)
+    for rb in range(0, ROW_BLOCKS):
+        acc += tl.load(dbp_ptr + rb * ld + j, mask=m, other=0.0)
+    tl.store(out_ptr + j_chunk + j, acc, mask=m)
 
 
 @triton.jit

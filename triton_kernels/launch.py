@@ -60,6 +60,17 @@ previous design (cuBLAS products on X_hat / W_hat copies, about 23 torch ops per
 was predicted at 36 ms. bwd_mm_kernel is issue-bound (about 200 instructions per 64 x
 128 x 64 step, mostly cp.async address arithmetic): TMA loads are the next step.
 
+Bias, soft cap, interclass filter
+---------------------------------
+v = s u + bias[class], z = softcap tanh(v / softcap), u = 0 for a filtered non-target
+(docs/design.md section 3), switched by constexprs (``_terms``): with all three off the
+kernels' machine code is that of the plain loss. The forward's top-1 runs over s c +
+bias; with the cap or the filter the exponential sum keeps its own running max (a
+filtered logit may sit far below the top-1). The backward's grad_kernel also writes the
+column sums of dL/dv per row block ([N / BLOCK_N, chunk] partials), which
+``bias_sum_kernel`` adds in order; an index maps them to classes with index_put_
+(accumulate, deterministic).
+
 Precision
 ---------
 fp16 / bf16 inputs: tensor-core dots with fp32 accumulation, fp32 statistics, H in the
@@ -160,20 +171,32 @@ def _prepared(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], k: 
     return _rows(x), _rows(w), labels.contiguous(), index, num_classes
 
 
-def _params(x: Tensor, s: float, m1: float, m2: float, m3: float) -> Tensor:
-    """[s, m1, m2, m3] as a float64 tensor: the kernels cast them to their compute
-    dtype (a Python float argument would reach a kernel as float32). Cached per device
-    and values in eager mode, so a training step does not copy them to the GPU again."""
+def _params(x: Tensor, s: float, m1: float, m2: float, m3: float, softcap: float = 0.0,
+            interclass: float = 0.0) -> Tensor:
+    """[s, m1, m2, m3, softcap, interclass] as a float64 tensor: the kernels cast them
+    to their compute dtype (a Python float argument would reach a kernel as float32).
+    Cached per device and values in eager mode, so a training step does not copy them
+    to the GPU again."""
+    vals = [s, m1, m2, m3, softcap, interclass]
     if _traced(x):
-        return torch.tensor([s, m1, m2, m3], dtype=torch.float64, device=x.device)
-    key = (x.device, s, m1, m2, m3)
+        return torch.tensor(vals, dtype=torch.float64, device=x.device)
+    key = (x.device, *vals)
     t = _PARAMS_CACHE.get(key)
     if t is None:
         if len(_PARAMS_CACHE) >= 64:
             _PARAMS_CACHE.clear()
-        t = _PARAMS_CACHE[key] = torch.tensor([s, m1, m2, m3], dtype=torch.float64,
-                                              device=x.device)
+        t = _PARAMS_CACHE[key] = torch.tensor(vals, dtype=torch.float64, device=x.device)
     return t
+
+
+def _terms(normalize: bool, bias: Optional[Tensor], softcap: float, interclass: float
+           ) -> dict:
+    """The kernels' switches of the new logit terms (docs/design.md section 3): HAS_BIAS,
+    SOFTCAP (softcap > 0) and INTERCLASS (interclass > 0; with normalization a threshold
+    >= 1 drops nothing, clamped cosines being at most 1, so it is off). All False: the
+    kernels compile to exactly the work they did before these terms existed."""
+    return dict(HAS_BIAS=bias is not None, SOFTCAP=softcap > 0,
+                INTERCLASS=interclass > 0 and not (normalize and interclass >= 1.0))
 
 
 def _dot_mode(dtype: torch.dtype) -> int:
@@ -246,38 +269,46 @@ def _sms(device: torch.device) -> int:
 
 
 def _target(x, w, labels, index, a, b, prm, k, normalize, wrap_mode, grad_mode, m1,
-            num_w, num_classes, bwd=None, scale_h=True
-            ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-    """(tz [N], tc [N], tk [N] int32, th [N] or None) of target_kernel."""
+            num_w, num_classes, bwd=None, scale_h=True, bias=None, softcap=False
+            ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """(tz [N], tc [N], tk [N] int32, th [N] or None, tv [N] or None) of target_kernel
+    (tv: dL/dv at the target, in the backward with a bias)."""
     n, d = x.shape
     acc = acc_dtype(x.dtype)
     tz = torch.empty(n, dtype=acc, device=x.device)
     tc = torch.empty(n, dtype=acc, device=x.device)
     tk = torch.empty(n, dtype=torch.int32, device=x.device)
     th = torch.empty(n, dtype=acc, device=x.device) if bwd is not None else tz
+    with_tv = bwd is not None and bias is not None
+    tv = torch.empty(n, dtype=acc, device=x.device) if with_tv else tz
     lse, g_p, g_t, g_s = bwd if bwd is not None else (tz, tz, tz, tz)
     cfg = cfgs.rows_config(_interpreted(), d)
     idx = index if index is not None else labels
     _launch(K.target_kernel, (triton.cdiv(n, cfg["BLOCK_M"]),),
-            x, w, labels, idx, a, b, prm, tz, tc, tk, lse, g_p, g_t, g_s, th,
-            n, num_classes, num_w, d, x.stride(0), w.stride(0),
+            x, w, labels, idx, a, b, prm, bias if bias is not None else a, tz, tc, tk, lse,
+            g_p, g_t, g_s, th, tv, n, num_classes, num_w, d, x.stride(0), w.stride(0),
             K=k, HAS_INDEX=index is not None, NORMALIZE=normalize, WRAP=wrap_mode,
             GRAD=grad_mode, M1_IS_ONE=(m1 == 1.0), BWD=bwd is not None, SCALE_H=scale_h,
+            HAS_BIAS=bias is not None, SOFTCAP=softcap,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_D=min(cfg["BLOCK_D"], 128),
             num_warps=cfg["num_warps"])
-    return tz, tc, tk, (th if bwd is not None else None)
+    return tz, tc, tk, (th if bwd is not None else None), (tv if with_tv else None)
 
 
-def forward(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], s: float,
-            m1: float, m2: float, m3: float, wrap_mode: int, grad_mode: int,
-            normalize: bool, sub_centers: int
+def forward(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor],
+            bias: Optional[Tensor], s: float, m1: float, m2: float, m3: float,
+            wrap_mode: int, grad_mode: int, normalize: bool, sub_centers: int,
+            softcap: float = 0.0, interclass: float = 0.0
             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward primitive. x [N, D], w [C_w * K, D] (same float dtype), labels [N] int64
-    (shard position or -1), index [C] int64 or None. Returns lse, target, sum_z, max_z
-    [N] (float32; float64 for float64 inputs) and argmax [N] int64. The arguments are
-    checked by the caller (the registered op: arcface_kernels._checks.check_op_args)."""
+    (shard position or -1), index [C] int64 or None, bias [C_w] or None (per class of w),
+    softcap / interclass (0: off; docs/design.md section 3). Returns lse, target, sum_z,
+    max_z [N] (float32; float64 for float64 inputs) and argmax [N] int64. The arguments
+    are checked by the caller (the registered op: arcface_kernels._checks.check_op_args)."""
     k = sub_centers
     x, w, labels, index, num_classes = _prepared(x, w, labels, index, k)
+    bias = None if bias is None else bias.contiguous()
+    terms = _terms(normalize, bias, softcap, interclass)
     n, d = x.shape
     acc = acc_dtype(x.dtype)
     dev = x.device
@@ -296,10 +327,11 @@ def forward(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], s: fl
         arg.zero_()
         return lse, tgt, sum_z, max_z, arg
     a, b = _norms(x, w, index, k, normalize, num_classes, acc)
-    prm = _params(x, s, m1, m2, m3)
+    prm = _params(x, s, m1, m2, m3, softcap, interclass)
     num_w = w.shape[0] // k
-    tz, tc, _tk, _ = _target(x, w, labels, index, a, b, prm, k, normalize, wrap_mode,
-                             grad_mode, m1, num_w, num_classes)
+    tz, tc, _tk, _, _ = _target(x, w, labels, index, a, b, prm, k, normalize, wrap_mode,
+                                grad_mode, m1, num_w, num_classes, bias=bias,
+                                softcap=terms["SOFTCAP"])
     cfg = cfgs.tile_config(x.dtype, _interpreted(), k)
     row_blocks = triton.cdiv(n, cfg["BLOCK_N"])
     class_blocks = triton.cdiv(num_classes, cfg["BLOCK_C"])
@@ -307,17 +339,21 @@ def forward(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], s: fl
                                       cfgs.WAVES * _sms(dev))
     pmax, psum, psz = (torch.empty(n, splits, dtype=acc, device=dev) for _ in range(3))
     parg = torch.empty(n, splits, dtype=torch.int32, device=dev)
+    # the exponential sums' own shifts (soft cap / filter: not the top-1's max)
+    sep_max = terms["SOFTCAP"] or terms["INTERCLASS"]
+    plm = torch.empty(n, splits, dtype=acc, device=dev) if sep_max else pmax
     idx = index if index is not None else labels
     meta = dict(K=k, HAS_INDEX=index is not None, NORMALIZE=normalize,
-                DOT_MODE=_dot_mode(x.dtype), FP32_PREC=OPTIONS.fp32_prec)
+                DOT_MODE=_dot_mode(x.dtype), FP32_PREC=OPTIONS.fp32_prec, **terms)
     kernel, meta = _tile_kernel(K.fwd_kernel, "fwd", x.dtype, cfg, meta)
     _launch(kernel, (row_blocks, splits),
-            x, w, labels, idx, a, b, prm, pmax, psum, psz, parg,
-            n, num_classes, num_w, d, x.stride(0), w.stride(0), per_split, **meta)
+            x, w, labels, idx, a, b, prm, bias if bias is not None else a, pmax, psum, psz,
+            parg, plm, n, num_classes, num_w, d, x.stride(0), w.stride(0), per_split,
+            **meta)
     blk = cfgs.COMBINE_BLOCK
     _launch(K.fwd_combine_kernel, (triton.cdiv(n, blk),),
-            pmax, psum, psz, parg, tz, tc, labels, lse, tgt, sum_z, max_z, arg, n, splits,
-            BLOCK=blk)
+            pmax, psum, psz, parg, plm, tz, tc, labels, prm, lse, tgt, sum_z, max_z, arg,
+            n, splits, SEP_MAX=sep_max, SOFTCAP=terms["SOFTCAP"], BLOCK=blk)
     return lse, tgt, sum_z, max_z, arg
 
 
@@ -341,23 +377,38 @@ def _split(tiles: int, target: int, cap: int) -> int:
     return max(1, min(cap, triton.cdiv(target, max(tiles, 1))))
 
 
-def backward(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], lse: Tensor,
-             g_p: Tensor, g_t: Tensor, g_s: Tensor, s: float, m1: float, m2: float,
-             m3: float, wrap_mode: int, grad_mode: int, normalize: bool, sub_centers: int,
-             block: int, grad_filter: float = 0.0) -> Tuple[Tensor, Tensor]:
+def backward(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor],
+             bias: Optional[Tensor], lse: Tensor, g_p: Tensor, g_t: Tensor, g_s: Tensor,
+             s: float, m1: float, m2: float, m3: float, wrap_mode: int, grad_mode: int,
+             normalize: bool, sub_centers: int, softcap: float, interclass: float,
+             block: int, grad_filter: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
     """Backward primitive: dL/dz_ij = g_p_i exp(z_ij - lse_i) + g_t_i [j = label_i] +
     g_s_i. lse, g_p, g_t, g_s [N]. Returns dx [N, D] and dw [C_w * K, D] in the input
-    dtype (zero outside the shard's rows). ``block``: classes per backward chunk (0: as
-    many as the workspace holds). ``grad_filter`` eps > 0: a gradient tile without a
-    target whose softmax values are all below eps drops its p-term, and the products
-    skip it when it is then zero (no smoothing term): Cut Cross-Entropy's filter.
-    Arguments checked by the caller, as :func:`forward`'s."""
+    dtype (zero outside the shard's rows) and dbias [C_w] in bias's dtype (zero outside
+    the shard; an empty [0] tensor of x's dtype without bias). ``block``: classes per
+    backward chunk (0: as many as the workspace holds). ``grad_filter`` eps > 0: a
+    gradient tile without a target whose softmax values are all below eps drops its
+    p-term, and the products skip it when it is then zero (no smoothing term): Cut
+    Cross-Entropy's filter. Arguments checked by the caller, as :func:`forward`'s.
+
+    dbias: per chunk, grad_kernel writes the column sums of dL/dv of each of its tiles
+    into a [row blocks, chunk width] partial buffer (about N / BLOCK_N x the chunk's
+    classes: a fraction 1 / (BLOCK_N K) of the workspace H), and bias_sum_kernel adds its
+    rows in order into the shard's dbias; through an index, index_put_ with accumulate
+    (sorted: deterministic) maps shard positions to classes."""
     k = sub_centers
     x, w, labels, index, num_classes = _prepared(x, w, labels, index, k)
+    bias = None if bias is None else bias.contiguous()
+    terms = _terms(normalize, bias, softcap, interclass)
     n, d = x.shape
     acc = acc_dtype(x.dtype)
     dev = x.device
     lse, g_p, g_t, g_s = (t.to(acc).contiguous() for t in (lse, g_p, g_t, g_s))
+    if bias is None:
+        db_shard = None
+        dbias = torch.empty(0, dtype=x.dtype, device=dev)
+    else:
+        db_shard = torch.empty(num_classes, dtype=acc, device=dev)
     dw_dtype = acc if (OPTIONS.dw_fp32 or x.dtype in (torch.float32, torch.float64)) \
         else w.dtype
     # without an index the chunks write every row of dw: no zero fill needed
@@ -365,16 +416,19 @@ def backward(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], lse:
     dw = (torch.empty if full else torch.zeros)(w.shape, dtype=dw_dtype, device=dev)
     dx = torch.empty(n, d, dtype=x.dtype, device=dev)
     if n == 0 or num_classes == 0 or d == 0:
-        return dx.zero_(), dw.to(w.dtype)
+        if bias is not None:
+            dbias = torch.zeros_like(bias)
+        return dx.zero_(), dw.to(w.dtype), dbias
     a, b = _norms(x, w, index, k, normalize, num_classes, acc)
-    prm = _params(x, s, m1, m2, m3)
+    prm = _params(x, s, m1, m2, m3, softcap, interclass)
     num_w = w.shape[0] // k
     # float16's range is too narrow for H = a b dL/dc with arbitrary norms: there H =
     # dL/dc (O(s)) and the products scale the rows of w and x they read instead
     scale_h = not (normalize and x.dtype == torch.float16)
-    _tz, _tc, tk, th = _target(x, w, labels, index, a, b, prm, k, normalize, wrap_mode,
-                               grad_mode, m1, num_w, num_classes,
-                               bwd=(lse, g_p, g_t, g_s), scale_h=scale_h)
+    _tz, _tc, tk, th, tv = _target(x, w, labels, index, a, b, prm, k, normalize, wrap_mode,
+                                   grad_mode, m1, num_w, num_classes,
+                                   bwd=(lse, g_p, g_t, g_s), scale_h=scale_h, bias=bias,
+                                   softcap=terms["SOFTCAP"])
     cfg = cfgs.tile_config(x.dtype, _interpreted(), k)
     mcfg = cfgs.mm_config(x.dtype, _interpreted())
     rcfg = cfgs.rows_config(_interpreted(), d)
@@ -408,16 +462,26 @@ def backward(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], lse:
         shard_rows = (index.unsqueeze(1) * k + torch.arange(k, device=dev)).reshape(-1)
         dw_buf = torch.empty(r_max, d, dtype=dw_dtype, device=dev)
     meta = dict(K=k, HAS_INDEX=index is not None, NORMALIZE=normalize,
-                DOT_MODE=_dot_mode(x.dtype), FP32_PREC=OPTIONS.fp32_prec)
+                DOT_MODE=_dot_mode(x.dtype), FP32_PREC=OPTIONS.fp32_prec, **terms)
     kernel, kmeta = _tile_kernel(K.grad_kernel, "bwd", x.dtype, cfg, meta)
     tiles_x = triton.cdiv(n, bm_) * tn * split_x
+    row_blocks = triton.cdiv(n, bn)
+    ld_c = flag_w * bc   # the grad grid's class columns: the partials' row length
+    if bias is not None:
+        dbp = torch.empty(row_blocks * ld_c, dtype=acc, device=dev)
+        bias_arg = bias
+    else:
+        dbp = tv = bias_arg = a   # never read or written: placeholders
     for i, j0 in enumerate(range(0, num_classes, cb_max)):
         cb = min(cb_max, num_classes - j0)
         r = cb * k
-        _launch(kernel, (triton.cdiv(n, bn), flag_w),
-                x, w, labels, idx, a, b, prm, lse, g_p, g_s, th, tk, ws, ld_h, flags,
-                float(grad_filter), n, j0, cb, num_w, d, x.stride(0), w.stride(0),
-                FILTER=filt, SCALE_H=scale_h, **kmeta)
+        _launch(kernel, (row_blocks, flag_w),
+                x, w, labels, idx, a, b, prm, bias_arg, lse, g_p, g_s, th, tk, tv, ws, ld_h,
+                flags, dbp, float(grad_filter), n, j0, cb, num_w, d, x.stride(0),
+                w.stride(0), FILTER=filt, SCALE_H=scale_h, **kmeta)
+        if bias is not None:
+            _launch(K.bias_sum_kernel, (triton.cdiv(cb, cfgs.COMBINE_BLOCK),),
+                    dbp, ld_c, row_blocks, db_shard, j0, cb, BLOCK=cfgs.COMBINE_BLOCK)
         _launch(K.bwd_mm_kernel, (tiles_x + triton.cdiv(r, bm_) * tn * split_w,),
                 ws, ld_h, x, w, idx, a, b, vx, uw, flags, n, j0, cb, num_w, d, x.stride(0),
                 w.stride(0), tiles_x, split_x, split_w, int(i == 0), bc * k, bn, flag_w,
@@ -438,4 +502,10 @@ def backward(x: Tensor, w: Tensor, labels: Tensor, index: Optional[Tensor], lse:
             POST_SCALE=not scale_h, BLOCK_R=rcfg["BLOCK_M"], BLOCK_D=rcfg["BLOCK_D"],
             ONE_PASS=rcfg["ONE_PASS"],
             num_warps=rcfg["num_warps"])
-    return dx, dw.to(w.dtype)
+    if bias is not None:
+        if index is None:
+            dbias = db_shard.to(bias.dtype)
+        else:   # classes outside the shard get 0; a repeated class accumulates
+            dbias = torch.zeros(bias.shape, dtype=acc, device=dev).index_put_(
+                (index,), db_shard, accumulate=True).to(bias.dtype)
+    return dx, dw.to(w.dtype), dbias

@@ -178,3 +178,58 @@ def lse_merge(max_a, sum_a, max_b, sum_b):
 def lse_finish(run_max, run_sum):
     """log sum exp from the (max, sum) pair: -inf when there were no classes."""
     return _safe_max(run_max) + tl.log(run_sum)
+
+
+# --- the new logit terms (docs/design.md section 3: u, v = s u + bias, z = T(v)) -------
+@triton.jit
+def _tanh_parts(a):
+    """(tanh |a|, 1 - tanh(a)^2) from u = exp(-2|a|) and one reciprocal: (1 - u) / (1 + u)
+    and 4u / (1 + u)^2. No overflow (u <= 1): huge |a| gives (1, 0), NaN gives NaN. The
+    tanh is accurate to a few ulp of 1 (an absolute error, all that a logit's tanh needs:
+    the soft cap's error is then a few ulp of the cap); 1 - tanh^2 is accurate relatively
+    (no cancellation)."""
+    u = tl.exp(-2.0 * tl.abs(a))
+    r = 1.0 / (1.0 + u)
+    return (1.0 - u) * r, 4.0 * u * r * r
+
+
+@triton.jit
+def tanh(a):
+    """tanh(a) from exp only (Triton has no tanh that also runs in the interpreter):
+    sign(a) (1 - u) / (1 + u), u = exp(-2|a|) (see _tanh_parts)."""
+    t, _d = _tanh_parts(a)
+    return tl.where(a < 0, -t, t)
+
+
+@triton.jit
+def softcap(v, cap, inv_cap):
+    """The soft cap z = cap tanh(v / cap) (Gemma 2; _math.softcap_map), given
+    inv_cap = 1 / cap. It is scale-equivariant: base-2 logits (v log2 e) are capped at
+    cap log2 e."""
+    return cap * tanh(v * inv_cap)
+
+
+@triton.jit
+def softcap_grad(v, inv_cap):
+    """dz/dv of :func:`softcap`: 1 - tanh(v / cap)^2 (_math.softcap_grad), as 4u / (1 +
+    u)^2: 0 (not NaN) for huge |v|, NaN for NaN."""
+    _t, d = _tanh_parts(v * inv_cap)
+    return d
+
+
+@triton.jit
+def softcap_and_grad(v, cap, inv_cap):
+    """(softcap(v), softcap_grad(v)) from one exponential (z bitwise equal to
+    :func:`softcap`'s)."""
+    a = v * inv_cap
+    t, d = _tanh_parts(a)
+    return cap * tl.where(a < 0, -t, t), d
+
+
+@triton.jit
+def interclass_filtered(c, is_target, threshold):
+    """insightface's interclass filter (_math.interclass_filtered): a non-target value
+    above the threshold counts as 0, in value and gradient. NaN is never filtered. c and
+    threshold may be in any common positive scale (the tiles compare base-2 logits s c
+    log2 e with s t log2 e)."""
+    return (c > threshold) & (is_target == 0)

@@ -9,7 +9,10 @@
 //     accumulation type and normalized: ws [nr, D], b [nr];
 //   * walks the rows in tiles of bn: S = xs_tile @ ws^T [bn, nr] (at::mm_out on its own
 //     buffers: inside the region ATen and MKL run single-threaded, no nested teams);
-//   * runs the per-element math of arcface_math.h on the tile (fwd_rows / bwd_rows);
+//   * runs the per-element math of arcface_math.h on the tile (fwd_rows / bwd_rows; with
+//     a bias or the interclass filter fwd_rows_x / bwd_rows_x, with a softcap
+//     fwd_rows_cap / bwd_rows_cap: the flags are tested once per tile, outside the
+//     vectorized loops, and the plain loss keeps its own loops unchanged);
 //   * forward: merges the tile into its GROUP's per-row state (online lse, sum of
 //     logits, best cosine); backward: dX_g[tile] += G @ ws into its GROUP's partial,
 //     dW_chunk += G^T @ xs_tile, then writes the chunk's rows of dw (their only owner).
@@ -28,7 +31,11 @@
 //                             ceil(C / kWorkers)))                when block == 0
 //   G            = min(number of chunks, kWorkers)
 //   plus the group partials: forward 5*G*N values, backward G*N*(D+1) values, and
-//   xs [N, D]; nothing of size N x C.
+//   xs [N, D]; with bias / softcap / filter up to 2*bc more per worker and, with a bias,
+//   C + R/K values for dbias in the backward; nothing of size N x C.
+// dbias: each shard position's sum over the rows of dL/dv is accumulated by the chunk's
+// worker in row order; after the region the positions are added into their classes in
+// shard order (deterministic, repeated index entries accumulate).
 // Without -fopenmp (setup.py / CMakeLists.txt pass it) at::parallel_for is serial.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -179,6 +186,14 @@ void gather_chunk(const scalar_t* wp, const int64_t* idx, int64_t j0, int64_t nc
   }
 }
 
+// The bias of classes [j0, j0 + nc) in acc_t (by the chunk's worker).
+template <typename scalar_t, typename acc_t>
+void gather_bias(const scalar_t* bias, const int64_t* idx, int64_t j0, int64_t nc,
+                 acc_t* out) {
+  for (int64_t j = 0; j < nc; ++j)
+    out[j] = static_cast<acc_t>(bias[idx ? idx[j0 + j] : j0 + j]);
+}
+
 // Class cosines of one tile row: srow [nc*K] dot products of normalized vectors ->
 // c [nc] (the max over sub-centers, clamped), kbest [nc] its sub-center (K > 1 only).
 // c may alias srow (in place) when K == 1 or when kbest is not needed.
@@ -211,6 +226,41 @@ AK_ALWAYS_INLINE void row_cosines(acc_t* srow, acc_t* c, int64_t nc, int64_t K, 
 
 // Forward state of a tile: the dot products S [bn, nr] and the per-row online state of
 // the chunk's group (st_*, sz: N long, the group's own), tgt the output (one writer per row).
+// The general version (fwd_rows_terms) also reads the chunk's bias [nc] (zeros without a
+// bias) and, with a bias, uses keys [nc] as scratch (else nullptr); st_b then holds the
+// best top-1 key (s c + bias with a bias).
+// Merge one row's top-1 over key[0, nc) (classes j0 ..) into its running (best, arg):
+// the first NaN, else the first maximum, in better_max's order (first chunk: taken as
+// is). Returns the sum (NaN shows in it) and the max of the keys, both vectorized.
+template <typename acc_t>
+struct SumMax {
+  acc_t sum, max;
+};
+template <typename acc_t>
+AK_ALWAYS_INLINE SumMax<acc_t> merge_top1(const acc_t* key, int64_t nc, int64_t j0,
+                                          bool first, acc_t& best, int64_t& arg) {
+  acc_t ksum = 0, kmax = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(+ : ksum) reduction(max : kmax)
+  for (int64_t j = 0; j < nc; ++j) {
+    ksum += key[j];
+    kmax = key[j] > kmax ? key[j] : kmax;
+  }
+  int64_t jbest = -1;
+  if (ksum != ksum) {
+    for (int64_t j = 0; j < nc && jbest < 0; ++j)
+      if (key[j] != key[j]) jbest = j;
+  }
+  if (jbest < 0 && (first || better_max(kmax, j0, best, arg))) {
+    for (int64_t j = 0; j < nc && jbest < 0; ++j)
+      if (key[j] == kmax) jbest = j;
+  }
+  if (jbest >= 0 && (first || better_max(key[jbest], j0 + jbest, best, arg))) {
+    best = key[jbest];
+    arg = j0 + jbest;
+  }
+  return SumMax<acc_t>{ksum, kmax};
+}
+
 template <typename acc_t>
 struct FwdRows {
   acc_t* S;
@@ -221,6 +271,8 @@ struct FwdRows {
   acc_t *st_m, *st_s, *st_b;
   int64_t* st_a;
   acc_t *sz, *tgt;
+  const acc_t* bias;
+  acc_t* keys;
 };
 
 template <typename acc_t>
@@ -230,27 +282,9 @@ AK_ALWAYS_INLINE void fwd_rows(const FwdRows<acc_t>& args, int64_t i0, int64_t i
       const int64_t i = a.r0 + ii;
       acc_t* c = a.S + ii * a.nr;
       row_cosines<acc_t>(c, c, a.nc, a.K, a.mp.normalize, nullptr);
-      // sum and max of the cosines (vectorized); NaN shows in the sum
-      acc_t csum = 0, cmax = -std::numeric_limits<acc_t>::infinity();
-#pragma omp simd reduction(+ : csum) reduction(max : cmax)
-      for (int64_t j = 0; j < a.nc; ++j) {
-        csum += c[j];
-        cmax = c[j] > cmax ? c[j] : cmax;
-      }
-      // the best cosine (no margin) and its first class, NaN first
-      int64_t jbest = -1;
-      if (csum != csum) {
-        for (int64_t j = 0; j < a.nc && jbest < 0; ++j)
-          if (c[j] != c[j]) jbest = j;
-      }
-      if (jbest < 0 && (a.first || better_max(cmax, a.j0, a.st_b[i], a.st_a[i]))) {
-        for (int64_t j = 0; j < a.nc && jbest < 0; ++j)
-          if (c[j] == cmax) jbest = j;
-      }
-      if (jbest >= 0 && (a.first || better_max(c[jbest], a.j0 + jbest, a.st_b[i], a.st_a[i]))) {
-        a.st_b[i] = c[jbest];
-        a.st_a[i] = a.j0 + jbest;
-      }
+      // the best cosine (no margin) and its first class, NaN first; the sum of the cosines
+      const SumMax<acc_t> sm = merge_top1(c, a.nc, a.j0, a.first, a.st_b[i], a.st_a[i]);
+      const acc_t csum = sm.sum, cmax = sm.max;
       // online lse of the logits; the target (margin) apart from the others
       const int64_t lj = a.lab[i] - a.j0;
       const bool has = a.lab[i] >= 0 && lj >= 0 && lj < a.nc;
@@ -292,9 +326,70 @@ AK_ALWAYS_INLINE void fwd_rows(const FwdRows<acc_t>& args, int64_t i0, int64_t i
 
 AK_ISA_ENTRY(fwd_rows, FwdRows)
 
+// fwd_rows with the terms of bias / softcap / interclass filter (arcface_math.h logit_z):
+// the top-1 over s c + bias (raw c; c itself without a bias), then the logits z in place
+// of the cosines and their online lse. a.bias is never null here (zeros without a bias);
+// a.keys is null without a bias. kCap: softcap on (off: the loops vectorize).
+template <typename acc_t, bool kCap>
+AK_ALWAYS_INLINE void fwd_rows_terms(const FwdRows<acc_t>& args, int64_t i0, int64_t i1) {
+  const FwdRows<acc_t> a = args;  // a local copy: stores through its pointers cannot alias it
+  constexpr Cap kC = kCap ? Cap::kOn : Cap::kOff;
+  const acc_t s = a.mp.s, ninf = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t ii = i0; ii < i1; ++ii) {
+    const int64_t i = a.r0 + ii;
+    acc_t* c = a.S + ii * a.nr;
+    row_cosines<acc_t>(c, c, a.nc, a.K, a.mp.normalize, nullptr);
+    const acc_t* key = c;
+    if (a.keys) {
+#pragma omp simd
+      for (int64_t j = 0; j < a.nc; ++j) a.keys[j] = s * c[j] + a.bias[j];
+      key = a.keys;
+    }
+    merge_top1(key, a.nc, a.j0, a.first, a.st_b[i], a.st_a[i]);
+    // the logits in place of the cosines; the target's afterwards (its margin)
+    const int64_t lj = a.lab[i] - a.j0;
+    const bool has = a.lab[i] >= 0 && lj >= 0 && lj < a.nc;
+    const acc_t ct = has ? c[lj] : acc_t(0);
+#pragma omp simd
+    for (int64_t j = 0; j < a.nc; ++j) c[j] = logit_z<kC>(c[j], false, a.bias[j], a.mp);
+    if (has) {
+      const acc_t zt = logit_z<kC>(ct, true, a.bias[lj], a.mp);
+      c[lj] = zt;
+      a.tgt[i] = zt;  // the only tile that holds (i, label_i)
+    }
+    acc_t zsum = 0, zmax = ninf;
+#pragma omp simd reduction(+ : zsum) reduction(max : zmax)
+    for (int64_t j = 0; j < a.nc; ++j) {
+      zsum += c[j];
+      zmax = c[j] > zmax ? c[j] : zmax;
+    }
+    acc_t e = 0;
+#pragma omp simd reduction(+ : e)
+    for (int64_t j = 0; j < a.nc; ++j) e += exp_vec(c[j] - zmax);
+    Lse<acc_t> tile{zmax, e};
+    if (zsum != zsum) tile = Lse<acc_t>{zsum, zsum};  // a NaN logit: the row's lse is NaN
+    const Lse<acc_t> mr = lse_merge(Lse<acc_t>{a.st_m[i], a.st_s[i]}, tile);
+    a.st_m[i] = mr.m;
+    a.st_s[i] = mr.sum;
+    a.sz[i] += zsum;
+  }
+}
+
+template <typename acc_t>
+AK_ALWAYS_INLINE void fwd_rows_x(const FwdRows<acc_t>& a, int64_t i0, int64_t i1) {
+  fwd_rows_terms<acc_t, false>(a, i0, i1);
+}
+template <typename acc_t>
+AK_ALWAYS_INLINE void fwd_rows_cap(const FwdRows<acc_t>& a, int64_t i0, int64_t i1) {
+  fwd_rows_terms<acc_t, true>(a, i0, i1);
+}
+AK_ISA_ENTRY(fwd_rows_x, FwdRows)
+AK_ISA_ENTRY(fwd_rows_cap, FwdRows)
+
 template <typename scalar_t, typename acc_t>
 void fwd_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
-                const int64_t* idx, const Margin<acc_t>& mp, const Dims& dm, int64_t block,
+                const int64_t* idx, const scalar_t* bias, const Margin<acc_t>& mp,
+                const Dims& dm, int64_t block,
                 at::Tensor& lse, at::Tensor& target, at::Tensor& sum_z, at::Tensor& max_z,
                 at::Tensor& argmax) {
   const auto acc_opt = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
@@ -311,13 +406,19 @@ void fwd_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labe
   const int64_t* lab = labels.data_ptr<int64_t>();
   const scalar_t* wp = w.data_ptr<scalar_t>();
   std::fill(tgt, tgt + N, acc_t(0));
+  const bool general = bias || mp.capped || mp.filter;
 
   struct Buffers {
-    at::Tensor ws, b, s;  // ws [nr, D], b [nr], S tile [bn * nr]
+    at::Tensor ws, b, s;           // ws [nr, D], b [nr], S tile [bn * nr]
+    // the general path: the chunk's bias [bc] (zeros without a bias), top-1 keys [bc]
+    // (with a bias)
+    std::vector<acc_t> bias, keys;
   };
   auto make_buffers = [&] {
     return Buffers{at::empty({pl.nr, D}, acc_opt), at::empty({pl.nr}, acc_opt),
-                   at::empty({pl.bn * pl.nr}, acc_opt)};
+                   at::empty({pl.bn * pl.nr}, acc_opt),
+                   std::vector<acc_t>(general ? pl.bc : 0, acc_t(0)),
+                   std::vector<acc_t>(bias ? pl.bc : 0)};
   };
   run_workers(pl, make_buffers, [&](int64_t g, Buffers& buf) {
     const at::Tensor &ws_t = buf.ws, &b_t = buf.b, &s_t = buf.s;
@@ -330,14 +431,23 @@ void fwd_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labe
       const int64_t j0 = ch * pl.bc, nc = std::min(pl.bc, dm.c - j0), nr = nc * K;
       gather_chunk<scalar_t, acc_t>(wp, idx, j0, nc, dm, mp.normalize,
                                     ws_t.data_ptr<acc_t>(), b_t.data_ptr<acc_t>());
+      if (bias) gather_bias(bias, idx, j0, nc, buf.bias.data());
       at::Tensor wv = ws_t.narrow(0, 0, nr);
       for (int64_t r0 = 0; r0 < N; r0 += pl.bn) {
         const int64_t bn = std::min(pl.bn, N - r0);
         at::Tensor sv = s_t.narrow(0, 0, bn * nr).view({bn, nr});
         at::mm_out(sv, xs_t.narrow(0, r0, bn), wv.t());
         FwdRows<acc_t> fr{S, nr, nc, K, j0, r0, ch == pl.chunk0(g), lab, mp, m, sm,
-                          gb.data() + g * N, ga.data() + g * N, z, tgt};
-        fwd_rows_isa(fr, 0, bn);
+                          gb.data() + g * N, ga.data() + g * N, z, tgt,
+                          general ? buf.bias.data() : nullptr,
+                          bias ? buf.keys.data() : nullptr};
+        if (mp.capped) {
+          fwd_rows_cap_isa(fr, 0, bn);
+        } else if (general) {
+          fwd_rows_x_isa(fr, 0, bn);
+        } else {
+          fwd_rows_isa(fr, 0, bn);
+        }
       }
     }
   });
@@ -361,7 +471,8 @@ void fwd_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labe
       }
     }
     lo[i] = lse_value(l);
-    mo[i] = mp.s * best;
+    // the capped top-1 logit: s c + bias (the key itself with a bias), -inf with no class
+    mo[i] = G == 0 ? best : softcap_map(bias ? best : mp.s * best, mp);
     ao[i] = arg;
     so[i] = zs;
   }
@@ -370,6 +481,9 @@ void fwd_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labe
 // Backward state of a tile: S [bn, nr] becomes G in place; q [nr] is the chunk's q_j
 // (summed over its row tiles), cbuf / kbuf the worker's scratch for K > 1; r [N] the
 // group's partial of r_i.
+// The general version (bwd_rows_terms) also reads the chunk's bias [nc] (zeros without a
+// bias) and adds each element's dL/dv to db [nc] (the chunk's positions of dbias, or a
+// scratch buffer without a bias).
 template <typename acc_t>
 struct BwdRows {
   acc_t* S;
@@ -381,6 +495,8 @@ struct BwdRows {
   acc_t* cbuf;
   int32_t* kbuf;
   acc_t* r;
+  const acc_t* bias;
+  acc_t* db;
 };
 
 template <typename acc_t>
@@ -439,15 +555,95 @@ AK_ALWAYS_INLINE void bwd_rows(const BwdRows<acc_t>& args, int64_t i0, int64_t i
 
 AK_ISA_ENTRY(bwd_rows, BwdRows)
 
+// bwd_rows with the terms of bias / softcap / interclass filter (arcface_math.h
+// grad_dv / grad_c), and dbias: db[j] += dL/dv. a.bias and a.db are never null here (zeros /
+// scratch without a bias). kCap: softcap on (off: the loops vectorize).
+template <typename acc_t, bool kCap>
+AK_ALWAYS_INLINE void bwd_rows_terms(const BwdRows<acc_t>& args, int64_t i0, int64_t i1) {
+  const BwdRows<acc_t> a = args;  // a local copy: stores through its pointers cannot alias it
+  constexpr Cap kC = kCap ? Cap::kOn : Cap::kOff;
+  for (int64_t ii = i0; ii < i1; ++ii) {
+    const int64_t i = a.r0 + ii;
+    acc_t* srow = a.S + ii * a.nr;
+    acc_t* c = a.K == 1 ? srow : a.cbuf;
+    int32_t* kbest = a.kbuf;
+    row_cosines<acc_t>(srow, c, a.nc, a.K, a.mp.normalize, kbest);
+    const acc_t li = a.lse[i], gpi = a.gp[i], gti = a.gt[i], gsi = a.gs[i];
+    const int64_t lj = a.lab[i] - a.j0;
+    const bool has = a.lab[i] >= 0 && lj >= 0 && lj < a.nc;
+    const int64_t jt = has ? lj : a.nc;
+    acc_t r_i = 0;
+    if (a.K == 1) {
+      // the non-targets, then the target on its own (as in bwd_rows)
+#pragma omp simd reduction(+ : r_i)
+      for (int64_t j = 0; j < jt; ++j) {
+        const acc_t cj = c[j];
+        const acc_t dv = grad_dv<kC>(cj, false, a.bias[j], li, gpi, gti, gsi, a.mp);
+        const acc_t g = grad_c(cj, false, dv, a.mp);
+        a.db[j] += dv;
+        r_i += g * cj;
+        a.q[j] += g * cj;
+        srow[j] = g;
+      }
+#pragma omp simd reduction(+ : r_i)
+      for (int64_t j = jt + 1; j < a.nc; ++j) {
+        const acc_t cj = c[j];
+        const acc_t dv = grad_dv<kC>(cj, false, a.bias[j], li, gpi, gti, gsi, a.mp);
+        const acc_t g = grad_c(cj, false, dv, a.mp);
+        a.db[j] += dv;
+        r_i += g * cj;
+        a.q[j] += g * cj;
+        srow[j] = g;
+      }
+      if (has) {
+        const acc_t ct = c[lj];
+        const acc_t dv = grad_dv<kC>(ct, true, a.bias[lj], li, gpi, gti, gsi, a.mp);
+        const acc_t g = grad_c(ct, true, dv, a.mp);
+        a.db[lj] += dv;
+        r_i += g * ct;
+        a.q[lj] += g * ct;
+        srow[lj] = g;
+      }
+    } else {
+      for (int64_t j = 0; j < a.nc; ++j) {
+        const acc_t cj = c[j];
+        const acc_t dv = grad_dv<kC>(cj, j == jt, a.bias[j], li, gpi, gti, gsi, a.mp);
+        const acc_t g = grad_c(cj, j == jt, dv, a.mp);
+        a.db[j] += dv;
+        r_i += g * cj;
+        for (int64_t k = 0; k < a.K; ++k) srow[j * a.K + k] = acc_t(0);
+        srow[j * a.K + kbest[j]] = g;
+        a.q[j * a.K + kbest[j]] += g * cj;
+      }
+    }
+    a.r[i] += r_i;
+  }
+}
+
+template <typename acc_t>
+AK_ALWAYS_INLINE void bwd_rows_x(const BwdRows<acc_t>& a, int64_t i0, int64_t i1) {
+  bwd_rows_terms<acc_t, false>(a, i0, i1);
+}
+template <typename acc_t>
+AK_ALWAYS_INLINE void bwd_rows_cap(const BwdRows<acc_t>& a, int64_t i0, int64_t i1) {
+  bwd_rows_terms<acc_t, true>(a, i0, i1);
+}
+AK_ISA_ENTRY(bwd_rows_x, BwdRows)
+AK_ISA_ENTRY(bwd_rows_cap, BwdRows)
+
 template <typename scalar_t, typename acc_t>
 void bwd_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
-                const int64_t* idx, const at::Tensor& lse_t, const at::Tensor& gp_t,
-                const at::Tensor& gt_t, const at::Tensor& gs_t, const Margin<acc_t>& mp,
-                const Dims& dm, int64_t block, at::Tensor& dx, at::Tensor& dw) {
+                const int64_t* idx, const scalar_t* bias, const at::Tensor& lse_t,
+                const at::Tensor& gp_t, const at::Tensor& gt_t, const at::Tensor& gs_t,
+                const Margin<acc_t>& mp, const Dims& dm, int64_t block, at::Tensor& dx,
+                at::Tensor& dw, at::Tensor& dbias) {
   const auto acc_opt = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const int64_t N = dm.n, D = dm.d, K = dm.k;
-  if (N == 0) return;  // dx is empty, dw zero
+  if (N == 0) return;  // dx is empty, dw and dbias zero
   const Plan pl = make_plan(dm, block, sizeof(acc_t));
+  const bool general = bias || mp.capped || mp.filter;
+  // dbias per shard position (each written by its chunk's worker only)
+  std::vector<acc_t> dbias_pos(bias ? dm.c : 0, acc_t(0));
   const int64_t G = pl.ngroup;
   at::Tensor xs_t = at::empty({N, D}, acc_opt), a_t = at::empty({N}, acc_opt);
   prepare_rows<scalar_t, acc_t>(x, mp.normalize, xs_t.data_ptr<acc_t>(),
@@ -481,12 +677,16 @@ void bwd_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labe
     at::Tensor ws, b, s, dwa;    // ws [nr, D], b [nr], S tile [bn * nr], dW_chunk [nr, D]
     std::vector<acc_t> q, cbuf;  // q [nr]; class cosines [bc] (K > 1)
     std::vector<int32_t> kbuf;   // their sub-centers [bc] (K > 1)
+    std::vector<acc_t> bias;     // the chunk's bias [bc] (general path; zeros without one)
+    std::vector<acc_t> db;       // scratch dL/dv sums [bc] (general path without a bias)
   };
   auto make_buffers = [&] {
     return Buffers{at::empty({pl.nr, D}, acc_opt), at::empty({pl.nr}, acc_opt),
                    at::empty({pl.bn * pl.nr}, acc_opt), at::empty({pl.nr, D}, acc_opt),
                    std::vector<acc_t>(pl.nr), std::vector<acc_t>(K > 1 ? pl.bc : 0),
-                   std::vector<int32_t>(K > 1 ? pl.bc : 0)};
+                   std::vector<int32_t>(K > 1 ? pl.bc : 0),
+                   std::vector<acc_t>(general ? pl.bc : 0, acc_t(0)),
+                   std::vector<acc_t>(general && !bias ? pl.bc : 0)};
   };
   run_workers(pl, make_buffers, [&](int64_t g, Buffers& buf) {
     acc_t* ws = buf.ws.template data_ptr<acc_t>();
@@ -500,6 +700,7 @@ void bwd_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labe
     for (int64_t ch = pl.chunk0(g); ch < pl.chunk0(g + 1); ++ch) {
       const int64_t j0 = ch * pl.bc, nc = std::min(pl.bc, dm.c - j0), nr = nc * K;
       gather_chunk<scalar_t, acc_t>(wp, idx, j0, nc, dm, mp.normalize, ws, bb);
+      if (bias) gather_bias(bias, idx, j0, nc, buf.bias.data());
       at::Tensor wv = buf.ws.narrow(0, 0, nr);
       at::Tensor dwa = buf.dwa.narrow(0, 0, nr);
       std::fill(buf.q.begin(), buf.q.end(), acc_t(0));
@@ -510,8 +711,16 @@ void bwd_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labe
         at::mm_out(sv, xv, wv.t());
         BwdRows<acc_t> br{S, nr, nc, K, j0, r0, lab, mp, lse, gp, gt, gs, buf.q.data(),
                           K == 1 ? nullptr : buf.cbuf.data(),
-                          K == 1 ? nullptr : buf.kbuf.data(), r};
-        bwd_rows_isa(br, 0, bn);
+                          K == 1 ? nullptr : buf.kbuf.data(), r,
+                          general ? buf.bias.data() : nullptr,
+                          bias ? dbias_pos.data() + j0 : (general ? buf.db.data() : nullptr)};
+        if (mp.capped) {
+          bwd_rows_cap_isa(br, 0, bn);
+        } else if (general) {
+          bwd_rows_x_isa(br, 0, bn);
+        } else {
+          bwd_rows_isa(br, 0, bn);
+        }
         // dX_g += G @ ws ; dW_chunk (+)= G^T @ xs
         dxg.narrow(0, r0, bn).addmm_(sv, wv);
         if (r0 == 0) {
@@ -551,6 +760,13 @@ void bwd_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labe
         dst[t] = static_cast<scalar_t>(static_cast<acc_t>(dst[t]) + src[t]);
     }
   }
+  // dbias[g]: the positions of class g added in shard order
+  if (bias) {
+    std::vector<acc_t> acc(dm.r / K, acc_t(0));
+    for (int64_t pos = 0; pos < dm.c; ++pos) acc[idx ? idx[pos] : pos] += dbias_pos[pos];
+    scalar_t* dbp = dbias.data_ptr<scalar_t>();
+    for (int64_t g = 0; g < dm.r / K; ++g) dbp[g] = static_cast<scalar_t>(acc[g]);
+  }
   // dx_i = a_i (sum_g dX_g,i - r_i xs_i), the groups summed in group order
   const acc_t* dxg = dxg_t.data_ptr<acc_t>();
   const acc_t* xs = xs_t.data_ptr<acc_t>();
@@ -579,14 +795,16 @@ void check_cpu(const at::Tensor& x) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpp_fwd_cpu(
     const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& labels_in,
-    const std::optional<at::Tensor>& index_in, double s, double m1, double m2, double m3,
-    int64_t wrap_mode, int64_t grad_mode, bool normalize, int64_t sub_centers,
+    const std::optional<at::Tensor>& index_in, const std::optional<at::Tensor>& bias_in,
+    double s, double m1, double m2, double m3, int64_t wrap_mode, int64_t grad_mode,
+    bool normalize, int64_t sub_centers, double softcap, double interclass,
     double grad_filter, int64_t block) {
-  Dims dm = check_fwd_args(x_in, w_in, labels_in, index_in, s, m1, m2, m3, wrap_mode,
-                           grad_mode, normalize, sub_centers, grad_filter, block);
+  Dims dm = check_fwd_args(x_in, w_in, labels_in, index_in, bias_in, s, m1, m2, m3,
+                           wrap_mode, grad_mode, normalize, sub_centers, softcap, interclass,
+                           grad_filter, block);
   check_cpu(x_in);
   check_values(labels_in, index_in, dm);
-  const ContiguousInputs in = make_contiguous(x_in, w_in, labels_in, index_in);
+  const ContiguousInputs in = make_contiguous(x_in, w_in, labels_in, index_in, bias_in);
   const at::Tensor &x = in.x, &w = in.w, &labels = in.labels;
   const int64_t* idx = in.idx();
   auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -596,24 +814,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpp_fwd_c
              argmax = at::empty({dm.n}, x.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cpp_fwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    auto mp = make_margin<acc_t>(s, m1, m2, m3, wrap_mode, grad_mode, normalize);
-    fwd_kernel<scalar_t, acc_t>(x, w, labels, idx, mp, dm, block, lse, target, sum_z, max_z,
-                                argmax);
+    auto mp = make_margin<acc_t>(s, m1, m2, m3, wrap_mode, grad_mode, normalize, softcap,
+                                 interclass);
+    const scalar_t* bias = in.bias.has_value() ? in.bias->data_ptr<scalar_t>() : nullptr;
+    fwd_kernel<scalar_t, acc_t>(x, w, labels, idx, bias, mp, dm, block, lse, target, sum_z,
+                                max_z, argmax);
   });
   return {lse, target, sum_z, max_z, argmax};
 }
 
-std::tuple<at::Tensor, at::Tensor> cpp_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_bwd_cpu(
     const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& labels_in,
-    const std::optional<at::Tensor>& index_in, const at::Tensor& lse_in,
-    const at::Tensor& gp_in, const at::Tensor& gt_in, const at::Tensor& gs_in, double s,
-    double m1, double m2, double m3, int64_t wrap_mode, int64_t grad_mode, bool normalize,
-    int64_t sub_centers, double grad_filter, int64_t block) {
-  Dims dm = check_bwd_args(x_in, w_in, labels_in, index_in, lse_in, gp_in, gt_in, gs_in, s, m1,
-                           m2, m3, wrap_mode, grad_mode, normalize, sub_centers, grad_filter, block);
+    const std::optional<at::Tensor>& index_in, const std::optional<at::Tensor>& bias_in,
+    const at::Tensor& lse_in, const at::Tensor& gp_in, const at::Tensor& gt_in,
+    const at::Tensor& gs_in, double s, double m1, double m2, double m3, int64_t wrap_mode,
+    int64_t grad_mode, bool normalize, int64_t sub_centers, double softcap,
+    double interclass, double grad_filter, int64_t block) {
+  Dims dm = check_bwd_args(x_in, w_in, labels_in, index_in, bias_in, lse_in, gp_in, gt_in,
+                           gs_in, s, m1, m2, m3, wrap_mode, grad_mode, normalize, sub_centers,
+                           softcap, interclass, grad_filter, block);
   check_cpu(x_in);
   check_values(labels_in, index_in, dm);
-  const ContiguousInputs in = make_contiguous(x_in, w_in, labels_in, index_in);
+  const ContiguousInputs in = make_contiguous(x_in, w_in, labels_in, index_in, bias_in);
   const at::Tensor &x = in.x, &w = in.w, &labels = in.labels;
   const int64_t* idx = in.idx();
   auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -621,12 +843,18 @@ std::tuple<at::Tensor, at::Tensor> cpp_bwd_cpu(
   at::Tensor lse = vec(lse_in), gp = vec(gp_in), gt = vec(gt_in), gs = vec(gs_in);
   at::Tensor dx = at::empty({dm.n, dm.d}, x.options());
   at::Tensor dw = at::zeros({dm.r, dm.d}, w.options());
+  // dbias: [R / K] in bias's dtype (zeros outside the shard), or empty without a bias
+  at::Tensor dbias = in.bias.has_value() ? at::zeros({dm.r / dm.k}, in.bias->options())
+                                         : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cpp_bwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    auto mp = make_margin<acc_t>(s, m1, m2, m3, wrap_mode, grad_mode, normalize);
-    bwd_kernel<scalar_t, acc_t>(x, w, labels, idx, lse, gp, gt, gs, mp, dm, block, dx, dw);
+    auto mp = make_margin<acc_t>(s, m1, m2, m3, wrap_mode, grad_mode, normalize, softcap,
+                                 interclass);
+    const scalar_t* bias = in.bias.has_value() ? in.bias->data_ptr<scalar_t>() : nullptr;
+    bwd_kernel<scalar_t, acc_t>(x, w, labels, idx, bias, lse, gp, gt, gs, mp, dm, block, dx,
+                                dw, dbias);
   });
-  return {dx, dw};
+  return {dx, dw, dbias};
 }
 
 }  // namespace

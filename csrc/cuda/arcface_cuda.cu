@@ -8,16 +8,19 @@
 //     norms a_i b_j in the epilogue (no normalized copy of x or w is made).
 //   * Forward: the grid is (row tiles, class splits); two threads per row keep an online
 //     log-sum-exp over the split's classes; the splits' partial states are merged by a
-//     second kernel (lse_merge).
+//     second kernel (lse_merge). Each logit is arcface_math.h logit_z: the interclass
+//     filter, the margin at the target, the class's bias (staged per tile column in
+//     shared memory with the inverse norms) and the softcap; the top-1 is over s c + bias
+//     (c without a bias), capped by the combine kernel.
 //   * Backward, bounded workspace: the classes are walked in chunks of CC classes
 //     (CC*K rows of w; CC chosen so that the G workspace [N, CC*K] and the chunk's
 //     [CC*K, D] buffers are each <= kWorkspaceBytes = 16 MiB, whatever C is; the `block`
 //     op argument, the API's chunk_size, sets CC as given). Per chunk:
 //       1. grad_chunk_kernel recomputes the chunk's logits tile by tile with the forward's
 //          code (tile_columns / tile_dots / class_cosine) and writes
-//          G_ij = dL/dc_ij (arcface_math.h grad_target / grad_nontarget: psi' at the
-//          target; for sub-centers at the arg-max row, 0 at the others) into the
-//          workspace in the input dtype (fp32 for fp32);
+//          G_ij = dL/dc_ij (arcface_math.h grad_dv / grad_c: softcap', psi' at the target,
+//          0 where filtered; for sub-centers at the arg-max row, 0 at the others) into
+//          the workspace in the input dtype (fp32 for fp32);
 //       2. W_hat = b w of the chunk's rows (gathered through the Partial FC index);
 //       3. cuBLAS (at::mm / addmm_: tensor cores for 16-bit, fp32 accumulation):
 //          dX_acc += G W_hat (fp32 [N, D]; for 16-bit the chunk's product comes back in
@@ -25,6 +28,11 @@
 //       4. dw rows = b (dW_chunk - q b w) with q_j = <w_hat_j, dW_chunk_j> (= sum_i G_ij
 //          c_ij), fp32, written to their rows of w (index_add_ through the index: a
 //          class may repeat).
+//     With a bias, grad_chunk_kernel also keeps dL/dv per (row, class) of the tile in the
+//     shared memory the operand tiles used, and writes the tile's column sums over its
+//     64 rows (in row order) to [row tiles, chunk classes]; at::sum over the row tiles
+//     gives each shard position's sum, and dbias = those sums (no index) or their
+//     index_put_ (accumulate: sorted, deterministic) into the classes. No atomics.
 //     Finally dx = a (dX_acc - r a x) with r_i = <x_hat_i, dX_acc_i> (= sum_j G_ij c_ij).
 //     Using these identities for r and q instead of sums of G c removes exactly the
 //     radial part of the products actually computed (as autograd through F.normalize
@@ -115,7 +123,8 @@ __device__ __forceinline__ int64_t w_row(const int64_t* idx, int64_t p, int64_t 
 }
 
 // Shared memory of one block: the tile of dot products (G in place in the backward),
-// and a union of the operand tiles of the logits product (16-bit or float).
+// and a union of the operand tiles of the logits product (16-bit or float) and, once the
+// product is done, the backward's dL/dv per (row, class) for dbias.
 template <typename T>
 struct Smem {
   float s[BM][LDF];
@@ -128,9 +137,11 @@ struct Smem {
       float x[BM][LDK];
       float w[TW][LDK];
     } f;
+    float dv[BM][TW + 1];  // [tile row][class of the tile] (backward with a bias)
   } u;
   int64_t wrow[TW];  // rows of w of the tile's columns (-1: past the class range)
   float b[TW];       // their inverse norms
+  float bias[TW];    // the bias of their class (0 without a bias)
 };
 
 // 1 / max(|v_row|, eps) for the rows of x (idx == nullptr, K == 1: identity map) or the
@@ -235,16 +246,20 @@ __device__ void tile_dots(const T* __restrict__ x, const T* __restrict__ w, int6
 }
 
 // The columns of the tile whose first shard class is j0 (classes j0 .. min(j0 + tc,
-// j_end) - 1): rows of w and their inverse norms.
+// j_end) - 1): rows of w, their inverse norms and the bias of their class (bias[class
+// id], the class id being row / K; 0 without a bias).
 template <typename T>
 __device__ void tile_columns(const int64_t* __restrict__ idx, const float* __restrict__ bnorm,
-                             int64_t j0, int64_t j_end, const Params& p, Smem<T>& sm) {
+                             const T* __restrict__ bias, int64_t j0, int64_t j_end,
+                             const Params& p, Smem<T>& sm) {
   for (int t = threadIdx.x; t < TW; t += THREADS) {
     int64_t j = j0 + t / p.k;  // shard class of column t
     bool ok = t < p.tc * p.k && j < j_end;
     int64_t pos = j * p.k + t % p.k;  // shard row
-    sm.wrow[t] = ok ? w_row(idx, pos, p.k) : -1;
+    const int64_t wr = ok ? w_row(idx, pos, p.k) : -1;
+    sm.wrow[t] = wr;
     sm.b[t] = ok ? bnorm[pos] : 0.f;
+    sm.bias[t] = (ok && bias) ? to_f(bias[wr / p.k]) : 0.f;
   }
   __syncthreads();
 }
@@ -270,7 +285,8 @@ __device__ __forceinline__ float class_cosine(const Smem<T>& sm, int i, int jj, 
 template <typename T>
 __global__ void __launch_bounds__(THREADS)
     fwd_kernel(const T* __restrict__ x, const T* __restrict__ w, const int64_t* __restrict__ lab,
-               const int64_t* __restrict__ idx, const float* __restrict__ anorm,
+               const int64_t* __restrict__ idx, const T* __restrict__ bias,
+               const float* __restrict__ anorm,
                const float* __restrict__ bnorm, Params p, float* __restrict__ target,
                float* __restrict__ part_m, float* __restrict__ part_s,
                float* __restrict__ part_z, float* __restrict__ part_b,
@@ -288,7 +304,7 @@ __global__ void __launch_bounds__(THREADS)
   const int64_t t_begin = split * p.tiles_per_split;
   const int64_t t_end = min(p.ntiles, t_begin + p.tiles_per_split);
   for (int64_t tile = t_begin; tile < t_end; ++tile) {
-    tile_columns(idx, bnorm, tile * p.tc, p.c, p, sm);
+    tile_columns(idx, bnorm, bias, tile * p.tc, p.c, p, sm);
     tile_dots(x, w, r0, p, sm);
     const int64_t j0 = tile * p.tc;
     const int tc = (int)min(p.tc, p.c - j0);
@@ -297,15 +313,16 @@ __global__ void __launch_bounds__(THREADS)
         int col;
         const float c = class_cosine(sm, i, jj, ai, p, &col);
         const int64_t j = j0 + jj;
-        if (better_max(c, j, best, barg)) {
-          best = c;
+        const float bj = sm.bias[jj * (int)p.k];
+        // top-1 over s c + bias (raw c: no margin, no filter), or over c without a bias
+        const float key = bias ? p.mp.s * c + bj : c;
+        if (better_max(key, j, best, barg)) {
+          best = key;
           barg = j;
         }
-        float z = p.mp.s * c;
-        if (j == li) {
-          z = p.mp.s * psi(c, p.mp);
-          target[gi] = z;  // the only thread that holds (i, label_i)
-        }
+        const bool is_t = j == li;
+        const float z = logit_z(c, is_t, bj, p.mp);  // filter, margin, bias, softcap
+        if (is_t) target[gi] = z;  // the only thread that holds (i, label_i)
         sz += z;
         if (z > m || z != z) {  // a NaN logit makes the state NaN (m = NaN), as on the CPU
           se = se * ak_exp(m - z) + 1.f;
@@ -344,7 +361,8 @@ __global__ void fwd_combine_kernel(const float* __restrict__ part_m,
                                    const float* __restrict__ part_z,
                                    const float* __restrict__ part_b,
                                    const int64_t* __restrict__ part_a, int64_t n,
-                                   int64_t splits, float s, float* __restrict__ lse,
+                                   int64_t splits, Margin<float> mp, bool bias_key,
+                                   float* __restrict__ lse,
                                    float* __restrict__ sum_z, float* __restrict__ max_z,
                                    int64_t* __restrict__ argmax) {
   int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -361,10 +379,12 @@ __global__ void fwd_combine_kernel(const float* __restrict__ part_m,
       arg = part_a[o];
     }
   }
+  const bool empty = arg == std::numeric_limits<int64_t>::max();  // no class in the shard
   lse[i] = lse_value(l);
   sum_z[i] = z;
-  max_z[i] = s * best;
-  argmax[i] = arg == std::numeric_limits<int64_t>::max() ? 0 : arg;
+  // the capped max logit (s c + bias, or s c), -inf for an empty shard
+  max_z[i] = empty ? -INFINITY : softcap_map(bias_key ? best : mp.s * best, mp);
+  argmax[i] = empty ? 0 : arg;
 }
 
 // ----------------------------------------------------------------------------- backward
@@ -378,10 +398,11 @@ template <typename T>
 __global__ void __launch_bounds__(THREADS)
     grad_chunk_kernel(const T* __restrict__ x, const T* __restrict__ w,
                       const int64_t* __restrict__ lab, const int64_t* __restrict__ idx,
-                      const float* __restrict__ anorm, const float* __restrict__ bnorm,
-                      const float* __restrict__ lse, const float* __restrict__ gp,
-                      const float* __restrict__ gt, const float* __restrict__ gs, Params p,
-                      int64_t j0, int64_t jn, T* __restrict__ g_out) {
+                      const T* __restrict__ bias, const float* __restrict__ anorm,
+                      const float* __restrict__ bnorm, const float* __restrict__ lse,
+                      const float* __restrict__ gp, const float* __restrict__ gt,
+                      const float* __restrict__ gs, Params p, int64_t j0, int64_t jn,
+                      T* __restrict__ g_out, float* __restrict__ dbias_part) {
   __shared__ __align__(32) Smem<T> sm;
   const int64_t r0 = (int64_t)blockIdx.x * BM;
   const int tid = threadIdx.x;
@@ -397,7 +418,7 @@ __global__ void __launch_bounds__(THREADS)
   const int64_t ntiles = (jn + p.tc - 1) / p.tc;
   for (int64_t tl = blockIdx.y; tl < ntiles; tl += gridDim.y) {
     const int64_t jt = j0 + tl * p.tc;  // first class of the tile
-    tile_columns(idx, bnorm, jt, j_end, p, sm);
+    tile_columns(idx, bnorm, bias, jt, j_end, p, sm);
     tile_dots(x, w, r0, p, sm);
     const int tc = (int)min(p.tc, j_end - jt);
     if (row_ok) {
@@ -405,13 +426,27 @@ __global__ void __launch_bounds__(THREADS)
       for (int jj = h; jj < tc; jj += 2) {  // @trips[tc / 2]
         int col;
         const float c = class_cosine(sm, i, jj, ai, p, &col);
-        const float g = (jt + jj == li) ? grad_target(c, lsei, gpi, gti, gsi, p.mp)
-                                        : grad_nontarget(p.mp.s * c, lsei, gpi, gsi, p.mp.s);
         const int t0 = jj * (int)p.k;
+        const bool is_t = jt + jj == li;
+        // dL/dv (the element's share of dbias), then G
+        const float dv = grad_dv(c, is_t, sm.bias[t0], lsei, gpi, gti, gsi, p.mp);
+        const float g = grad_c(c, is_t, dv, p.mp);
+        if (dbias_part) sm.u.dv[i][jj] = dv;  // the operand tiles are dead (tile_dots synced)
         for (int kk = 0; kk < (int)p.k; ++kk) sm.s[i][t0 + kk] = (t0 + kk == col) ? g : 0.f;
       }
+    } else if (dbias_part) {  // a row past N adds nothing to dbias
+      for (int jj = h; jj < tc; jj += 2) sm.u.dv[i][jj] = 0.f;  // @trips[tc / 2]
     }
     __syncthreads();
+    if (dbias_part && tid < TW) {
+      // the tile's column sums of dL/dv over its BM rows, in row order (a fixed trip
+      // count: a loop over the valid rows only made ptxas cap the kernel at 128
+      // registers and spill)
+      float acc = 0.f;
+#pragma unroll 8
+      for (int ii = 0; ii < BM; ++ii) acc += sm.u.dv[ii][tid];  // @trips[8] (unrolled)
+      if (tid < tc) dbias_part[(int64_t)blockIdx.x * jn + (jt - j0) + tid] = acc;
+    }
     const int cols = tc * (int)p.k;
     const int64_t c0 = (jt - j0) * p.k;  // workspace column of the tile's column 0
     for (int e = tid; e < BM * TW; e += THREADS) {
@@ -419,7 +454,7 @@ __global__ void __launch_bounds__(THREADS)
       const int64_t row = r0 + ii;
       if (row < p.n && t < cols) g_out[row * ld + c0 + t] = from_f<T>(sm.s[ii][t]);
     }
-    __syncthreads();  // the tile is stored before the next one overwrites it
+    __syncthreads();  // the tile (and dv) is read before the next one overwrites it
   }
 }
 
@@ -539,13 +574,14 @@ class CudaRunner final : public KernelRunner {
   }
 
   void fwd(const Launch& l, const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
-           const at::Tensor* idx, const at::Tensor& anorm, const at::Tensor& bnorm,
-           const Params& p, at::Tensor& target, at::Tensor& part,
+           const at::Tensor* idx, const at::Tensor* bias, const at::Tensor& anorm,
+           const at::Tensor& bnorm, const Params& p, at::Tensor& target, at::Tensor& part,
            at::Tensor& part_a) override {
     AK_DISPATCH_CUDA_TYPES(x.scalar_type(), "fwd", [&] {
       fwd_kernel<<<grid_of(l), l.threads, 0, stream()>>>(
           cptr<scalar_t>(x), cptr<scalar_t>(w), labels.data_ptr<int64_t>(), idx_ptr(idx),
-          anorm.data_ptr<float>(), bnorm.data_ptr<float>(), p, target.data_ptr<float>(),
+          bias ? cptr<scalar_t>(*bias) : nullptr, anorm.data_ptr<float>(),
+          bnorm.data_ptr<float>(), p, target.data_ptr<float>(),
           part[0].data_ptr<float>(), part[1].data_ptr<float>(), part[2].data_ptr<float>(),
           part[3].data_ptr<float>(), part_a.data_ptr<int64_t>());
     });
@@ -553,11 +589,12 @@ class CudaRunner final : public KernelRunner {
   }
 
   void fwd_combine(const Launch& l, const at::Tensor& part, const at::Tensor& part_a,
-                   int64_t n, int64_t splits, float s, at::Tensor& lse, at::Tensor& sum_z,
-                   at::Tensor& max_z, at::Tensor& argmax) override {
+                   int64_t n, int64_t splits, const Margin<float>& mp, bool bias_key,
+                   at::Tensor& lse, at::Tensor& sum_z, at::Tensor& max_z,
+                   at::Tensor& argmax) override {
     fwd_combine_kernel<<<grid_of(l), l.threads, 0, stream()>>>(
         part[0].data_ptr<float>(), part[1].data_ptr<float>(), part[2].data_ptr<float>(),
-        part[3].data_ptr<float>(), part_a.data_ptr<int64_t>(), n, splits, s,
+        part[3].data_ptr<float>(), part_a.data_ptr<int64_t>(), n, splits, mp, bias_key,
         lse.data_ptr<float>(), sum_z.data_ptr<float>(), max_z.data_ptr<float>(),
         argmax.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -575,16 +612,18 @@ class CudaRunner final : public KernelRunner {
   }
 
   void grad_chunk(const Launch& l, const at::Tensor& x, const at::Tensor& w,
-                  const at::Tensor& labels, const at::Tensor* idx, const at::Tensor& anorm,
-                  const at::Tensor& bnorm, const at::Tensor& lse, const at::Tensor& gp,
-                  const at::Tensor& gt, const at::Tensor& gs, const Params& p, int64_t j0,
-                  int64_t jn, at::Tensor& g) override {
+                  const at::Tensor& labels, const at::Tensor* idx, const at::Tensor* bias,
+                  const at::Tensor& anorm, const at::Tensor& bnorm, const at::Tensor& lse,
+                  const at::Tensor& gp, const at::Tensor& gt, const at::Tensor& gs,
+                  const Params& p, int64_t j0, int64_t jn, at::Tensor& g,
+                  at::Tensor* dbias_part) override {
     AK_DISPATCH_CUDA_TYPES(x.scalar_type(), "grad_chunk", [&] {
       grad_chunk_kernel<<<grid_of(l), l.threads, 0, stream()>>>(
           cptr<scalar_t>(x), cptr<scalar_t>(w), labels.data_ptr<int64_t>(), idx_ptr(idx),
-          anorm.data_ptr<float>(), bnorm.data_ptr<float>(), lse.data_ptr<float>(),
-          gp.data_ptr<float>(), gt.data_ptr<float>(), gs.data_ptr<float>(), p, j0, jn,
-          mptr<scalar_t>(g));
+          bias ? cptr<scalar_t>(*bias) : nullptr, anorm.data_ptr<float>(),
+          bnorm.data_ptr<float>(), lse.data_ptr<float>(), gp.data_ptr<float>(),
+          gt.data_ptr<float>(), gs.data_ptr<float>(), p, j0, jn, mptr<scalar_t>(g),
+          dbias_part ? dbias_part->data_ptr<float>() : nullptr);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -618,27 +657,30 @@ class CudaRunner final : public KernelRunner {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpp_fwd_cuda(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
-    const std::optional<at::Tensor>& index, double s, double m1, double m2, double m3,
-    int64_t wrap_mode, int64_t grad_mode, bool normalize, int64_t sub_centers,
-    double grad_filter, int64_t block) {
+    const std::optional<at::Tensor>& index, const std::optional<at::Tensor>& bias, double s,
+    double m1, double m2, double m3, int64_t wrap_mode, int64_t grad_mode, bool normalize,
+    int64_t sub_centers, double softcap, double interclass, double grad_filter,
+    int64_t block) {
   c10::cuda::OptionalCUDAGuard guard;   // x on another device: the host code's checks say so
   if (x.is_cuda()) guard.set_device(x.device());
   CudaRunner run;
-  return fwd_host(run, x, w, labels, index, s, m1, m2, m3, wrap_mode, grad_mode, normalize,
-                  sub_centers, grad_filter, block);
+  return fwd_host(run, x, w, labels, index, bias, s, m1, m2, m3, wrap_mode, grad_mode,
+                  normalize, sub_centers, softcap, interclass, grad_filter, block);
 }
 
-std::tuple<at::Tensor, at::Tensor> cpp_bwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_bwd_cuda(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
-    const std::optional<at::Tensor>& index, const at::Tensor& lse, const at::Tensor& g_p,
-    const at::Tensor& g_t, const at::Tensor& g_s, double s, double m1, double m2, double m3,
-    int64_t wrap_mode, int64_t grad_mode, bool normalize, int64_t sub_centers,
-    double grad_filter, int64_t block) {
+    const std::optional<at::Tensor>& index, const std::optional<at::Tensor>& bias,
+    const at::Tensor& lse, const at::Tensor& g_p, const at::Tensor& g_t,
+    const at::Tensor& g_s, double s, double m1, double m2, double m3, int64_t wrap_mode,
+    int64_t grad_mode, bool normalize, int64_t sub_centers, double softcap,
+    double interclass, double grad_filter, int64_t block) {
   c10::cuda::OptionalCUDAGuard guard;
   if (x.is_cuda()) guard.set_device(x.device());
   CudaRunner run;
-  return bwd_host(run, x, w, labels, index, lse, g_p, g_t, g_s, s, m1, m2, m3, wrap_mode,
-                  grad_mode, normalize, sub_centers, grad_filter, block);
+  return bwd_host(run, x, w, labels, index, bias, lse, g_p, g_t, g_s, s, m1, m2, m3,
+                  wrap_mode, grad_mode, normalize, sub_centers, softcap, interclass,
+                  grad_filter, block);
 }
 
 }  // namespace

@@ -3,11 +3,12 @@
 // with a runner that records each kernel launch instead of making it. Compiled into every
 // build, GPU or not.
 //
-//   arcface_kernels._C.cuda_dry_run_fwd(x, w, labels, index, s, m1, m2, m3, wrap_mode,
-//       grad_mode, normalize, sub_centers, grad_filter, block, num_sms)
-//       -> (outputs, launches)
-//   arcface_kernels._C.cuda_dry_run_bwd(x, w, labels, index, lse, g_p, g_t, g_s, s, ...,
+//   arcface_kernels._C.cuda_dry_run_fwd(x, w, labels, index, bias, s, m1, m2, m3,
+//       wrap_mode, grad_mode, normalize, sub_centers, softcap, interclass, grad_filter,
 //       block, num_sms) -> (outputs, launches)
+//   arcface_kernels._C.cuda_dry_run_bwd(x, w, labels, index, bias, lse, g_p, g_t, g_s, s,
+//       ..., block, num_sms) -> (outputs, launches)
+// (the op's arguments, as its schema in ops.cpp orders them, then num_sms)
 //
 // The tensors are CUDA tensors of a torch FakeTensorMode (or real ones: nothing is read or
 // launched); the ATen calls of the host code then go through the caller's dispatch modes,
@@ -34,13 +35,14 @@ class RecordingRunner final : public KernelRunner {
                                   {"indexed", idx != nullptr}, {"normalize", normalize}});
   }
   void fwd(const Launch& l, const at::Tensor& x, const at::Tensor&, const at::Tensor&,
-           const at::Tensor* idx, const at::Tensor&, const at::Tensor&, const Params& p,
-           at::Tensor&, at::Tensor&, at::Tensor&) override {
-    add("fwd_kernel", l, x, params(p, idx));
+           const at::Tensor* idx, const at::Tensor* bias, const at::Tensor&,
+           const at::Tensor&, const Params& p, at::Tensor&, at::Tensor&,
+           at::Tensor&) override {
+    add("fwd_kernel", l, x, params(p, idx, bias));
   }
   void fwd_combine(const Launch& l, const at::Tensor& part, const at::Tensor&, int64_t n,
-                   int64_t splits, float, at::Tensor&, at::Tensor&, at::Tensor&,
-                   at::Tensor&) override {
+                   int64_t splits, const Margin<float>&, bool, at::Tensor&, at::Tensor&,
+                   at::Tensor&, at::Tensor&) override {
     add("fwd_combine_kernel", l, part, {{"n", n}, {"splits", splits}});
   }
   void scaled_rows(const Launch& l, const at::Tensor& v, const at::Tensor* idx, int64_t row0,
@@ -50,10 +52,11 @@ class RecordingRunner final : public KernelRunner {
                                      {"indexed", idx != nullptr}});
   }
   void grad_chunk(const Launch& l, const at::Tensor& x, const at::Tensor&, const at::Tensor&,
-                  const at::Tensor* idx, const at::Tensor&, const at::Tensor&,
+                  const at::Tensor* idx, const at::Tensor* bias, const at::Tensor&,
                   const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                  const Params& p, int64_t j0, int64_t jn, at::Tensor&) override {
-    auto v = params(p, idx);
+                  const at::Tensor&, const Params& p, int64_t j0, int64_t jn, at::Tensor&,
+                  at::Tensor*) override {
+    auto v = params(p, idx, bias);
     v.push_back({"j0", j0});
     v.push_back({"jn", jn});
     add("grad_chunk_kernel", l, x, v);
@@ -76,10 +79,11 @@ class RecordingRunner final : public KernelRunner {
  private:
   using Sizes = std::vector<std::pair<std::string, int64_t>>;
 
-  static Sizes params(const Params& p, const at::Tensor* idx) {
+  static Sizes params(const Params& p, const at::Tensor* idx, const at::Tensor* bias) {
     return {{"n", p.n}, {"d", p.d}, {"r", p.r}, {"k", p.k}, {"c", p.c}, {"tc", p.tc},
             {"ntiles", p.ntiles}, {"tiles_per_split", p.tiles_per_split},
-            {"indexed", idx != nullptr}};
+            {"indexed", idx != nullptr}, {"bias", bias != nullptr},
+            {"softcap", p.mp.capped}, {"interclass", p.mp.filter}};
   }
 
   // `typed`: the tensor whose dtype selects the kernel's template instance.
@@ -100,25 +104,28 @@ class RecordingRunner final : public KernelRunner {
 };
 
 py::tuple dry_run_fwd(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
-                      const std::optional<at::Tensor>& index, double s, double m1, double m2,
+                      const std::optional<at::Tensor>& index,
+                      const std::optional<at::Tensor>& bias, double s, double m1, double m2,
                       double m3, int64_t wrap_mode, int64_t grad_mode, bool normalize,
-                      int64_t sub_centers, double grad_filter, int64_t block, int num_sms) {
+                      int64_t sub_centers, double softcap, double interclass,
+                      double grad_filter, int64_t block, int num_sms) {
   RecordingRunner run(num_sms);
-  auto out = fwd_host(run, x, w, labels, index, s, m1, m2, m3, wrap_mode, grad_mode,
-                      normalize, sub_centers, grad_filter, block);
+  auto out = fwd_host(run, x, w, labels, index, bias, s, m1, m2, m3, wrap_mode, grad_mode,
+                      normalize, sub_centers, softcap, interclass, grad_filter, block);
   return py::make_tuple(out, run.launches());
 }
 
 py::tuple dry_run_bwd(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
-                      const std::optional<at::Tensor>& index, const at::Tensor& lse,
+                      const std::optional<at::Tensor>& index,
+                      const std::optional<at::Tensor>& bias, const at::Tensor& lse,
                       const at::Tensor& g_p, const at::Tensor& g_t, const at::Tensor& g_s,
                       double s, double m1, double m2, double m3, int64_t wrap_mode,
-                      int64_t grad_mode, bool normalize, int64_t sub_centers,
-                      double grad_filter, int64_t block,
-                      int num_sms) {
+                      int64_t grad_mode, bool normalize, int64_t sub_centers, double softcap,
+                      double interclass, double grad_filter, int64_t block, int num_sms) {
   RecordingRunner run(num_sms);
-  auto out = bwd_host(run, x, w, labels, index, lse, g_p, g_t, g_s, s, m1, m2, m3, wrap_mode,
-                      grad_mode, normalize, sub_centers, grad_filter, block);
+  auto out = bwd_host(run, x, w, labels, index, bias, lse, g_p, g_t, g_s, s, m1, m2, m3,
+                      wrap_mode, grad_mode, normalize, sub_centers, softcap, interclass,
+                      grad_filter, block);
   return py::make_tuple(out, run.launches());
 }
 

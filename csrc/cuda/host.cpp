@@ -72,22 +72,26 @@ int64_t bwd_chunk_classes(const Dims& dm, const Params& p, int64_t block, int64_
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_host(
     KernelRunner& run, const at::Tensor& x_in, const at::Tensor& w_in,
-    const at::Tensor& labels_in, const std::optional<at::Tensor>& index_in, double s,
-    double m1, double m2, double m3, int64_t wrap_mode, int64_t grad_mode, bool normalize,
-    int64_t sub_centers, double grad_filter, int64_t block) {
-  Dims dm = check_fwd_args(x_in, w_in, labels_in, index_in, s, m1, m2, m3, wrap_mode,
-                           grad_mode, normalize, sub_centers, grad_filter, block);
+    const at::Tensor& labels_in, const std::optional<at::Tensor>& index_in,
+    const std::optional<at::Tensor>& bias_in, double s, double m1, double m2, double m3,
+    int64_t wrap_mode, int64_t grad_mode, bool normalize, int64_t sub_centers,
+    double softcap, double interclass, double grad_filter, int64_t block) {
+  Dims dm = check_fwd_args(x_in, w_in, labels_in, index_in, bias_in, s, m1, m2, m3,
+                           wrap_mode, grad_mode, normalize, sub_centers, softcap, interclass,
+                           grad_filter, block);
   check_cuda_args(x_in, dm);
   check_values(labels_in, index_in, dm);
-  const ContiguousInputs in = make_contiguous(x_in, w_in, labels_in, index_in);
+  const ContiguousInputs in = make_contiguous(x_in, w_in, labels_in, index_in, bias_in);
   const at::Tensor &x = in.x, &w = in.w, &labels = in.labels;
   const at::Tensor* idx = in.index.has_value() ? &*in.index : nullptr;
+  const at::Tensor* bias = in.bias.has_value() ? &*in.bias : nullptr;
   auto fopt = x.options().dtype(at::kFloat);
   at::Tensor lse = at::empty({dm.n}, fopt), target = at::zeros({dm.n}, fopt),
              sum_z = at::empty({dm.n}, fopt), max_z = at::empty({dm.n}, fopt),
              argmax = at::empty({dm.n}, x.options().dtype(at::kLong));
   if (dm.n == 0) return {lse, target, sum_z, max_z, argmax};
-  auto mp = make_margin<float>(s, m1, m2, m3, wrap_mode, grad_mode, normalize);
+  auto mp = make_margin<float>(s, m1, m2, m3, wrap_mode, grad_mode, normalize, softcap,
+                               interclass);
   Params p = make_params(dm, mp, run.num_sms(x));
   const int64_t splits = num_splits(p);
   at::Tensor anorm = at::empty({dm.n}, fopt),
@@ -97,8 +101,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_host(
   inv_norms(run, x, nullptr, dm.n, 1, dm.d, normalize, anorm);
   inv_norms(run, w, idx, dm.c * dm.k, dm.k, dm.d, normalize, bnorm);
   if (dm.c > 0) {
-    run.fwd(Launch{(dm.n + BM - 1) / BM, splits, THREADS}, x, w, labels, idx, anorm, bnorm,
-            p, target, part, part_a);
+    run.fwd(Launch{(dm.n + BM - 1) / BM, splits, THREADS}, x, w, labels, idx, bias, anorm,
+            bnorm, p, target, part, part_a);
   } else {  // empty shard: lse = -inf, sums 0
     part[0].fill_(-std::numeric_limits<float>::infinity());
     part[1].zero_();
@@ -107,38 +111,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_host(
     part_a.fill_(std::numeric_limits<int64_t>::max());
   }
   run.fwd_combine(Launch{(dm.n + COMBINE_THREADS - 1) / COMBINE_THREADS, 1, COMBINE_THREADS},
-                  part, part_a, dm.n, splits, mp.s, lse, sum_z, max_z, argmax);
+                  part, part_a, dm.n, splits, mp, bias != nullptr, lse, sum_z, max_z, argmax);
   return {lse, target, sum_z, max_z, argmax};
 }
 
-std::tuple<at::Tensor, at::Tensor> bwd_host(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_host(
     KernelRunner& run, const at::Tensor& x_in, const at::Tensor& w_in,
     const at::Tensor& labels_in, const std::optional<at::Tensor>& index_in,
-    const at::Tensor& lse_in, const at::Tensor& gp_in, const at::Tensor& gt_in,
-    const at::Tensor& gs_in, double s, double m1, double m2, double m3, int64_t wrap_mode,
-    int64_t grad_mode, bool normalize, int64_t sub_centers, double grad_filter, int64_t block) {
-  Dims dm = check_bwd_args(x_in, w_in, labels_in, index_in, lse_in, gp_in, gt_in, gs_in, s, m1,
-                           m2, m3, wrap_mode, grad_mode, normalize, sub_centers, grad_filter, block);
+    const std::optional<at::Tensor>& bias_in, const at::Tensor& lse_in,
+    const at::Tensor& gp_in, const at::Tensor& gt_in, const at::Tensor& gs_in, double s,
+    double m1, double m2, double m3, int64_t wrap_mode, int64_t grad_mode, bool normalize,
+    int64_t sub_centers, double softcap, double interclass, double grad_filter,
+    int64_t block) {
+  Dims dm = check_bwd_args(x_in, w_in, labels_in, index_in, bias_in, lse_in, gp_in, gt_in,
+                           gs_in, s, m1, m2, m3, wrap_mode, grad_mode, normalize, sub_centers,
+                           softcap, interclass, grad_filter, block);
   check_cuda_args(x_in, dm);
   check_values(labels_in, index_in, dm);
-  const ContiguousInputs in = make_contiguous(x_in, w_in, labels_in, index_in);
+  const ContiguousInputs in = make_contiguous(x_in, w_in, labels_in, index_in, bias_in);
   const at::Tensor &x = in.x, &w = in.w, &labels = in.labels;
   const std::optional<at::Tensor>& index = in.index;
   const at::Tensor* idx = index.has_value() ? &*index : nullptr;
+  const at::Tensor* bias = in.bias.has_value() ? &*in.bias : nullptr;
   auto fopt = x.options().dtype(at::kFloat);
   // Rows of w outside the shard (index given) get 0; without an index every row of w is
   // a shard row and is written by its chunk.
   at::Tensor dx = at::empty({dm.n, dm.d}, x.options());
   at::Tensor dw = idx ? at::zeros({dm.r, dm.d}, w.options())
                       : at::empty({dm.r, dm.d}, w.options());
-  if (dm.n == 0 || dm.c == 0 || dm.d == 0) {  // no logits: both gradients are 0
+  // dbias: [R / K] in bias's dtype (zeros for classes outside the shard), or empty
+  at::Tensor dbias = bias ? at::zeros({dm.r / dm.k}, bias->options())
+                          : at::empty({0}, x.options());
+  // no logits: every gradient is 0 (with D = 0 and a bias the logits are the bias terms)
+  if (dm.n == 0 || dm.c == 0 || (dm.d == 0 && !bias)) {
     dx.zero_();
     dw.zero_();
-    return {dx, dw};
+    return {dx, dw, dbias};
   }
   auto vec = [&](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
   at::Tensor lse = vec(lse_in), gp = vec(gp_in), gt = vec(gt_in), gs = vec(gs_in);
-  auto mp = make_margin<float>(s, m1, m2, m3, wrap_mode, grad_mode, normalize);
+  auto mp = make_margin<float>(s, m1, m2, m3, wrap_mode, grad_mode, normalize, softcap,
+                               interclass);
   Params p = make_params(dm, mp, run.num_sms(x));
   const bool is_f32 = x.scalar_type() == at::kFloat;
   const int64_t cc = bwd_chunk_classes(dm, p, block, x.element_size());
@@ -152,6 +165,14 @@ std::tuple<at::Tensor, at::Tensor> bwd_host(
   // product comes from cuBLAS in the input dtype (fp32 accumulation inside) and is added.
   at::Tensor dx_acc = at::zeros({dm.n, dm.d}, fopt);
   at::Tensor dx_part = is_f32 ? at::Tensor() : at::empty({dm.n, dm.d}, x.options());
+  // With a bias: per chunk, the row tiles' partial sums of dL/dv [row tiles, CC] (fp32),
+  // summed (at::sum, deterministic) into dbias_pos [C], one value per shard position.
+  const int64_t row_tiles = (dm.n + BM - 1) / BM;
+  at::Tensor dbias_part, dbias_pos;
+  if (bias) {
+    dbias_part = at::empty({row_tiles * cc}, fopt);
+    dbias_pos = at::empty({dm.c}, fopt);
+  }
   // Rows of w of the shard rows, for index_add (index given).
   at::Tensor shard_rows;
   if (idx) {
@@ -171,8 +192,15 @@ std::tuple<at::Tensor, at::Tensor> bwd_host(
     // 1) G [N, nrc] into the workspace
     at::Tensor g = g_ws.narrow(0, 0, dm.n * nrc).view({dm.n, nrc});
     const int64_t tiles = (jn + p.tc - 1) / p.tc;
-    run.grad_chunk(Launch{(dm.n + BM - 1) / BM, std::min<int64_t>(tiles, 65535), THREADS}, x,
-                   w, labels, idx, anorm, bnorm, lse, gp, gt, gs, p, j0, jn, g);
+    at::Tensor dbp;
+    if (bias) dbp = dbias_part.narrow(0, 0, row_tiles * jn).view({row_tiles, jn});
+    run.grad_chunk(Launch{row_tiles, std::min<int64_t>(tiles, 65535), THREADS}, x, w, labels,
+                   idx, bias, anorm, bnorm, lse, gp, gt, gs, p, j0, jn, g,
+                   bias ? &dbp : nullptr);
+    if (bias) {
+      at::Tensor dst = dbias_pos.narrow(0, j0, jn);
+      at::sum_out(dst, dbp, {0});
+    }
     // 2) W_hat of the chunk [nrc, D] (a view of w when there is nothing to gather/scale)
     at::Tensor wh;
     if (!normalize && !idx) {
@@ -197,7 +225,20 @@ std::tuple<at::Tensor, at::Tensor> bwd_host(
   }
   // 5) dx = a (dX_acc - r x_hat)
   run.dx_finish(warp_rows(dm.n), x, anorm, dx_acc, dm.n, dm.d, normalize, dx);
-  return {dx, dw};
+  // 6) dbias[g] = sum of its positions' sums: through the index with index_put_
+  // (accumulate: sorted, deterministic, also for repeated classes)
+  if (bias) {
+    if (idx) {
+      at::Tensor acc = at::zeros({dm.r / dm.k}, fopt);
+      c10::List<std::optional<at::Tensor>> where;
+      where.push_back(*index);
+      acc.index_put_(where, dbias_pos, /*accumulate=*/true);
+      dbias.copy_(acc);
+    } else {
+      dbias.copy_(dbias_pos);
+    }
+  }
+  return {dx, dw, dbias};
 }
 
 }  // namespace arcface::cuda

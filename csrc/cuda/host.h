@@ -56,22 +56,28 @@ class KernelRunner {
   virtual void inv_norm(const Launch& l, const at::Tensor& v, const at::Tensor* idx,
                         int64_t rows, int64_t k, int64_t d, bool normalize,
                         at::Tensor& out) = 0;
+  // bias: the per-class bias (w's dtype) or nullptr.
   virtual void fwd(const Launch& l, const at::Tensor& x, const at::Tensor& w,
-                   const at::Tensor& labels, const at::Tensor* idx, const at::Tensor& anorm,
-                   const at::Tensor& bnorm, const Params& p, at::Tensor& target,
-                   at::Tensor& part, at::Tensor& part_a) = 0;
+                   const at::Tensor& labels, const at::Tensor* idx, const at::Tensor* bias,
+                   const at::Tensor& anorm, const at::Tensor& bnorm, const Params& p,
+                   at::Tensor& target, at::Tensor& part, at::Tensor& part_a) = 0;
+  // bias_key: the partial maxima are of s c + bias (with a bias), else of c.
   virtual void fwd_combine(const Launch& l, const at::Tensor& part, const at::Tensor& part_a,
-                           int64_t n, int64_t splits, float s, at::Tensor& lse,
-                           at::Tensor& sum_z, at::Tensor& max_z, at::Tensor& argmax) = 0;
+                           int64_t n, int64_t splits, const Margin<float>& mp, bool bias_key,
+                           at::Tensor& lse, at::Tensor& sum_z, at::Tensor& max_z,
+                           at::Tensor& argmax) = 0;
   virtual void scaled_rows(const Launch& l, const at::Tensor& v, const at::Tensor* idx,
                            int64_t row0, int64_t rows, int64_t k, int64_t d,
                            const at::Tensor& scale, at::Tensor& out) = 0;
+  // dbias_part (with a bias, else nullptr): [row tiles, jn] fp32, each row tile's sum of
+  // dL/dv over its rows, per class of the chunk.
   virtual void grad_chunk(const Launch& l, const at::Tensor& x, const at::Tensor& w,
                           const at::Tensor& labels, const at::Tensor* idx,
-                          const at::Tensor& anorm, const at::Tensor& bnorm,
-                          const at::Tensor& lse, const at::Tensor& gp, const at::Tensor& gt,
-                          const at::Tensor& gs, const Params& p, int64_t j0, int64_t jn,
-                          at::Tensor& g) = 0;
+                          const at::Tensor* bias, const at::Tensor& anorm,
+                          const at::Tensor& bnorm, const at::Tensor& lse,
+                          const at::Tensor& gp, const at::Tensor& gt, const at::Tensor& gs,
+                          const Params& p, int64_t j0, int64_t jn, at::Tensor& g,
+                          at::Tensor* dbias_part) = 0;
   // dw_direct: dw itself (no index), or nullptr (the rows stay in dwc for index_add_).
   virtual void dw_chunk_finish(const Launch& l, const at::Tensor& w, const at::Tensor* idx,
                                const at::Tensor& bnorm, int64_t row0, int64_t rows,
@@ -85,13 +91,17 @@ class KernelRunner {
 // The forward / backward primitive (schemas in ops.cpp) on x's device through `run`.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_host(
     KernelRunner& run, const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
-    const std::optional<at::Tensor>& index, double s, double m1, double m2, double m3,
-    int64_t wrap_mode, int64_t grad_mode, bool normalize, int64_t sub_centers, double grad_filter, int64_t block);
+    const std::optional<at::Tensor>& index, const std::optional<at::Tensor>& bias, double s,
+    double m1, double m2, double m3, int64_t wrap_mode, int64_t grad_mode, bool normalize,
+    int64_t sub_centers, double softcap, double interclass, double grad_filter,
+    int64_t block);
 
-std::tuple<at::Tensor, at::Tensor> bwd_host(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_host(
     KernelRunner& run, const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
-    const std::optional<at::Tensor>& index, const at::Tensor& lse, const at::Tensor& g_p,
-    const at::Tensor& g_t, const at::Tensor& g_s, double s, double m1, double m2, double m3,
-    int64_t wrap_mode, int64_t grad_mode, bool normalize, int64_t sub_centers, double grad_filter, int64_t block);
+    const std::optional<at::Tensor>& index, const std::optional<at::Tensor>& bias,
+    const at::Tensor& lse, const at::Tensor& g_p, const at::Tensor& g_t,
+    const at::Tensor& g_s, double s, double m1, double m2, double m3, int64_t wrap_mode,
+    int64_t grad_mode, bool normalize, int64_t sub_centers, double softcap,
+    double interclass, double grad_filter, int64_t block);
 
 }  // namespace arcface::cuda

@@ -164,7 +164,6 @@ def default_scale_margin(s: Optional[float], m2: Optional[float], normalize: boo
 
 class _Forward(NamedTuple):
     loss: Tensor
-    rows: Tensor        # the per-row losses before the reduction (0 at ignored rows)
     stats: tuple        # the fwd op's (lse, target, sum_z, max_z, argmax)
     local: Tensor       # labels as shard positions (-1: ignored)
     valid: Tensor       # rows not ignored
@@ -195,9 +194,8 @@ def _forward(embeddings: Tensor, weight: Tensor, labels: Tensor, cfg: MarginConf
                              num_classes)
     if z_loss:
         rows = rows + z_loss * stats[0] * stats[0]
-    rows = torch.where(valid, rows, torch.zeros_like(rows))
-    return _Forward(reduce_rows(rows, valid, opts.reduction), rows, tuple(stats), local,
-                    valid, be, scalars, num_classes)
+    return _Forward(reduce_rows(rows, valid, opts.reduction), tuple(stats), local, valid,
+                    be, scalars, num_classes)
 
 
 def loss_row_coefficients(grad_rows: Tensor, label_smoothing: float, num_classes: int

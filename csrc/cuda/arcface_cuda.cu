@@ -12,6 +12,12 @@
 //     filter, the margin at the target, the class's bias (staged per tile column in
 //     shared memory with the inverse norms) and the softcap; the top-1 is over s c + bias
 //     (c without a bias), capped by the combine kernel.
+//   * The terms are optional: each tile kernel has a plain instance (fwd_kernel,
+//     grad_chunk_kernel: no bias, softcap == 0, interclass == 0, the common case), which
+//     contains none of their code (no bias staging, filter or tanh: the registers and
+//     work of a kernel without them), and a terms instance (fwd_terms_kernel,
+//     grad_chunk_terms_kernel) that tests each term at run time. The host picks one per
+//     call (host.h uses_terms); both compute the same values where no term is set.
 //   * Backward, bounded workspace: the classes are walked in chunks of CC classes
 //     (CC*K rows of w; CC chosen so that the G workspace [N, CC*K] and the chunk's
 //     [CC*K, D] buffers are each <= kWorkspaceBytes = 16 MiB, whatever C is; the `block`
@@ -124,9 +130,18 @@ __device__ __forceinline__ int64_t w_row(const int64_t* idx, int64_t p, int64_t 
 
 // Shared memory of one block: the tile of dot products (G in place in the backward),
 // and a union of the operand tiles of the logits product (16-bit or float) and, once the
-// product is done, the backward's dL/dv per (row, class) for dbias.
-template <typename T>
-struct Smem {
+// product is done, the backward's dL/dv per (row, class) for dbias. The terms instances
+// (kTerms) also stage the bias of the tile's columns; the plain ones have neither that
+// nor room for dv (an empty base, a 1-row dv inside the union: the layout and size of
+// the plain kernels' shared memory are those of a kernel without the terms).
+template <bool kTerms>
+struct SmemBias {};
+template <>
+struct SmemBias<true> {
+  float bias[TW];  // the bias of the tile columns' class (0 without a bias)
+};
+template <typename T, bool kTerms>
+struct Smem : SmemBias<kTerms> {
   float s[BM][LDF];
   union {
     struct {
@@ -137,11 +152,10 @@ struct Smem {
       float x[BM][LDK];
       float w[TW][LDK];
     } f;
-    float dv[BM][TW + 1];  // [tile row][class of the tile] (backward with a bias)
+    float dv[kTerms ? BM : 1][TW + 1];  // [tile row][class of the tile] (backward, bias)
   } u;
   int64_t wrow[TW];  // rows of w of the tile's columns (-1: past the class range)
   float b[TW];       // their inverse norms
-  float bias[TW];    // the bias of their class (0 without a bias)
 };
 
 // 1 / max(|v_row|, eps) for the rows of x (idx == nullptr, K == 1: identity map) or the
@@ -165,9 +179,9 @@ __global__ void inv_norm_kernel(const T* __restrict__ v, const int64_t* __restri
 
 // S[i][t] = <x_{r0+i}, w_{wrow[t]}> for the block's tile (raw dot products, fp32).
 // Tensor cores for 16-bit types.
-template <typename T>
+template <typename T, bool kTerms>
 __device__ void tile_dots(const T* __restrict__ x, const T* __restrict__ w, int64_t r0,
-                          const Params& p, Smem<T>& sm) {
+                          const Params& p, Smem<T, kTerms>& sm) {
   const int tid = threadIdx.x;
   if constexpr (std::is_same_v<T, float>) {
     // 128 threads x (8 rows x 4 columns)
@@ -246,12 +260,12 @@ __device__ void tile_dots(const T* __restrict__ x, const T* __restrict__ w, int6
 }
 
 // The columns of the tile whose first shard class is j0 (classes j0 .. min(j0 + tc,
-// j_end) - 1): rows of w, their inverse norms and the bias of their class (bias[class
-// id], the class id being row / K; 0 without a bias).
-template <typename T>
+// j_end) - 1): rows of w, their inverse norms and, in the terms instances, the bias of
+// their class (bias[class id], the class id being row / K; 0 without a bias).
+template <typename T, bool kTerms>
 __device__ void tile_columns(const int64_t* __restrict__ idx, const float* __restrict__ bnorm,
                              const T* __restrict__ bias, int64_t j0, int64_t j_end,
-                             const Params& p, Smem<T>& sm) {
+                             const Params& p, Smem<T, kTerms>& sm) {
   for (int t = threadIdx.x; t < TW; t += THREADS) {
     int64_t j = j0 + t / p.k;  // shard class of column t
     bool ok = t < p.tc * p.k && j < j_end;
@@ -259,14 +273,14 @@ __device__ void tile_columns(const int64_t* __restrict__ idx, const float* __res
     const int64_t wr = ok ? w_row(idx, pos, p.k) : -1;
     sm.wrow[t] = wr;
     sm.b[t] = ok ? bnorm[pos] : 0.f;
-    sm.bias[t] = (ok && bias) ? to_f(bias[wr / p.k]) : 0.f;
+    if constexpr (kTerms) sm.bias[t] = (ok && bias) ? to_f(bias[wr / p.k]) : 0.f;
   }
   __syncthreads();
 }
 
 // Class cosine of tile row i, class jj (max over its sub-centers) and the arg-max column.
-template <typename T>
-__device__ __forceinline__ float class_cosine(const Smem<T>& sm, int i, int jj, float ai,
+template <typename T, bool kTerms>
+__device__ __forceinline__ float class_cosine(const Smem<T, kTerms>& sm, int i, int jj, float ai,
                                               const Params& p, int* col) {
   int t0 = jj * (int)p.k;
   float best = cosine(sm.s[i][t0] * ai * sm.b[t0], p.mp.normalize);
@@ -282,16 +296,18 @@ __device__ __forceinline__ float class_cosine(const Smem<T>& sm, int i, int jj, 
   return best;
 }
 
-template <typename T>
-__global__ void __launch_bounds__(THREADS)
-    fwd_kernel(const T* __restrict__ x, const T* __restrict__ w, const int64_t* __restrict__ lab,
-               const int64_t* __restrict__ idx, const T* __restrict__ bias,
-               const float* __restrict__ anorm,
-               const float* __restrict__ bnorm, Params p, float* __restrict__ target,
-               float* __restrict__ part_m, float* __restrict__ part_s,
-               float* __restrict__ part_z, float* __restrict__ part_b,
-               int64_t* __restrict__ part_a) {
-  __shared__ __align__(32) Smem<T> sm;
+// The forward of one block (fwd_kernel / fwd_terms_kernel below). kTerms = false: the
+// plain logits z = s c (s psi(c) at the target), the top-1 over c; no bias, softcap or
+// filter code at all (bias is unused). kTerms = true: arcface_math.h logit_z, each of
+// the terms applied when set (a runtime test each; bias may be nullptr).
+template <typename T, bool kTerms>
+__device__ __forceinline__ void fwd_block(
+    const T* __restrict__ x, const T* __restrict__ w, const int64_t* __restrict__ lab,
+    const int64_t* __restrict__ idx, const T* __restrict__ bias,
+    const float* __restrict__ anorm, const float* __restrict__ bnorm, const Params& p,
+    float* __restrict__ target, float* __restrict__ part_m, float* __restrict__ part_s,
+    float* __restrict__ part_z, float* __restrict__ part_b, int64_t* __restrict__ part_a) {
+  __shared__ __align__(32) Smem<T, kTerms> sm;
   const int64_t r0 = (int64_t)blockIdx.x * BM;
   const int64_t split = blockIdx.y;
   const int i = threadIdx.x / 2, h = threadIdx.x % 2;
@@ -313,16 +329,29 @@ __global__ void __launch_bounds__(THREADS)
         int col;
         const float c = class_cosine(sm, i, jj, ai, p, &col);
         const int64_t j = j0 + jj;
-        const float bj = sm.bias[jj * (int)p.k];
-        // top-1 over s c + bias (raw c: no margin, no filter), or over c without a bias
-        const float key = bias ? p.mp.s * c + bj : c;
-        if (better_max(key, j, best, barg)) {
-          best = key;
-          barg = j;
+        float z;
+        if constexpr (kTerms) {
+          const float bj = sm.bias[jj * (int)p.k];
+          // top-1 over s c + bias (raw c: no margin, no filter), or over c without a bias
+          const float key = bias ? p.mp.s * c + bj : c;
+          if (better_max(key, j, best, barg)) {
+            best = key;
+            barg = j;
+          }
+          const bool is_t = j == li;
+          z = logit_z(c, is_t, bj, p.mp);  // filter, margin, bias, softcap
+          if (is_t) target[gi] = z;  // the only thread that holds (i, label_i)
+        } else {
+          if (better_max(c, j, best, barg)) {
+            best = c;
+            barg = j;
+          }
+          z = p.mp.s * c;
+          if (j == li) {
+            z = p.mp.s * psi(c, p.mp);
+            target[gi] = z;  // the only thread that holds (i, label_i)
+          }
         }
-        const bool is_t = j == li;
-        const float z = logit_z(c, is_t, bj, p.mp);  // filter, margin, bias, softcap
-        if (is_t) target[gi] = z;  // the only thread that holds (i, label_i)
         sz += z;
         if (z > m || z != z) {  // a NaN logit makes the state NaN (m = NaN), as on the CPU
           se = se * ak_exp(m - z) + 1.f;
@@ -354,6 +383,35 @@ __global__ void __launch_bounds__(THREADS)
     part_b[o] = best;
     part_a[o] = barg;
   }
+}
+
+// The forward's tile kernel, plain (no bias, softcap == 0, interclass == 0: the common
+// case) and with the terms; the host picks one per call (host.h uses_terms). Two kernel
+// names, one template argument (the dtype) each, rather than a bool template argument:
+// the static report finds a kernel's instance by its name and dtype.
+template <typename T>
+__global__ void __launch_bounds__(THREADS)
+    fwd_kernel(const T* __restrict__ x, const T* __restrict__ w, const int64_t* __restrict__ lab,
+               const int64_t* __restrict__ idx, const float* __restrict__ anorm,
+               const float* __restrict__ bnorm, Params p, float* __restrict__ target,
+               float* __restrict__ part_m, float* __restrict__ part_s,
+               float* __restrict__ part_z, float* __restrict__ part_b,
+               int64_t* __restrict__ part_a) {
+  fwd_block<T, false>(x, w, lab, idx, nullptr, anorm, bnorm, p, target, part_m, part_s,
+                      part_z, part_b, part_a);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(THREADS)
+    fwd_terms_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                     const int64_t* __restrict__ lab, const int64_t* __restrict__ idx,
+                     const T* __restrict__ bias, const float* __restrict__ anorm,
+                     const float* __restrict__ bnorm, Params p, float* __restrict__ target,
+                     float* __restrict__ part_m, float* __restrict__ part_s,
+                     float* __restrict__ part_z, float* __restrict__ part_b,
+                     int64_t* __restrict__ part_a) {
+  fwd_block<T, true>(x, w, lab, idx, bias, anorm, bnorm, p, target, part_m, part_s, part_z,
+                     part_b, part_a);
 }
 
 __global__ void fwd_combine_kernel(const float* __restrict__ part_m,
@@ -394,16 +452,18 @@ __global__ void fwd_combine_kernel(const float* __restrict__ part_m,
 // tile_dots, class_cosine), G replaces them in shared memory (at the arg-max sub-center
 // of each class, 0 at its other sub-centers) and the tile is stored row by row. The
 // grid is (row tiles, tiles of the chunk, strided when there are more than 65535).
-template <typename T>
-__global__ void __launch_bounds__(THREADS)
-    grad_chunk_kernel(const T* __restrict__ x, const T* __restrict__ w,
-                      const int64_t* __restrict__ lab, const int64_t* __restrict__ idx,
-                      const T* __restrict__ bias, const float* __restrict__ anorm,
-                      const float* __restrict__ bnorm, const float* __restrict__ lse,
-                      const float* __restrict__ gp, const float* __restrict__ gt,
-                      const float* __restrict__ gs, Params p, int64_t j0, int64_t jn,
-                      T* __restrict__ g_out, float* __restrict__ dbias_part) {
-  __shared__ __align__(32) Smem<T> sm;
+// kTerms = false (grad_chunk_kernel): grad_target / grad_nontarget, no bias, softcap or
+// filter code, no dbias; kTerms = true (grad_chunk_terms_kernel): grad_dv / grad_c, each
+// term applied when set, and dbias_part written when given (with a bias).
+template <typename T, bool kTerms>
+__device__ __forceinline__ void grad_chunk_block(
+    const T* __restrict__ x, const T* __restrict__ w, const int64_t* __restrict__ lab,
+    const int64_t* __restrict__ idx, const T* __restrict__ bias,
+    const float* __restrict__ anorm, const float* __restrict__ bnorm,
+    const float* __restrict__ lse, const float* __restrict__ gp, const float* __restrict__ gt,
+    const float* __restrict__ gs, const Params& p, int64_t j0, int64_t jn,
+    T* __restrict__ g_out, float* __restrict__ dbias_part) {
+  __shared__ __align__(32) Smem<T, kTerms> sm;
   const int64_t r0 = (int64_t)blockIdx.x * BM;
   const int tid = threadIdx.x;
   const int i = tid / 2, h = tid % 2;  // two threads per tile row, classes interleaved
@@ -427,25 +487,35 @@ __global__ void __launch_bounds__(THREADS)
         int col;
         const float c = class_cosine(sm, i, jj, ai, p, &col);
         const int t0 = jj * (int)p.k;
-        const bool is_t = jt + jj == li;
-        // dL/dv (the element's share of dbias), then G
-        const float dv = grad_dv(c, is_t, sm.bias[t0], lsei, gpi, gti, gsi, p.mp);
-        const float g = grad_c(c, is_t, dv, p.mp);
-        if (dbias_part) sm.u.dv[i][jj] = dv;  // the operand tiles are dead (tile_dots synced)
+        float g;
+        if constexpr (kTerms) {
+          const bool is_t = jt + jj == li;
+          // dL/dv (the element's share of dbias), then G
+          const float dv = grad_dv(c, is_t, sm.bias[t0], lsei, gpi, gti, gsi, p.mp);
+          g = grad_c(c, is_t, dv, p.mp);
+          if (dbias_part) sm.u.dv[i][jj] = dv;  // operand tiles are dead (tile_dots synced)
+        } else {
+          g = (jt + jj == li) ? grad_target(c, lsei, gpi, gti, gsi, p.mp)
+                              : grad_nontarget(p.mp.s * c, lsei, gpi, gsi, p.mp.s);
+        }
         for (int kk = 0; kk < (int)p.k; ++kk) sm.s[i][t0 + kk] = (t0 + kk == col) ? g : 0.f;
       }
-    } else if (dbias_part) {  // a row past N adds nothing to dbias
-      for (int jj = h; jj < tc; jj += 2) sm.u.dv[i][jj] = 0.f;  // @trips[tc / 2]
+    } else if constexpr (kTerms) {
+      if (dbias_part) {  // a row past N adds nothing to dbias
+        for (int jj = h; jj < tc; jj += 2) sm.u.dv[i][jj] = 0.f;  // @trips[tc / 2]
+      }
     }
     __syncthreads();
-    if (dbias_part && tid < TW) {
-      // the tile's column sums of dL/dv over its BM rows, in row order (a fixed trip
-      // count: a loop over the valid rows only made ptxas cap the kernel at 128
-      // registers and spill)
-      float acc = 0.f;
+    if constexpr (kTerms) {
+      if (dbias_part && tid < TW) {
+        // the tile's column sums of dL/dv over its BM rows, in row order (a fixed trip
+        // count: a loop over the valid rows only made ptxas cap the kernel at 128
+        // registers and spill)
+        float acc = 0.f;
 #pragma unroll 8
-      for (int ii = 0; ii < BM; ++ii) acc += sm.u.dv[ii][tid];  // @trips[8] (unrolled)
-      if (tid < tc) dbias_part[(int64_t)blockIdx.x * jn + (jt - j0) + tid] = acc;
+        for (int ii = 0; ii < BM; ++ii) acc += sm.u.dv[ii][tid];  // @trips[8] (unrolled)
+        if (tid < tc) dbias_part[(int64_t)blockIdx.x * jn + (jt - j0) + tid] = acc;
+      }
     }
     const int cols = tc * (int)p.k;
     const int64_t c0 = (jt - j0) * p.k;  // workspace column of the tile's column 0
@@ -456,6 +526,32 @@ __global__ void __launch_bounds__(THREADS)
     }
     __syncthreads();  // the tile (and dv) is read before the next one overwrites it
   }
+}
+
+// The backward's G kernel, plain and with the terms (as fwd_kernel / fwd_terms_kernel).
+template <typename T>
+__global__ void __launch_bounds__(THREADS)
+    grad_chunk_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                      const int64_t* __restrict__ lab, const int64_t* __restrict__ idx,
+                      const float* __restrict__ anorm, const float* __restrict__ bnorm,
+                      const float* __restrict__ lse, const float* __restrict__ gp,
+                      const float* __restrict__ gt, const float* __restrict__ gs, Params p,
+                      int64_t j0, int64_t jn, T* __restrict__ g_out) {
+  grad_chunk_block<T, false>(x, w, lab, idx, nullptr, anorm, bnorm, lse, gp, gt, gs, p, j0,
+                             jn, g_out, nullptr);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(THREADS)
+    grad_chunk_terms_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                            const int64_t* __restrict__ lab, const int64_t* __restrict__ idx,
+                            const T* __restrict__ bias, const float* __restrict__ anorm,
+                            const float* __restrict__ bnorm, const float* __restrict__ lse,
+                            const float* __restrict__ gp, const float* __restrict__ gt,
+                            const float* __restrict__ gs, Params p, int64_t j0, int64_t jn,
+                            T* __restrict__ g_out, float* __restrict__ dbias_part) {
+  grad_chunk_block<T, true>(x, w, lab, idx, bias, anorm, bnorm, lse, gp, gt, gs, p, j0, jn,
+                            g_out, dbias_part);
 }
 
 // out[rr] = v[w_row(idx, row0 + rr, k)] * scale[row0 + rr] (rr < rows) in T: the
@@ -574,16 +670,27 @@ class CudaRunner final : public KernelRunner {
   }
 
   void fwd(const Launch& l, const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
-           const at::Tensor* idx, const at::Tensor* bias, const at::Tensor& anorm,
+           const at::Tensor* idx, bool terms, const at::Tensor* bias, const at::Tensor& anorm,
            const at::Tensor& bnorm, const Params& p, at::Tensor& target, at::Tensor& part,
            at::Tensor& part_a) override {
+    TORCH_CHECK(terms || !bias, "fwd: a bias needs the terms kernel");
     AK_DISPATCH_CUDA_TYPES(x.scalar_type(), "fwd", [&] {
-      fwd_kernel<<<grid_of(l), l.threads, 0, stream()>>>(
-          cptr<scalar_t>(x), cptr<scalar_t>(w), labels.data_ptr<int64_t>(), idx_ptr(idx),
-          bias ? cptr<scalar_t>(*bias) : nullptr, anorm.data_ptr<float>(),
-          bnorm.data_ptr<float>(), p, target.data_ptr<float>(),
-          part[0].data_ptr<float>(), part[1].data_ptr<float>(), part[2].data_ptr<float>(),
-          part[3].data_ptr<float>(), part_a.data_ptr<int64_t>());
+      if (terms) {
+        fwd_terms_kernel<<<grid_of(l), l.threads, 0, stream()>>>(
+            cptr<scalar_t>(x), cptr<scalar_t>(w), labels.data_ptr<int64_t>(), idx_ptr(idx),
+            bias ? cptr<scalar_t>(*bias) : nullptr, anorm.data_ptr<float>(),
+            bnorm.data_ptr<float>(), p, target.data_ptr<float>(),
+            part[0].data_ptr<float>(), part[1].data_ptr<float>(),
+            part[2].data_ptr<float>(), part[3].data_ptr<float>(),
+            part_a.data_ptr<int64_t>());
+      } else {
+        fwd_kernel<<<grid_of(l), l.threads, 0, stream()>>>(
+            cptr<scalar_t>(x), cptr<scalar_t>(w), labels.data_ptr<int64_t>(), idx_ptr(idx),
+            anorm.data_ptr<float>(), bnorm.data_ptr<float>(), p, target.data_ptr<float>(),
+            part[0].data_ptr<float>(), part[1].data_ptr<float>(),
+            part[2].data_ptr<float>(), part[3].data_ptr<float>(),
+            part_a.data_ptr<int64_t>());
+      }
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -612,18 +719,27 @@ class CudaRunner final : public KernelRunner {
   }
 
   void grad_chunk(const Launch& l, const at::Tensor& x, const at::Tensor& w,
-                  const at::Tensor& labels, const at::Tensor* idx, const at::Tensor* bias,
-                  const at::Tensor& anorm, const at::Tensor& bnorm, const at::Tensor& lse,
-                  const at::Tensor& gp, const at::Tensor& gt, const at::Tensor& gs,
-                  const Params& p, int64_t j0, int64_t jn, at::Tensor& g,
-                  at::Tensor* dbias_part) override {
+                  const at::Tensor& labels, const at::Tensor* idx, bool terms,
+                  const at::Tensor* bias, const at::Tensor& anorm, const at::Tensor& bnorm,
+                  const at::Tensor& lse, const at::Tensor& gp, const at::Tensor& gt,
+                  const at::Tensor& gs, const Params& p, int64_t j0, int64_t jn,
+                  at::Tensor& g, at::Tensor* dbias_part) override {
+    TORCH_CHECK(terms || (!bias && !dbias_part), "grad_chunk: a bias needs the terms kernel");
     AK_DISPATCH_CUDA_TYPES(x.scalar_type(), "grad_chunk", [&] {
-      grad_chunk_kernel<<<grid_of(l), l.threads, 0, stream()>>>(
-          cptr<scalar_t>(x), cptr<scalar_t>(w), labels.data_ptr<int64_t>(), idx_ptr(idx),
-          bias ? cptr<scalar_t>(*bias) : nullptr, anorm.data_ptr<float>(),
-          bnorm.data_ptr<float>(), lse.data_ptr<float>(), gp.data_ptr<float>(),
-          gt.data_ptr<float>(), gs.data_ptr<float>(), p, j0, jn, mptr<scalar_t>(g),
-          dbias_part ? dbias_part->data_ptr<float>() : nullptr);
+      if (terms) {
+        grad_chunk_terms_kernel<<<grid_of(l), l.threads, 0, stream()>>>(
+            cptr<scalar_t>(x), cptr<scalar_t>(w), labels.data_ptr<int64_t>(), idx_ptr(idx),
+            bias ? cptr<scalar_t>(*bias) : nullptr, anorm.data_ptr<float>(),
+            bnorm.data_ptr<float>(), lse.data_ptr<float>(), gp.data_ptr<float>(),
+            gt.data_ptr<float>(), gs.data_ptr<float>(), p, j0, jn, mptr<scalar_t>(g),
+            dbias_part ? dbias_part->data_ptr<float>() : nullptr);
+      } else {
+        grad_chunk_kernel<<<grid_of(l), l.threads, 0, stream()>>>(
+            cptr<scalar_t>(x), cptr<scalar_t>(w), labels.data_ptr<int64_t>(), idx_ptr(idx),
+            anorm.data_ptr<float>(), bnorm.data_ptr<float>(), lse.data_ptr<float>(),
+            gp.data_ptr<float>(), gt.data_ptr<float>(), gs.data_ptr<float>(), p, j0, jn,
+            mptr<scalar_t>(g));
+      }
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -35,10 +35,10 @@ class RecordingRunner final : public KernelRunner {
                                   {"indexed", idx != nullptr}, {"normalize", normalize}});
   }
   void fwd(const Launch& l, const at::Tensor& x, const at::Tensor&, const at::Tensor&,
-           const at::Tensor* idx, const at::Tensor* bias, const at::Tensor&,
+           const at::Tensor* idx, bool terms, const at::Tensor* bias, const at::Tensor&,
            const at::Tensor&, const Params& p, at::Tensor&, at::Tensor&,
            at::Tensor&) override {
-    add("fwd_kernel", l, x, params(p, idx, bias));
+    add(terms ? "fwd_terms_kernel" : "fwd_kernel", l, x, params(p, idx, bias));
   }
   void fwd_combine(const Launch& l, const at::Tensor& part, const at::Tensor&, int64_t n,
                    int64_t splits, const Margin<float>&, bool, at::Tensor&, at::Tensor&,
@@ -52,14 +52,15 @@ class RecordingRunner final : public KernelRunner {
                                      {"indexed", idx != nullptr}});
   }
   void grad_chunk(const Launch& l, const at::Tensor& x, const at::Tensor&, const at::Tensor&,
-                  const at::Tensor* idx, const at::Tensor* bias, const at::Tensor&,
+                  const at::Tensor* idx, bool terms, const at::Tensor* bias,
+                  const at::Tensor&,
                   const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                   const at::Tensor&, const Params& p, int64_t j0, int64_t jn, at::Tensor&,
                   at::Tensor*) override {
     auto v = params(p, idx, bias);
     v.push_back({"j0", j0});
     v.push_back({"jn", jn});
-    add("grad_chunk_kernel", l, x, v);
+    add(terms ? "grad_chunk_terms_kernel" : "grad_chunk_kernel", l, x, v);
   }
   void dw_chunk_finish(const Launch& l, const at::Tensor& w, const at::Tensor* idx,
                        const at::Tensor&, int64_t row0, int64_t rows, int64_t k, int64_t d,

@@ -93,6 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_host(
   auto mp = make_margin<float>(s, m1, m2, m3, wrap_mode, grad_mode, normalize, softcap,
                                interclass);
   Params p = make_params(dm, mp, run.num_sms(x));
+  const bool terms = uses_terms(mp, bias != nullptr);  // which tile kernel instance
   const int64_t splits = num_splits(p);
   at::Tensor anorm = at::empty({dm.n}, fopt),
              bnorm = at::empty({std::max<int64_t>(dm.c * dm.k, 1)}, fopt);
@@ -101,8 +102,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_host(
   inv_norms(run, x, nullptr, dm.n, 1, dm.d, normalize, anorm);
   inv_norms(run, w, idx, dm.c * dm.k, dm.k, dm.d, normalize, bnorm);
   if (dm.c > 0) {
-    run.fwd(Launch{(dm.n + BM - 1) / BM, splits, THREADS}, x, w, labels, idx, bias, anorm,
-            bnorm, p, target, part, part_a);
+    run.fwd(Launch{(dm.n + BM - 1) / BM, splits, THREADS}, x, w, labels, idx, terms, bias,
+            anorm, bnorm, p, target, part, part_a);
   } else {  // empty shard: lse = -inf, sums 0
     part[0].fill_(-std::numeric_limits<float>::infinity());
     part[1].zero_();
@@ -153,6 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_host(
   auto mp = make_margin<float>(s, m1, m2, m3, wrap_mode, grad_mode, normalize, softcap,
                                interclass);
   Params p = make_params(dm, mp, run.num_sms(x));
+  const bool terms = uses_terms(mp, bias != nullptr);  // which tile kernel instance
   const bool is_f32 = x.scalar_type() == at::kFloat;
   const int64_t cc = bwd_chunk_classes(dm, p, block, x.element_size());
   const int64_t nr = cc * dm.k;  // rows of w per chunk
@@ -195,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_host(
     at::Tensor dbp;
     if (bias) dbp = dbias_part.narrow(0, 0, row_tiles * jn).view({row_tiles, jn});
     run.grad_chunk(Launch{row_tiles, std::min<int64_t>(tiles, 65535), THREADS}, x, w, labels,
-                   idx, bias, anorm, bnorm, lse, gp, gt, gs, p, j0, jn, g,
+                   idx, terms, bias, anorm, bnorm, lse, gp, gt, gs, p, j0, jn, g,
                    bias ? &dbp : nullptr);
     if (bias) {
       at::Tensor dst = dbias_pos.narrow(0, j0, jn);

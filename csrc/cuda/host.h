@@ -40,6 +40,13 @@ struct Params {
   Margin<float> mp;
 };
 
+// Whether a call uses any of the optional per-logit terms (a bias, softcap > 0,
+// interclass > 0). The tile kernels come in two instances: without the terms (the
+// common case), compiled to the work of a kernel that has none, and with them.
+inline bool uses_terms(const Margin<float>& mp, bool has_bias) {
+  return has_bias || mp.capped || mp.filter;
+}
+
 // Grid (x, y) and threads per block of one launch.
 struct Launch {
   int64_t grid_x, grid_y;
@@ -56,9 +63,12 @@ class KernelRunner {
   virtual void inv_norm(const Launch& l, const at::Tensor& v, const at::Tensor* idx,
                         int64_t rows, int64_t k, int64_t d, bool normalize,
                         at::Tensor& out) = 0;
+  // terms (uses_terms, decided once per call): launch the kernel instance with the
+  // bias / softcap / interclass code, else the plain one (bias must then be nullptr).
   // bias: the per-class bias (w's dtype) or nullptr.
   virtual void fwd(const Launch& l, const at::Tensor& x, const at::Tensor& w,
-                   const at::Tensor& labels, const at::Tensor* idx, const at::Tensor* bias,
+                   const at::Tensor& labels, const at::Tensor* idx, bool terms,
+                   const at::Tensor* bias,
                    const at::Tensor& anorm, const at::Tensor& bnorm, const Params& p,
                    at::Tensor& target, at::Tensor& part, at::Tensor& part_a) = 0;
   // bias_key: the partial maxima are of s c + bias (with a bias), else of c.
@@ -69,10 +79,10 @@ class KernelRunner {
   virtual void scaled_rows(const Launch& l, const at::Tensor& v, const at::Tensor* idx,
                            int64_t row0, int64_t rows, int64_t k, int64_t d,
                            const at::Tensor& scale, at::Tensor& out) = 0;
-  // dbias_part (with a bias, else nullptr): [row tiles, jn] fp32, each row tile's sum of
-  // dL/dv over its rows, per class of the chunk.
+  // terms: as for fwd. dbias_part (with a bias, else nullptr): [row tiles, jn] fp32, each
+  // row tile's sum of dL/dv over its rows, per class of the chunk.
   virtual void grad_chunk(const Launch& l, const at::Tensor& x, const at::Tensor& w,
-                          const at::Tensor& labels, const at::Tensor* idx,
+                          const at::Tensor& labels, const at::Tensor* idx, bool terms,
                           const at::Tensor* bias, const at::Tensor& anorm,
                           const at::Tensor& bnorm, const at::Tensor& lse,
                           const at::Tensor& gp, const at::Tensor& gt, const at::Tensor& gs,

@@ -368,6 +368,19 @@ AK_HD Lse<T> lse_merge(Lse<T> a, Lse<T> b) {
   return Lse<T>{m, a.sum * ak_exp(a.m - m) + b.sum * ak_exp(b.m - m)};
 }
 
+// Add one logit z to an online state: a larger z, or a NaN (which then sticks), becomes
+// the new max; a z of -inf adds nothing, also to an empty state, where the plain update
+// exp(z - m) would be exp(-inf - -inf) = NaN (-inf logits arise with normalize=False).
+template <typename T>
+AK_HD void lse_push(Lse<T>& st, T z) {
+  if (z > st.m || z != z) {
+    st.sum = st.sum * ak_exp(st.m - z) + T(1);
+    st.m = z;
+  } else if (z != -std::numeric_limits<T>::infinity()) {
+    st.sum += ak_exp(z - st.m);
+  }
+}
+
 template <typename T>
 AK_HD T lse_value(Lse<T> a) {
   return a.m + ak_log(a.sum);

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <string>
 
 namespace arcface {
 
@@ -108,22 +109,33 @@ Dims check_bwd_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   return dm;
 }
 
+namespace {
+// Every value of t in [lo, hi). On the CPU an error with the values found; on a device a
+// device-side assert (no host sync: a step stays capturable in a CUDA graph), which stops
+// the process with ``what``.
+void check_range(const at::Tensor& t, int64_t lo, int64_t hi, const std::string& what) {
+  if (t.numel() == 0) return;
+  if (!t.device().is_cpu()) {
+    at::_assert_async(at::logical_and(t.ge(lo), t.lt(hi)).all(), what);
+    return;
+  }
+  auto mm = at::aminmax(t);
+  const int64_t tlo = std::get<0>(mm).item<int64_t>(), thi = std::get<1>(mm).item<int64_t>();
+  TORCH_CHECK_VALUE(tlo >= lo && thi < hi, what, ", got values in [", tlo, ", ", thi, "]");
+}
+}  // namespace
+
 void check_values(const at::Tensor& labels, const std::optional<at::Tensor>& index,
                   const Dims& dims) {
-  if (labels.numel() > 0) {
-    auto mm = at::aminmax(labels);
-    int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
-    TORCH_CHECK_VALUE(lo >= -1 && hi < dims.c, "labels must be in [-1, ", dims.c,
-                ") (positions in the shard, -1 = no target), got values in [", lo, ", ", hi,
-                "]");
-  }
-  if (index.has_value() && index->numel() > 0) {
-    auto mm = at::aminmax(*index);
-    int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
-    int64_t num = dims.r / dims.k;
-    TORCH_CHECK_VALUE(lo >= 0 && hi < num, "index must hold class ids in [0, ", num,
-                ") (w has ", dims.r, " rows, sub_centers=", dims.k, "), got values in [", lo,
-                ", ", hi, "]");
+  check_range(labels, -1, dims.c,
+              "labels must be in [-1, " + std::to_string(dims.c) +
+                  ") (positions in the shard, -1 = no target)");
+  if (index.has_value()) {
+    const int64_t num = dims.r / dims.k;
+    check_range(*index, 0, num,
+                "index must hold class ids in [0, " + std::to_string(num) + ") (w has " +
+                    std::to_string(dims.r) + " rows, sub_centers=" +
+                    std::to_string(dims.k) + ")");
   }
 }
 

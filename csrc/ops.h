@@ -46,7 +46,8 @@ Dims check_bwd_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
                     int64_t grad_mode, bool normalize, int64_t sub_centers, double softcap,
                     double interclass, double grad_filter, int64_t block);
 
-// Value checks: labels in [-1, C), index in [0, R / K). One host sync on CUDA.
+// Value checks: labels in [-1, C), index in [0, R / K): a ValueError with the values
+// found on the CPU; a device-side assert on CUDA (no host sync).
 void check_values(const at::Tensor& labels, const std::optional<at::Tensor>& index,
                   const Dims& dims);
 

@@ -353,12 +353,10 @@ __device__ __forceinline__ void fwd_block(
           }
         }
         sz += z;
-        if (z > m || z != z) {  // a NaN logit makes the state NaN (m = NaN), as on the CPU
-          se = se * ak_exp(m - z) + 1.f;
-          m = z;
-        } else {
-          se += ak_exp(z - m);
-        }
+        Lse<float> st{m, se};  // NaN sticks, -inf adds nothing (arcface_math.h)
+        lse_push(st, z);
+        m = st.m;
+        se = st.sum;
       }
     }
     __syncthreads();

@@ -32,7 +32,7 @@ float64 stays float64, which is what gradcheck needs. Runs on any device torch r
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -139,11 +139,24 @@ def _chunk_bias(bias: Optional[Tensor], shard: _Shard, j0: int, j1: int, acc):
     return b.to(acc).unsqueeze(0)
 
 
+class _Chunk(NamedTuple):
+    """One chunk's logits with every term: c [N, nc] (cosines, sub-center max), kidx
+    (arg-max sub-center or None), is_t (target mask [N, nc]), inside / col (rows whose
+    target is in the chunk [N, 1], its column [N, 1]), dropped (the filter's mask or
+    None), v = s u + b and z = T(v)."""
+    c: Tensor
+    kidx: Optional[Tensor]
+    is_t: Tensor
+    inside: Tensor
+    col: Tensor
+    dropped: Optional[Tensor]
+    v: Tensor
+    z: Tensor
+
+
 def _chunk_terms(xh: Tensor, wc: Tensor, labels: Tensor, bias_c: Optional[Tensor],
-                 cfg: MarginConfig, j0: int, j1: int):
-    """One chunk's logits with every term (docs/design.md section 1): returns c
-    [N, nc] (cosines, sub-center max), kidx (arg-max sub-center or None), the target
-    mask [N, nc], the filter's mask (or None), v = s u + b and z = T(v)."""
+                 cfg: MarginConfig, j0: int, j1: int) -> _Chunk:
+    """One chunk's logits with every term (docs/design.md section 1)."""
     c, kidx = _chunk_logits(xh, wc, cfg.sub_centers)
     if cfg.normalize:
         c = c.clamp(-1.0, 1.0)
@@ -159,7 +172,7 @@ def _chunk_terms(xh: Tensor, wc: Tensor, labels: Tensor, bias_c: Optional[Tensor
     v = u.mul_(cfg.s)
     if bias_c is not None:
         v.add_(bias_c)
-    return c, kidx, is_t, dropped, v, softcap_map(v, cfg.softcap_arg)
+    return _Chunk(c, kidx, is_t, inside, col, dropped, v, softcap_map(v, cfg.softcap_arg))
 
 
 def _walk(shard: _Shard, bias: Optional[Tensor], block: int, n: int, acc):
@@ -184,7 +197,7 @@ def _fwd_terms(x, w, labels, index, bias, cfg: MarginConfig, block: int):
     target = torch.zeros(n, dtype=acc, device=dev)
     sum_z = torch.zeros(n, dtype=acc, device=dev)
     for j0, j1, wc, _, bias_c in _walk(shard, bias, block, n, acc):
-        c, _, is_t, _, _, z = _chunk_terms(xh, wc, labels, bias_c, cfg, j0, j1)
+        c, _, is_t, _, _, _, _, z = _chunk_terms(xh, wc, labels, bias_c, cfg, j0, j1)
         lse = torch.logaddexp(lse, torch.logsumexp(z, dim=1))
         target += torch.where(is_t, z, torch.zeros_like(z)).sum(dim=1)
         sum_z += z.sum(dim=1)
@@ -238,7 +251,8 @@ def _bwd_terms(x, w, labels, index, bias, lse, g_p, g_t, g_s, cfg: MarginConfig,
     dw = torch.zeros(w.shape, dtype=acc, device=w.device)
     db = None if bias is None else torch.zeros(bias.shape, dtype=acc, device=bias.device)
     for j0, j1, wc, b, bias_c in _walk(shard, bias, block, n, acc):
-        c, kidx, is_t, dropped, v, z = _chunk_terms(xh, wc, labels, bias_c, cfg, j0, j1)
+        c, kidx, is_t, inside, col, dropped, v, z = _chunk_terms(xh, wc, labels, bias_c,
+                                                                 cfg, j0, j1)
         p = z.sub_(lse).exp_()
         if grad_filter > 0:  # the filter: p < eps of a non-target counts as 0
             p.masked_fill_((p < grad_filter) & ~is_t, 0.0)
@@ -250,9 +264,9 @@ def _bwd_terms(x, w, labels, index, bias, lse, g_p, g_t, g_s, cfg: MarginConfig,
                 db[j0:j1] += dv.sum(dim=0)
             else:
                 db.index_add_(0, shard.index[j0:j1], dv.sum(dim=0))
-        dpsi = margin_dpsi(torch.where(is_t, c, torch.zeros_like(c)), cfg.m1, cfg.m2,
-                           cfg.wrap_code, cfg.grad_code)
-        grad = dv.mul_(cfg.s).mul_(torch.where(is_t, dpsi, torch.ones_like(dpsi)))
+        grad = dv.mul_(cfg.s)
+        dpsi_t = margin_dpsi(c.gather(1, col), cfg.m1, cfg.m2, cfg.wrap_code, cfg.grad_code)
+        grad.scatter_(1, col, grad.gather(1, col) * torch.where(inside, dpsi_t, 1.0))
         if dropped is not None:
             grad.masked_fill_(dropped, 0.0)
         _add_chunk_grad(grad, kidx, wc, b, xh, dxs, dw, shard, j0, j1, cfg.normalize)

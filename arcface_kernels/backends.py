@@ -158,6 +158,8 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
             if be is None and cand != "chunked" and not _not_installed(cand):
                 failed.append(cand)
             if be is not None and be.runs_on(dev) and (cand != "triton" or dev == "cuda"):
+                if _device_unsupported(cand, device) is not None:
+                    continue  # e.g. cpp's CUDA kernels below compute capability 8.0
                 for f in failed:
                     _warn_fallback(f, cand, dev)
                 return be
@@ -173,4 +175,20 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
     if not be.runs_on(dev):
         raise ValueError(f"backend {name!r} does not run on {dev} tensors "
                          f"(it runs on: {_device_list(be)})")
+    why = _device_unsupported(name, device)
+    if why is not None:
+        raise ValueError(f"backend {name!r} cannot run on {device}: {why}")
     return be
+
+
+def _device_unsupported(name: str, device: torch.device) -> Optional[str]:
+    """Why backend ``name`` cannot run on this particular device (None: it can). Asked at
+    call time, never at import: the cpp backend's CUDA kernels need compute capability
+    8.0 or newer (bfloat16 tensor cores, cp.async)."""
+    if name != "cpp" or device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 0):
+        return (f"its CUDA kernels need compute capability 8.0 or newer, and this device "
+                f"has {major}.{minor} (the triton and chunked backends run there)")
+    return None

@@ -6,9 +6,15 @@
 # 1. builds the extension in place for sm_80 and sm_90a (FORCE_CUDA=1 setup.py build_ext
 #    --inplace, objects kept in build/gpu_build for the static report) and installs the
 #    package offline against the torch already there (pip install --no-build-isolation
-#    --no-deps --no-index -e . with ARCFACE_NO_EXTENSION=1: the in-place build is used),
+#    --no-deps --no-index -e . with ARCFACE_NO_EXTENSION=1: the in-place build is used).
+#    The CUDA kernel needs the CUTLASS headers: third_party/cutlass/include when there
+#    (`make cutlass-include` on a machine with a package registry, then carry that
+#    git-ignored folder along; CUTLASS_PATH is set to it), else an installed nvidia-cutlass
+#    package; with neither, the build step fails saying so,
 # 2. runs the test suite on the GPU (pytest; GPU tests included),
-# 3. runs compute-sanitizer memcheck on a small cpp CUDA case, where the tool exists,
+# 3. runs compute-sanitizer on small cpp CUDA cases, where the tool exists: memcheck and
+#    racecheck (shared-memory hazards) on fp32/bf16, then memcheck on fp16 with
+#    sub_centers=3 and Partial FC's index (the sampled classes of w),
 # 4. calibrates the static report: measures the steps it predicts (bench/static/
 #    calibrate.py: time per phase, memory, host syncs, per-kernel device time), then writes
 #    the report with the measured column (static_gpu.md; reduced: sm_90a, bf16),
@@ -71,8 +77,22 @@ step "machine" 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_versi
     $PY -c 'import torch, sys; print(\"python\", sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name(0))'; \
     $PY -c 'import triton; print(\"triton\", triton.__version__)'; command -v nvcc && nvcc --version | tail -2"
 
+# The CUTLASS headers: the carried copy when there (no package registry here), else
+# setup.py's own search (an installed nvidia-cutlass); none: the build step fails saying so.
+if [[ -f third_party/cutlass/include/cutlass/version.h ]]; then
+    export CUTLASS_PATH="$PWD/third_party/cutlass/include"
+fi
+export CUTLASS_CHECK='
+import runpy, sys
+setup = runpy.run_path("setup.py", run_name="arcface_setup")   # the functions; no build
+found = setup["find_cutlass"]()
+if found is None:
+    sys.exit("gpu_check: " + setup["missing_cutlass_message"]())
+print("CUTLASS", ".".join(map(str, found.version)), "headers:", found.include, "from", found.source)
+'
 if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
-    step "build" 240 bash -c "FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST='8.0;9.0a' MAX_JOBS=16 \
+    step "build" 240 bash -c "'$PY' -c \"\$CUTLASS_CHECK\" && \
+        FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST='8.0;9.0a' MAX_JOBS=16 \
         '$PY' setup.py build_ext --inplace --build-temp build/gpu_build/tmp && \
         ARCFACE_NO_EXTENSION=1 '$PY' -m pip install --no-build-isolation --no-deps --no-index -e ."
 fi
@@ -87,7 +107,9 @@ assert torch.cuda.is_available(), 'no CUDA device visible to torch'"
 if [[ -n "${PYTEST_ARGS+x}" ]]; then read -r -a PTA <<< "$PYTEST_ARGS"; else PTA=(-m "not slow" tests); fi
 step "tests" 150 bash -c "set -o pipefail; $PY -m pytest -q -rfEs -p no:cacheprovider ${PTA[*]@Q} 2>&1 | tee '$OUT/pytest.txt' | tail -40"
 
-# compute-sanitizer memcheck on a small forward+backward of the cpp CUDA kernels.
+# compute-sanitizer on small forwards+backwards of the cpp CUDA kernels: memcheck and
+# racecheck on fp32 / bf16, then memcheck on fp16 with 3 sub-centers and an index (Partial
+# FC's sampled classes, which the kernels read w through).
 SAN_CASE='
 import torch, arcface_kernels as ak
 from arcface_kernels.backends import resolve_backend
@@ -102,18 +124,43 @@ for dt in (torch.float32, torch.bfloat16):
 torch.cuda.synchronize()
 print("cpp CUDA case ran:", x.grad.shape, w.grad.shape)
 '
-if command -v compute-sanitizer >/dev/null 2>&1; then
-    if "$PY" -c "import torch, arcface_kernels as ak; from arcface_kernels.backends import resolve_backend; resolve_backend('cpp', torch.device('cuda'))" >/dev/null 2>&1; then
-        step "memcheck" 120 compute-sanitizer --tool memcheck --error-exitcode 99 \
-            --print-limit 20 "$PY" -c "$SAN_CASE"
-    else
-        NAMES+=("memcheck"); RESULTS+=("not run: cpp backend has no CUDA kernels here")
-        say "== memcheck: not run (cpp backend not available on CUDA)"
-    fi
+SAN_CASE_INDEX='
+import torch, arcface_kernels as ak
+from arcface_kernels.backends import resolve_backend
+resolve_backend("cpp", torch.device("cuda"))   # raises if cpp has no CUDA kernels here
+torch.manual_seed(0)
+x = torch.randn(37, 72, device="cuda").half().requires_grad_()
+w = torch.randn(1031 * 3, 72, device="cuda").half().requires_grad_()
+y = torch.randint(0, 1031, (37,), device="cuda")
+y[5] = -100
+ak.arcface_loss(x, w, y, backend="cpp", sub_centers=3).backward()
+# sample_rate < 1: the fwd/bwd ops get index = the sampled classes (fp16 weight: no copy)
+head = ak.PartialFC(72, 1031, sample_rate=0.3, sub_centers=3, backend="cpp", device="cuda",
+                    dtype=torch.float16)
+head(x, y).backward()
+assert head.weight_index is not None and head.weight_index.numel() < 1031
+torch.cuda.synchronize()
+print("cpp CUDA case (fp16, sub_centers=3, index) ran:", x.grad.shape,
+      head.weight.grad.shape, tuple(head.weight_index.shape))
+'
+SAN_STEPS=("memcheck 120 memcheck SAN_CASE" "racecheck 120 racecheck SAN_CASE"
+           "memcheck-fp16-index 90 memcheck SAN_CASE_INDEX")
+if ! command -v compute-sanitizer >/dev/null 2>&1; then
+    why="no compute-sanitizer on PATH"
+elif ! "$PY" -c "import torch, arcface_kernels as ak; from arcface_kernels.backends import resolve_backend; resolve_backend('cpp', torch.device('cuda'))" >/dev/null 2>&1; then
+    why="cpp backend has no CUDA kernels here"
 else
-    NAMES+=("memcheck"); RESULTS+=("not run: no compute-sanitizer on PATH")
-    say "== memcheck: not run (no compute-sanitizer)"
+    why=""
 fi
+for s in "${SAN_STEPS[@]}"; do
+    read -r name max tool code <<< "$s"
+    if [[ -n "$why" ]]; then
+        NAMES+=("$name"); RESULTS+=("not run: $why"); say "== $name: not run ($why)"
+    else
+        step "$name" "$max" compute-sanitizer --tool "$tool" --error-exitcode 99 \
+            --print-limit 20 "$PY" -c "${!code}"
+    fi
+done
 
 # The static report's calibration: the predicted steps measured, then the report (sm_90a,
 # bf16) with the measured column beside the predictions.

@@ -78,10 +78,15 @@ AK_HD float ak_log<float>(float v) {
   return std::log(v);
 #endif
 }
+// On the GPU cos / sin go through cospi / sinpi: their argument reduction is exact and
+// local (cosf / sinf keep a Payne-Hanek slow path for huge arguments, a call with a
+// local-memory array in every kernel that evaluates psi). The arguments here (angles in
+// [-pi, 2 pi]) lose at most one rounding of v / pi.
+constexpr float kInvPiF = 0.318309886183790671538f;
 template <>
 AK_HD float ak_cos<float>(float v) {
 #if defined(__CUDA_ARCH__)
-  return cosf(v);
+  return cospif(v * kInvPiF);
 #else
   return std::cos(v);
 #endif
@@ -89,7 +94,7 @@ AK_HD float ak_cos<float>(float v) {
 template <>
 AK_HD float ak_sin<float>(float v) {
 #if defined(__CUDA_ARCH__)
-  return sinf(v);
+  return sinpif(v * kInvPiF);
 #else
   return std::sin(v);
 #endif

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 
 import pytest
+import torch
 
 import arcface_kernels as ak
 from arcface_kernels.testing import (LINEAR_GRID, MARGIN_GRID, check_linear_cross_entropy,
@@ -123,3 +124,26 @@ def test_linear_cross_entropy_cuda(backend):
 def test_every_cpu_backend_is_covered():
     assert {"reference", "chunked"} <= set(CPU)
     assert len(LINEAR_GRID) >= 8 and len(MARGIN_GRID) >= 30
+
+
+def test_cpp_cuda_below_sm80_reported_and_skipped(monkeypatch):
+    """cpp's CUDA kernels need compute capability 8.0: on an older device 'auto' passes
+    over cpp, and asking for it names the reason (no GPU needed: the device query is
+    patched)."""
+    from arcface_kernels import backends as B
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 5))
+    dev = torch.device("cuda", 0)
+    assert "7.5" in B._device_unsupported("cpp", dev)
+    assert B._device_unsupported("triton", dev) is None
+    assert B._device_unsupported("cpp", torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    assert B._device_unsupported("cpp", dev) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 5))
+    be = B._load("cpp")
+    if be is None or "cuda" not in be.devices:
+        pytest.skip("cpp backend without CUDA kernels: resolve_backend not exercised")
+    with pytest.raises(ValueError, match=r"compute capability 8\.0.*7\.5"):
+        B.resolve_backend("cpp", dev)
+    assert B.resolve_backend("auto", dev).name != "cpp"

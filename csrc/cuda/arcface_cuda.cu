@@ -83,6 +83,7 @@
 
 #include "../arcface_math.h"
 #include "../ops.h"
+#include "fused.cuh"
 #include "host.h"
 
 namespace arcface::cuda {
@@ -163,7 +164,7 @@ struct Smem : SmemBias<kTerms> {
 template <typename T>
 __global__ void inv_norm_kernel(const T* __restrict__ v, const int64_t* __restrict__ idx,
                                 int64_t rows, int64_t k, int64_t d, bool normalize,
-                                float* __restrict__ out) {
+                                float* __restrict__ out, int* __restrict__ unsafe) {
   int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   int lane = threadIdx.x % 32;
   if (row >= rows) return;
@@ -174,7 +175,32 @@ __global__ void inv_norm_kernel(const T* __restrict__ v, const int64_t* __restri
     ss += e * e;
   }
   for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-  if (lane == 0) out[row] = normalize ? inv_norm(ss) : 1.f;
+  if (normalize && ss == INFINITY) {
+    // the sum of squares overflowed (|v| > ~1.8e19): again, scaled by the largest element
+    float mx = 0.f;
+    for (int64_t t = lane; t < d; t += 32) mx = fmaxf(mx, fabsf(to_f(src[t])));
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    float sc = 0.f;
+    if (mx < INFINITY) {  // an inf element keeps the inf norm (inverse 0)
+      for (int64_t t = lane; t < d; t += 32) {
+        const float e = to_f(src[t]) / mx;
+        sc += e * e;
+      }
+      for (int o = 16; o > 0; o >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, o);
+      if (lane == 0) {
+        out[row] = (1.f / mx) / sqrtf(sc);
+        if (unsafe) *unsafe = 1;  // (a norm above 2^63, see below)
+      }
+      return;
+    }
+  }
+  if (lane == 0) {
+    const float inv = normalize ? inv_norm(ss) : 1.f;
+    out[row] = inv;
+    // a norm above 2^63: some |x_i| |w_j| may exceed 2^126, where the tile kernels' raw
+    // fp32 dot products could overflow before the inverse norms scale them
+    if (unsafe && inv < 1.08420217e-19f) *unsafe = 1;  // 2^-63
+  }
 }
 
 // S[i][t] = <x_{r0+i}, w_{wrow[t]}> for the block's tile (raw dot products, fp32).
@@ -221,6 +247,9 @@ __device__ void tile_dots(const T* __restrict__ x, const T* __restrict__ w, int6
 #pragma unroll
       for (int b2 = 0; b2 < 4; ++b2) sm.s[ty * 8 + a][tx + 16 * b2] = acc[a][b2];
   } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();  // no bfloat16 WMMA below sm_80: the host never launches these kernels there
+#else
     using namespace nvcuda;
     const int warp = tid / 32;  // rows 16*warp .. +15, all 64 columns
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[TW / 16];
@@ -255,7 +284,26 @@ __device__ void tile_dots(const T* __restrict__ x, const T* __restrict__ w, int6
 #pragma unroll
     for (int f = 0; f < TW / 16; ++f)
       wmma::store_matrix_sync(&sm.s[warp * 16][f * 16], acc[f], LDF, wmma::mem_row_major);
+#endif
   }
+  __syncthreads();
+}
+
+// After tile_dots, when a norm above 2^63 was flagged (unsafe): every dot product of the
+// tile recomputed as its cosine from the normalized elements (fused::safe_dot: no fp32
+// overflow), and the column scales set to 1; the caller scales the row by 1 too.
+template <typename T, bool kTerms>
+__device__ void tile_fix_overflow(const T* __restrict__ x, const T* __restrict__ w,
+                                  const float* __restrict__ anorm, int64_t r0, const Params& p,
+                                  Smem<T, kTerms>& sm) {
+  for (int e = threadIdx.x; e < BM * TW; e += THREADS) {  // @trips[0] (never on sane norms)
+    const int i = e / TW, t = e % TW;
+    const int64_t gi = r0 + i, wr = sm.wrow[t];
+    if (gi < p.n && wr >= 0)
+      sm.s[i][t] = fused::safe_dot(x + gi * p.d, w + wr * p.d, p.d, anorm[gi], sm.b[t]);
+  }
+  __syncthreads();
+  for (int t = threadIdx.x; t < TW; t += THREADS) sm.b[t] = 1.f;
   __syncthreads();
 }
 
@@ -313,7 +361,8 @@ __device__ __forceinline__ void fwd_block(
   const int i = threadIdx.x / 2, h = threadIdx.x % 2;
   const int64_t gi = r0 + i;
   const bool row_ok = gi < p.n;
-  const float ai = row_ok ? anorm[gi] : 0.f;
+  const bool unsafe = *p.unsafe;  // overflow-free tiles (tile_fix_overflow), row scale 1
+  const float ai = row_ok ? (unsafe ? 1.f : anorm[gi]) : 0.f;
   const int64_t li = row_ok ? lab[gi] : -1;
   float m = -INFINITY, se = 0.f, sz = 0.f, best = -INFINITY;
   int64_t barg = std::numeric_limits<int64_t>::max();
@@ -322,6 +371,7 @@ __device__ __forceinline__ void fwd_block(
   for (int64_t tile = t_begin; tile < t_end; ++tile) {
     tile_columns(idx, bnorm, bias, tile * p.tc, p.c, p, sm);
     tile_dots(x, w, r0, p, sm);
+    if (unsafe) tile_fix_overflow(x, w, anorm, r0, p, sm);
     const int64_t j0 = tile * p.tc;
     const int tc = (int)min(p.tc, p.c - j0);
     if (row_ok) {
@@ -467,17 +517,19 @@ __device__ __forceinline__ void grad_chunk_block(
   const int i = tid / 2, h = tid % 2;  // two threads per tile row, classes interleaved
   const int64_t gi = r0 + i;
   const bool row_ok = gi < p.n;
-  const float ai = row_ok ? anorm[gi] : 0.f;
+  const bool unsafe = *p.unsafe;  // as in fwd_block
+  const float ai = row_ok ? (unsafe ? 1.f : anorm[gi]) : 0.f;
   const int64_t li = row_ok ? lab[gi] : -1;
   const float lsei = row_ok ? lse[gi] : 0.f, gpi = row_ok ? gp[gi] : 0.f;
   const float gti = row_ok ? gt[gi] : 0.f, gsi = row_ok ? gs[gi] : 0.f;
-  const int64_t ld = jn * p.k;
+  const int64_t ld = p.ldg;  // the workspace's leading dimension (host.cpp: % 8 == 0)
   const int64_t j_end = j0 + jn;
   const int64_t ntiles = (jn + p.tc - 1) / p.tc;
   for (int64_t tl = blockIdx.y; tl < ntiles; tl += gridDim.y) {
     const int64_t jt = j0 + tl * p.tc;  // first class of the tile
     tile_columns(idx, bnorm, bias, jt, j_end, p, sm);
     tile_dots(x, w, r0, p, sm);
+    if (unsafe) tile_fix_overflow(x, w, anorm, r0, p, sm);
     const int tc = (int)min(p.tc, j_end - jt);
     if (row_ok) {
       // class jj's K columns are read and written by this thread only: G goes in place
@@ -568,33 +620,33 @@ __global__ void scaled_rows_kernel(const T* __restrict__ v, const int64_t* __res
   for (int64_t t = lane; t < d; t += 32) dst[t] = from_f<T>(to_f(src[t]) * sc);
 }
 
-// The chunk's rows of dw from u = dwc [rows, D] = G^T x_hat (shard rows row0 ..
-// row0 + rows - 1): with w_hat = b w in fp32, q = <w_hat, u> (= sum_i G_ij c_ij) and
-// dw = norm_grad(u, q, w_hat, b) (normalize) or u. Written to dw's row when dw_direct is
-// given (no index: each row of w belongs to one shard row), else in place into dwc (the
-// caller index_adds it: a class may repeat in the index). One warp per row; dwc and the
-// destination may alias (each element is read, then written, by one lane).
+// The chunk's rows of dw from u = dwc [rows, D] = G^T x_hat in float32 (shard rows
+// row0 .. row0 + rows - 1): with w_hat = b w in fp32, q = <w_hat, u> (= sum_i G_ij c_ij)
+// and dw = norm_grad(u, q, w_hat, b) (normalize) or u, rounded to T once. Written to dw's
+// row of w (direct: no index, each row of w belongs to one shard row), else to row rr of
+// out (the caller index_adds it: a class may repeat in the index). One warp per row.
 template <typename T>
 __global__ void dw_chunk_finish_kernel(const T* __restrict__ w,
                                        const int64_t* __restrict__ idx,
                                        const float* __restrict__ bnorm, int64_t row0,
                                        int64_t rows, int64_t k, int64_t d, bool normalize,
-                                       T* dwc, T* dw_direct) {
+                                       const float* __restrict__ dwc, T* __restrict__ out,
+                                       bool direct) {
   const int64_t rr = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (rr >= rows) return;
   const int64_t wr = w_row(idx, row0 + rr, k);
   const T* src = w + wr * d;
   const float b = bnorm[row0 + rr];
-  T* u = dwc + rr * d;
-  T* dst = dw_direct ? dw_direct + wr * d : u;
+  const float* u = dwc + rr * d;
+  T* dst = out + (direct ? wr : rr) * d;
   float q = 0.f;
   if (normalize) {
-    for (int64_t t = lane; t < d; t += 32) q += b * to_f(src[t]) * to_f(u[t]);
+    for (int64_t t = lane; t < d; t += 32) q += b * to_f(src[t]) * u[t];
     for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
   }
   for (int64_t t = lane; t < d; t += 32) {
-    float v = to_f(u[t]);
+    float v = u[t];
     if (normalize) v = norm_grad(v, q, b * to_f(src[t]), b);
     dst[t] = from_f<T>(v);
   }
@@ -658,20 +710,83 @@ class CudaRunner final : public KernelRunner {
     return std::max(sms, 1);
   }
 
+  int capability(const at::Tensor& x) override {
+    int major = 0, minor = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
+                                          x.get_device()));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor,
+                                          x.get_device()));
+    return major * 10 + minor;
+  }
+
+  bool aligned16(const at::Tensor& t) override {
+    return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+  }
+
+  Fused fused_kind(const at::Tensor& x) override {
+    const int cap = capability(x);
+    if (cap < 80) return Fused::kNone;
+    if (cap == 90) {
+      // the sm_90a machine code of the wgmma kernels is in this build (not a JIT of
+      // compute_80 PTX, where they are compiled out)
+      cudaFuncAttributes attr;
+      if (cudaFuncGetAttributes(&attr, fused::fwd_sm90_kernel<cutlass::bfloat16_t>) ==
+              cudaSuccess &&
+          attr.binaryVersion == 90 && attr.ptxVersion >= 90)
+        return Fused::kSm90;
+      (void)cudaGetLastError();
+    }
+    return Fused::kSm80;
+  }
+
+  void fused_fwd(Fused kind, const Launch& l, const at::Tensor& x, const at::Tensor& w,
+                 const at::Tensor& labels, const at::Tensor* idx, const at::Tensor& anorm,
+                 const at::Tensor& bnorm, const at::Tensor& unsafe, const FusedParams& p,
+                 at::Tensor& target, at::Tensor& part, at::Tensor& part_a) override {
+    fused::FusedArgs a{};
+    fill_common(a, x, w, labels, idx, anorm, bnorm, unsafe);
+    a.target = target.data_ptr<float>();
+    a.part_m = part[0].data_ptr<float>();
+    a.part_s = part[1].data_ptr<float>();
+    a.part_z = part[2].data_ptr<float>();
+    a.part_b = part[3].data_ptr<float>();
+    a.part_a = part_a.data_ptr<int64_t>();
+    launch_fused(kind, /*grad=*/false, x.scalar_type(), l, a, p);
+  }
+
+  void fused_grad(Fused kind, const Launch& l, const at::Tensor& x, const at::Tensor& w,
+                  const at::Tensor& labels, const at::Tensor* idx, const at::Tensor& anorm,
+                  const at::Tensor& bnorm, const at::Tensor& unsafe, const at::Tensor& lse,
+                  const at::Tensor& gp, const at::Tensor& gt, const at::Tensor& gs,
+                  const FusedParams& p, at::Tensor& g) override {
+    fused::FusedArgs a{};
+    fill_common(a, x, w, labels, idx, anorm, bnorm, unsafe);
+    a.lse = lse.data_ptr<float>();
+    a.gp = gp.data_ptr<float>();
+    a.gt = gt.data_ptr<float>();
+    a.gs = gs.data_ptr<float>();
+    a.g = g.data_ptr();
+    launch_fused(kind, /*grad=*/true, x.scalar_type(), l, a, p);
+  }
+
   void inv_norm(const Launch& l, const at::Tensor& v, const at::Tensor* idx, int64_t rows,
-                int64_t k, int64_t d, bool normalize, at::Tensor& out) override {
+                int64_t k, int64_t d, bool normalize, at::Tensor& out,
+                at::Tensor* unsafe) override {
     AK_DISPATCH_CUDA_TYPES(v.scalar_type(), "inv_norm", [&] {
       inv_norm_kernel<<<grid_of(l), l.threads, 0, stream()>>>(
-          cptr<scalar_t>(v), idx_ptr(idx), rows, k, d, normalize, out.data_ptr<float>());
+          cptr<scalar_t>(v), idx_ptr(idx), rows, k, d, normalize, out.data_ptr<float>(),
+          unsafe ? unsafe->data_ptr<int>() : nullptr);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
   void fwd(const Launch& l, const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
            const at::Tensor* idx, bool terms, const at::Tensor* bias, const at::Tensor& anorm,
-           const at::Tensor& bnorm, const Params& p, at::Tensor& target, at::Tensor& part,
-           at::Tensor& part_a) override {
+           const at::Tensor& bnorm, const at::Tensor& unsafe, const Params& p_in,
+           at::Tensor& target, at::Tensor& part, at::Tensor& part_a) override {
     TORCH_CHECK(terms || !bias, "fwd: a bias needs the terms kernel");
+    Params p = p_in;
+    p.unsafe = unsafe.const_data_ptr<int>();
     AK_DISPATCH_CUDA_TYPES(x.scalar_type(), "fwd", [&] {
       if (terms) {
         fwd_terms_kernel<<<grid_of(l), l.threads, 0, stream()>>>(
@@ -719,10 +834,12 @@ class CudaRunner final : public KernelRunner {
   void grad_chunk(const Launch& l, const at::Tensor& x, const at::Tensor& w,
                   const at::Tensor& labels, const at::Tensor* idx, bool terms,
                   const at::Tensor* bias, const at::Tensor& anorm, const at::Tensor& bnorm,
-                  const at::Tensor& lse, const at::Tensor& gp, const at::Tensor& gt,
-                  const at::Tensor& gs, const Params& p, int64_t j0, int64_t jn,
-                  at::Tensor& g, at::Tensor* dbias_part) override {
+                  const at::Tensor& unsafe, const at::Tensor& lse, const at::Tensor& gp,
+                  const at::Tensor& gt, const at::Tensor& gs, const Params& p_in, int64_t j0,
+                  int64_t jn, at::Tensor& g, at::Tensor* dbias_part) override {
     TORCH_CHECK(terms || (!bias && !dbias_part), "grad_chunk: a bias needs the terms kernel");
+    Params p = p_in;
+    p.unsafe = unsafe.const_data_ptr<int>();
     AK_DISPATCH_CUDA_TYPES(x.scalar_type(), "grad_chunk", [&] {
       if (terms) {
         grad_chunk_terms_kernel<<<grid_of(l), l.threads, 0, stream()>>>(
@@ -744,12 +861,12 @@ class CudaRunner final : public KernelRunner {
 
   void dw_chunk_finish(const Launch& l, const at::Tensor& w, const at::Tensor* idx,
                        const at::Tensor& bnorm, int64_t row0, int64_t rows, int64_t k,
-                       int64_t d, bool normalize, at::Tensor& dwc,
-                       at::Tensor* dw_direct) override {
+                       int64_t d, bool normalize, const at::Tensor& dwc, at::Tensor& out,
+                       bool direct) override {
     AK_DISPATCH_CUDA_TYPES(w.scalar_type(), "dw_chunk_finish", [&] {
       dw_chunk_finish_kernel<<<grid_of(l), l.threads, 0, stream()>>>(
           cptr<scalar_t>(w), idx_ptr(idx), bnorm.data_ptr<float>(), row0, rows, k, d,
-          normalize, mptr<scalar_t>(dwc), dw_direct ? mptr<scalar_t>(*dw_direct) : nullptr);
+          normalize, dwc.data_ptr<float>(), mptr<scalar_t>(out), direct);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -767,6 +884,51 @@ class CudaRunner final : public KernelRunner {
 
  private:
   static cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+  static void fill_common(fused::FusedArgs& a, const at::Tensor& x, const at::Tensor& w,
+                          const at::Tensor& labels, const at::Tensor* idx,
+                          const at::Tensor& anorm, const at::Tensor& bnorm,
+                          const at::Tensor& unsafe) {
+    a.unsafe = unsafe.const_data_ptr<int>();
+    a.x = x.const_data_ptr();
+    a.w = w.const_data_ptr();
+    a.labels = labels.data_ptr<int64_t>();
+    a.idx = idx_ptr(idx);
+    a.anorm = anorm.data_ptr<float>();
+    a.bnorm = bnorm.data_ptr<float>();
+  }
+
+  template <typename Kernel>
+  static void launch_one(Kernel kernel, int smem, const Launch& l, const fused::FusedArgs& a,
+                         const FusedParams& p) {
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    kernel<<<grid_of(l), l.threads, smem, stream()>>>(a, p);
+  }
+
+  template <typename T>
+  static void launch_typed(Fused kind, bool grad, const Launch& l, const fused::FusedArgs& a,
+                           const FusedParams& p) {
+    using namespace fused;
+    if (kind == Fused::kSm90) {
+      constexpr int smem = smem_bytes<tiles::Sm90Config<T>>();
+      if (grad) launch_one(grad_sm90_kernel<T>, smem, l, a, p);
+      else launch_one(fwd_sm90_kernel<T>, smem, l, a, p);
+    } else {
+      constexpr int smem = smem_bytes<tiles::Sm80Config<T>>();
+      if (grad) launch_one(grad_sm80_kernel<T>, smem, l, a, p);
+      else launch_one(fwd_sm80_kernel<T>, smem, l, a, p);
+    }
+  }
+
+  static void launch_fused(Fused kind, bool grad, at::ScalarType t, const Launch& l,
+                           const fused::FusedArgs& a, const FusedParams& p) {
+    TORCH_CHECK(kind != Fused::kNone, "launch_fused: no fused kernels for this device");
+    if (t == at::kBFloat16) launch_typed<cutlass::bfloat16_t>(kind, grad, l, a, p);
+    else if (t == at::kHalf) launch_typed<cutlass::half_t>(kind, grad, l, a, p);
+    else TORCH_CHECK(false, "launch_fused: float16 / bfloat16 only, got ", t);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpp_fwd_cuda(

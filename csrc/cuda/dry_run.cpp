@@ -26,17 +26,39 @@ namespace {
 
 class RecordingRunner final : public KernelRunner {
  public:
-  explicit RecordingRunner(int sms) : sms_(sms) {}
+  RecordingRunner(int sms, int capability) : sms_(sms), cap_(capability) {}
   int num_sms(const at::Tensor&) override { return sms_; }
+  int capability(const at::Tensor&) override { return cap_; }
+  // the build the report reads has sm_90a code (bench/static compiles 8.0 and 9.0a)
+  Fused fused_kind(const at::Tensor&) override {
+    return cap_ >= 90 && cap_ < 100 ? Fused::kSm90 : cap_ >= 80 ? Fused::kSm80 : Fused::kNone;
+  }
+  bool aligned16(const at::Tensor&) override { return true; }  // fresh allocations are
+
+  void fused_fwd(Fused kind, const Launch& l, const at::Tensor& x, const at::Tensor&,
+                 const at::Tensor&, const at::Tensor* idx, const at::Tensor&,
+                 const at::Tensor&, const at::Tensor&, const FusedParams& p, at::Tensor&,
+                 at::Tensor&, at::Tensor&) override {
+    add(kind == Fused::kSm90 ? "fwd_sm90_kernel" : "fwd_sm80_kernel", l, x,
+        fused_sizes(kind, p, idx));
+  }
+  void fused_grad(Fused kind, const Launch& l, const at::Tensor& x, const at::Tensor&,
+                  const at::Tensor&, const at::Tensor* idx, const at::Tensor&,
+                  const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                  const at::Tensor&, const at::Tensor&, const FusedParams& p,
+                  at::Tensor&) override {
+    add(kind == Fused::kSm90 ? "grad_sm90_kernel" : "grad_sm80_kernel", l, x,
+        fused_sizes(kind, p, idx));
+  }
 
   void inv_norm(const Launch& l, const at::Tensor& v, const at::Tensor* idx, int64_t rows,
-                int64_t k, int64_t d, bool normalize, at::Tensor&) override {
+                int64_t k, int64_t d, bool normalize, at::Tensor&, at::Tensor*) override {
     add("inv_norm_kernel", l, v, {{"rows", rows}, {"k", k}, {"d", d},
                                   {"indexed", idx != nullptr}, {"normalize", normalize}});
   }
   void fwd(const Launch& l, const at::Tensor& x, const at::Tensor&, const at::Tensor&,
            const at::Tensor* idx, bool terms, const at::Tensor* bias, const at::Tensor&,
-           const at::Tensor&, const Params& p, at::Tensor&, at::Tensor&,
+           const at::Tensor&, const at::Tensor&, const Params& p, at::Tensor&, at::Tensor&,
            at::Tensor&) override {
     add(terms ? "fwd_terms_kernel" : "fwd_kernel", l, x, params(p, idx, bias));
   }
@@ -53,9 +75,9 @@ class RecordingRunner final : public KernelRunner {
   }
   void grad_chunk(const Launch& l, const at::Tensor& x, const at::Tensor&, const at::Tensor&,
                   const at::Tensor* idx, bool terms, const at::Tensor* bias,
-                  const at::Tensor&,
+                  const at::Tensor&, const at::Tensor&, const at::Tensor&,
                   const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                  const at::Tensor&, const Params& p, int64_t j0, int64_t jn, at::Tensor&,
+                  const Params& p, int64_t j0, int64_t jn, at::Tensor&,
                   at::Tensor*) override {
     auto v = params(p, idx, bias);
     v.push_back({"j0", j0});
@@ -64,11 +86,10 @@ class RecordingRunner final : public KernelRunner {
   }
   void dw_chunk_finish(const Launch& l, const at::Tensor& w, const at::Tensor* idx,
                        const at::Tensor&, int64_t row0, int64_t rows, int64_t k, int64_t d,
-                       bool normalize, at::Tensor&, at::Tensor* dw_direct) override {
+                       bool normalize, const at::Tensor&, at::Tensor&, bool direct) override {
     add("dw_chunk_finish_kernel", l, w, {{"row0", row0}, {"rows", rows}, {"k", k}, {"d", d},
                                          {"indexed", idx != nullptr},
-                                         {"normalize", normalize},
-                                         {"direct", dw_direct != nullptr}});
+                                         {"normalize", normalize}, {"direct", direct}});
   }
   void dx_finish(const Launch& l, const at::Tensor& x, const at::Tensor&, const at::Tensor&,
                  int64_t n, int64_t d, bool normalize, at::Tensor&) override {
@@ -79,6 +100,15 @@ class RecordingRunner final : public KernelRunner {
 
  private:
   using Sizes = std::vector<std::pair<std::string, int64_t>>;
+
+  // bm / bn / bk: the CTA tile; smem: dynamic shared memory bytes per CTA
+  static Sizes fused_sizes(Fused kind, const FusedParams& p, const at::Tensor* idx) {
+    return {{"n", p.n}, {"d", p.d}, {"j_begin", p.j_begin}, {"j_end", p.j_end},
+            {"tiles", p.tiles}, {"tiles_per_split", p.tiles_per_split}, {"ldg", p.ldg},
+            {"indexed", idx != nullptr}, {"bm", fused_bm(kind)}, {"bn", fused_bn(kind)},
+            {"bk", 64},
+            {"smem", kind == Fused::kSm90 ? FUSED90_SMEM : FUSED80_SMEM}};
+  }
 
   static Sizes params(const Params& p, const at::Tensor* idx, const at::Tensor* bias) {
     return {{"n", p.n}, {"d", p.d}, {"r", p.r}, {"k", p.k}, {"c", p.c}, {"tc", p.tc},
@@ -100,7 +130,7 @@ class RecordingRunner final : public KernelRunner {
     launches_.append(rec);
   }
 
-  int sms_;
+  int sms_, cap_;
   py::list launches_;
 };
 
@@ -109,8 +139,8 @@ py::tuple dry_run_fwd(const at::Tensor& x, const at::Tensor& w, const at::Tensor
                       const std::optional<at::Tensor>& bias, double s, double m1, double m2,
                       double m3, int64_t wrap_mode, int64_t grad_mode, bool normalize,
                       int64_t sub_centers, double softcap, double interclass,
-                      double grad_filter, int64_t block, int num_sms) {
-  RecordingRunner run(num_sms);
+                      double grad_filter, int64_t block, int num_sms, int capability) {
+  RecordingRunner run(num_sms, capability);
   auto out = fwd_host(run, x, w, labels, index, bias, s, m1, m2, m3, wrap_mode, grad_mode,
                       normalize, sub_centers, softcap, interclass, grad_filter, block);
   return py::make_tuple(out, run.launches());
@@ -122,8 +152,9 @@ py::tuple dry_run_bwd(const at::Tensor& x, const at::Tensor& w, const at::Tensor
                       const at::Tensor& g_p, const at::Tensor& g_t, const at::Tensor& g_s,
                       double s, double m1, double m2, double m3, int64_t wrap_mode,
                       int64_t grad_mode, bool normalize, int64_t sub_centers, double softcap,
-                      double interclass, double grad_filter, int64_t block, int num_sms) {
-  RecordingRunner run(num_sms);
+                      double interclass, double grad_filter, int64_t block, int num_sms,
+                      int capability) {
+  RecordingRunner run(num_sms, capability);
   auto out = bwd_host(run, x, w, labels, index, bias, lse, g_p, g_t, g_s, s, m1, m2, m3,
                       wrap_mode, grad_mode, normalize, sub_centers, softcap, interclass,
                       grad_filter, block);
@@ -135,12 +166,25 @@ py::tuple dry_run_bwd(const at::Tensor& x, const at::Tensor& w, const at::Tensor
 bool add_dry_run_functions(PyObject* module) {
   try {
     py::module_ m = py::reinterpret_borrow<py::module_>(module);
+    // the op's arguments positionally, then num_sms and capability (10 * major + minor of
+    // the modelled GPU, default 90: an H100 / H200 with the sm_90a kernels)
     m.def("cuda_dry_run_fwd", &dry_run_fwd,
           "Host path of the CUDA forward with launches recorded, not made "
-          "(-> (outputs, launches))");
+          "(-> (outputs, launches))",
+          py::arg("x"), py::arg("w"), py::arg("labels"), py::arg("index"), py::arg("bias"),
+          py::arg("s"), py::arg("m1"), py::arg("m2"), py::arg("m3"), py::arg("wrap_mode"),
+          py::arg("grad_mode"), py::arg("normalize"), py::arg("sub_centers"),
+          py::arg("softcap"), py::arg("interclass"), py::arg("grad_filter"),
+          py::arg("block"), py::arg("num_sms"), py::arg("capability") = 90);
     m.def("cuda_dry_run_bwd", &dry_run_bwd,
           "Host path of the CUDA backward with launches recorded, not made "
-          "(-> (outputs, launches))");
+          "(-> (outputs, launches))",
+          py::arg("x"), py::arg("w"), py::arg("labels"), py::arg("index"), py::arg("bias"),
+          py::arg("lse"), py::arg("g_p"), py::arg("g_t"), py::arg("g_s"), py::arg("s"),
+          py::arg("m1"), py::arg("m2"), py::arg("m3"), py::arg("wrap_mode"),
+          py::arg("grad_mode"), py::arg("normalize"), py::arg("sub_centers"),
+          py::arg("softcap"), py::arg("interclass"), py::arg("grad_filter"),
+          py::arg("block"), py::arg("num_sms"), py::arg("capability") = 90);
     return true;
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_ImportError, e.what());

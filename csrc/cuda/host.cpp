@@ -5,8 +5,17 @@
 
 #include <ATen/ATen.h>
 
+#include <torch/version.h>
+
 #include <algorithm>
 #include <limits>
+
+// mm / addmm with an out_dtype (a float32 result of 16-bit operands)
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+#define AK_MM_OUT_DTYPE 1
+#else
+#define AK_MM_OUT_DTYPE 0
+#endif
 
 namespace arcface::cuda {
 namespace {
@@ -19,6 +28,8 @@ Params make_params(const Dims& dm, const Margin<float>& mp, int sms) {
   p.k = dm.k;
   p.c = dm.c;
   p.mp = mp;
+  p.ldg = 0;
+  p.unsafe = nullptr;
   p.tc = std::max<int64_t>(1, TW / dm.k);
   p.ntiles = std::max<int64_t>(1, (dm.c + p.tc - 1) / p.tc);
   const int64_t row_tiles = (dm.n + BM - 1) / BM;
@@ -34,8 +45,12 @@ int64_t num_splits(const Params& p) {
   return (p.ntiles + p.tiles_per_split - 1) / p.tiles_per_split;
 }
 
-void check_cuda_args(const at::Tensor& x, const Dims& dm) {
+void check_cuda_args(KernelRunner& run, const at::Tensor& x, const Dims& dm) {
   TORCH_CHECK(x.is_cuda(), "the CUDA kernel got tensors on ", x.device());
+  const int cap = run.capability(x);
+  TORCH_CHECK(cap >= 80, "the CUDA kernels of the cpp backend need compute capability 8.0 "
+              "or newer (bfloat16 tensor cores, cp.async); ", x.device(), " has ", cap / 10,
+              ".", cap % 10, ": use backend='triton' or 'chunked' there");
   TORCH_CHECK(x.scalar_type() != at::kDouble,
               "the CUDA kernel supports float32/float16/bfloat16, got float64 (use the "
               "chunked backend for float64 on CUDA)");
@@ -52,18 +67,71 @@ Launch warp_rows(int64_t rows) {
 }
 
 void inv_norms(KernelRunner& run, const at::Tensor& v, const at::Tensor* idx, int64_t rows,
-               int64_t k, int64_t d, bool normalize, at::Tensor& out) {
+               int64_t k, int64_t d, bool normalize, at::Tensor& out, at::Tensor& unsafe) {
   if (rows == 0) return;
-  run.inv_norm(warp_rows(rows), v, idx, rows, k, d, normalize, out);
+  run.inv_norm(warp_rows(rows), v, idx, rows, k, d, normalize, out, &unsafe);
+}
+
+// Whether a call takes the fused tensor-core kernels (fused.cuh), and which: 16-bit
+// inputs, K = 1, none of the optional terms, rows of 16-byte multiples at 16-byte aligned
+// addresses (the 16-byte cp.async copies), shard classes below 2^31 (int class ids).
+Fused fused_for(KernelRunner& run, const at::Tensor& x, const at::Tensor& w, const Dims& dm,
+                bool terms) {
+  const auto t = x.scalar_type();
+  if (t != at::kHalf && t != at::kBFloat16) return Fused::kNone;
+  if (dm.k != 1 || terms || dm.d % 8 != 0 || dm.d == 0) return Fused::kNone;
+  if (dm.c >= (int64_t(1) << 31) - 1 || dm.r >= (int64_t(1) << 31) - 1) return Fused::kNone;
+  if (!run.aligned16(x) || !run.aligned16(w)) return Fused::kNone;
+  return run.fused_kind(x);
+}
+
+// The fused launch over classes [j_begin, j_end): grid (row tiles, splits) with splits
+// chosen so that the CTAs fill `waves` rounds of the device's resident slots
+// (FUSED_CTAS_PER_SM per SM), each split a run of whole class tiles.
+Launch fused_launch(Fused f, int sms, int64_t n, int64_t j_begin, int64_t j_end,
+                    int64_t waves, FusedParams& fp) {
+  const int64_t bm = fused_bm(f), bn = fused_bn(f);
+  const int64_t row_tiles = (n + bm - 1) / bm;
+  fp.j_begin = j_begin;
+  fp.j_end = j_end;
+  fp.tiles = std::max<int64_t>(1, (j_end - j_begin + bn - 1) / bn);
+  const int64_t slots = waves * FUSED_CTAS_PER_SM * std::max(sms, 1);
+  int64_t splits = std::clamp<int64_t>(slots / row_tiles, 1, fp.tiles);
+  splits = std::min<int64_t>(splits, 65535);
+  fp.tiles_per_split = (fp.tiles + splits - 1) / splits;
+  splits = (fp.tiles + fp.tiles_per_split - 1) / fp.tiles_per_split;
+  return Launch{row_tiles, splits, fused_threads(f)};
+}
+
+// out (float32) = a b (+ out when accumulate), fp32 accumulation, whatever a and b's
+// dtype: for 16-bit operands the dtype overloads of mm / addmm (torch >= 2.9: cuBLAS
+// with a float32 result, no rounded intermediate), else the product in their dtype
+// added in float32.
+void gemm_f32(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  if (a.scalar_type() == at::kFloat) {
+    if (accumulate) out.addmm_(a, b);
+    else at::mm_out(out, a, b);
+    return;
+  }
+#if AK_MM_OUT_DTYPE
+  if (accumulate) at::addmm_out(out, out, a, b, at::kFloat);
+  else at::mm_out(out, a, b, at::kFloat);
+#else
+  if (accumulate) out.add_(at::mm(a, b));
+  else out.copy_(at::mm(a, b));
+#endif
 }
 
 // Classes per backward chunk: the block argument when given (classes per chunk, as the
 // caller asked), else as many as fit the workspace bound (whole tiles of p.tc classes when
 // there is more than one tile's worth).
 int64_t bwd_chunk_classes(const Dims& dm, const Params& p, int64_t block, int64_t elem) {
-  const int64_t rows_cap = kWorkspaceBytes / (elem * std::max<int64_t>({dm.n, dm.d, 1}));
+  // the G workspace [N, rows] (elem) and the float32 dW chunk [rows, D] are each bounded
+  const int64_t rows_cap =
+      kWorkspaceBytes / std::max<int64_t>({elem * dm.n, int64_t(4) * dm.d, 1}) / 8 * 8;
   int64_t cc = std::max<int64_t>(1, rows_cap / dm.k);
   if (cc >= p.tc) cc -= cc % p.tc;
+  if (cc >= 128) cc -= cc % 128;  // whole tiles of the fused kernels too
   if (block > 0) cc = block;
   return std::max<int64_t>(1, std::min(cc, dm.c));
 }
@@ -79,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_host(
   Dims dm = check_fwd_args(x_in, w_in, labels_in, index_in, bias_in, s, m1, m2, m3,
                            wrap_mode, grad_mode, normalize, sub_centers, softcap, interclass,
                            grad_filter, block);
-  check_cuda_args(x_in, dm);
+  check_cuda_args(run, x_in, dm);
   check_values(labels_in, index_in, dm);
   const ContiguousInputs in = make_contiguous(x_in, w_in, labels_in, index_in, bias_in);
   const at::Tensor &x = in.x, &w = in.w, &labels = in.labels;
@@ -94,16 +162,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_host(
                                interclass);
   Params p = make_params(dm, mp, run.num_sms(x));
   const bool terms = uses_terms(mp, bias != nullptr);  // which tile kernel instance
-  const int64_t splits = num_splits(p);
+  const Fused fused = fused_for(run, x, w, dm, terms);
+  FusedParams fp{dm.n, dm.d, 0, dm.c, 0, 0, 0, mp};
+  Launch fl{};
+  if (fused != Fused::kNone) fl = fused_launch(fused, run.num_sms(x), dm.n, 0, dm.c, 1, fp);
+  const int64_t splits = fused != Fused::kNone ? fl.grid_y : num_splits(p);
   at::Tensor anorm = at::empty({dm.n}, fopt),
              bnorm = at::empty({std::max<int64_t>(dm.c * dm.k, 1)}, fopt);
   at::Tensor part = at::empty({4, splits, dm.n}, fopt);
   at::Tensor part_a = at::empty({splits, dm.n}, x.options().dtype(at::kLong));
-  inv_norms(run, x, nullptr, dm.n, 1, dm.d, normalize, anorm);
-  inv_norms(run, w, idx, dm.c * dm.k, dm.k, dm.d, normalize, bnorm);
-  if (dm.c > 0) {
+  // set by the inverse-norm kernels where a norm is above 2^63 (the tile kernels' fp32 dot
+  // products could then overflow: they take their overflow-free path); read on the device
+  at::Tensor unsafe = at::zeros({1}, x.options().dtype(at::kInt));
+  inv_norms(run, x, nullptr, dm.n, 1, dm.d, normalize, anorm, unsafe);
+  inv_norms(run, w, idx, dm.c * dm.k, dm.k, dm.d, normalize, bnorm, unsafe);
+  if (dm.c > 0 && fused != Fused::kNone) {
+    run.fused_fwd(fused, fl, x, w, labels, idx, anorm, bnorm, unsafe, fp, target, part,
+                  part_a);
+  } else if (dm.c > 0) {
     run.fwd(Launch{(dm.n + BM - 1) / BM, splits, THREADS}, x, w, labels, idx, terms, bias,
-            anorm, bnorm, p, target, part, part_a);
+            anorm, bnorm, unsafe, p, target, part, part_a);
   } else {  // empty shard: lse = -inf, sums 0
     part[0].fill_(-std::numeric_limits<float>::infinity());
     part[1].zero_();
@@ -127,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_host(
   Dims dm = check_bwd_args(x_in, w_in, labels_in, index_in, bias_in, lse_in, gp_in, gt_in,
                            gs_in, s, m1, m2, m3, wrap_mode, grad_mode, normalize, sub_centers,
                            softcap, interclass, grad_filter, block);
-  check_cuda_args(x_in, dm);
+  check_cuda_args(run, x_in, dm);
   check_values(labels_in, index_in, dm);
   const ContiguousInputs in = make_contiguous(x_in, w_in, labels_in, index_in, bias_in);
   const at::Tensor &x = in.x, &w = in.w, &labels = in.labels;
@@ -155,18 +233,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_host(
                                interclass);
   Params p = make_params(dm, mp, run.num_sms(x));
   const bool terms = uses_terms(mp, bias != nullptr);  // which tile kernel instance
-  const bool is_f32 = x.scalar_type() == at::kFloat;
+  const Fused fused = fused_for(run, x, w, dm, terms);
   const int64_t cc = bwd_chunk_classes(dm, p, block, x.element_size());
   const int64_t nr = cc * dm.k;  // rows of w per chunk
+  // The G workspace's leading dimension, a multiple of 8 elements (16 bytes) for every
+  // chunk, the last included: aligned cuBLAS operands, the fused kernel's paired stores.
+  const int64_t ldg = (nr + 7) / 8 * 8;
+  p.ldg = ldg;
   at::Tensor anorm = at::empty({dm.n}, fopt), bnorm = at::empty({dm.c * dm.k}, fopt);
-  // Per-chunk buffers (bounded), in the input dtype: the G workspace, W_hat, dW.
-  at::Tensor g_ws = at::empty({dm.n * nr}, x.options());
+  // Per-chunk buffers (bounded): the G workspace and W_hat in the input dtype, the chunk's
+  // G^T X_hat in float32 (finished, radial part removed, before any rounding), and with
+  // an index its finished rows in w's dtype for index_add_.
+  at::Tensor g_ws = at::empty({dm.n * ldg}, x.options());
   at::Tensor wh_ws = at::empty({nr, dm.d}, x.options());
-  at::Tensor dw_ws = at::empty({nr, dm.d}, x.options());
-  // dX_acc = sum over chunks of G W_hat, in fp32; for 16-bit inputs each chunk's
-  // product comes from cuBLAS in the input dtype (fp32 accumulation inside) and is added.
+  at::Tensor dw_ws = at::empty({nr, dm.d}, fopt);
+  at::Tensor dwt_ws = idx ? at::empty({nr, dm.d}, w.options()) : at::Tensor();
+  // dX_acc = sum over chunks of G W_hat in float32: cuBLAS accumulates each chunk's
+  // product into it (beta = 1), with no rounded copy of the product.
   at::Tensor dx_acc = at::zeros({dm.n, dm.d}, fopt);
-  at::Tensor dx_part = is_f32 ? at::Tensor() : at::empty({dm.n, dm.d}, x.options());
   // With a bias: per chunk, the row tiles' partial sums of dL/dv [row tiles, CC] (fp32),
   // summed (at::sum, deterministic) into dbias_pos [C], one value per shard position.
   const int64_t row_tiles = (dm.n + BM - 1) / BM;
@@ -181,29 +265,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_host(
     shard_rows = (index->unsqueeze(1) * dm.k +
                   at::arange(dm.k, index->options()).unsqueeze(0)).reshape({-1});
   }
-  inv_norms(run, x, nullptr, dm.n, 1, dm.d, normalize, anorm);
-  inv_norms(run, w, idx, dm.c * dm.k, dm.k, dm.d, normalize, bnorm);
+  // set by the inverse-norm kernels where a norm is above 2^63 (the tile kernels' fp32 dot
+  // products could then overflow: they take their overflow-free path); read on the device
+  at::Tensor unsafe = at::zeros({1}, x.options().dtype(at::kInt));
+  inv_norms(run, x, nullptr, dm.n, 1, dm.d, normalize, anorm, unsafe);
+  inv_norms(run, w, idx, dm.c * dm.k, dm.k, dm.d, normalize, bnorm, unsafe);
   // X_hat (x itself when not normalizing)
   at::Tensor xh = x;
   if (normalize) {
     xh = at::empty({dm.n, dm.d}, x.options());
     run.scaled_rows(warp_rows(dm.n), x, nullptr, 0, dm.n, 1, dm.d, anorm, xh);
   }
+  const int sms = run.num_sms(x);
   for (int64_t j0 = 0; j0 < dm.c; j0 += cc) {
     const int64_t jn = std::min(cc, dm.c - j0), nrc = jn * dm.k, row0 = j0 * dm.k;
-    // 1) G [N, nrc] into the workspace
-    at::Tensor g = g_ws.narrow(0, 0, dm.n * nrc).view({dm.n, nrc});
-    const int64_t tiles = (jn + p.tc - 1) / p.tc;
-    at::Tensor dbp;
-    if (bias) dbp = dbias_part.narrow(0, 0, row_tiles * jn).view({row_tiles, jn});
-    run.grad_chunk(Launch{row_tiles, std::min<int64_t>(tiles, 65535), THREADS}, x, w, labels,
-                   idx, terms, bias, anorm, bnorm, lse, gp, gt, gs, p, j0, jn, g,
-                   bias ? &dbp : nullptr);
-    if (bias) {
-      at::Tensor dst = dbias_pos.narrow(0, j0, jn);
-      at::sum_out(dst, dbp, {0});
+    // 1) G [N, nrc] (leading dimension ldg) into the workspace
+    if (fused != Fused::kNone) {
+      FusedParams fp{dm.n, dm.d, 0, 0, 0, 0, ldg, mp};
+      const Launch fl = fused_launch(fused, sms, dm.n, j0, j0 + jn, 2, fp);
+      run.fused_grad(fused, fl, x, w, labels, idx, anorm, bnorm, unsafe, lse, gp, gt, gs, fp,
+                     g_ws);
+    } else {
+      const int64_t tiles = (jn + p.tc - 1) / p.tc;
+      at::Tensor dbp;
+      if (bias) dbp = dbias_part.narrow(0, 0, row_tiles * jn).view({row_tiles, jn});
+      run.grad_chunk(Launch{row_tiles, std::min<int64_t>(tiles, 65535), THREADS}, x, w,
+                     labels, idx, terms, bias, anorm, bnorm, unsafe, lse, gp, gt, gs, p, j0, jn,
+                     g_ws, bias ? &dbp : nullptr);
+      if (bias) {
+        at::Tensor dst = dbias_pos.narrow(0, j0, jn);
+        at::sum_out(dst, dbp, {0});
+      }
     }
-    // 2) W_hat of the chunk [nrc, D] (a view of w when there is nothing to gather/scale)
+    // 2) W_hat of the chunk [nrc, D] (w's rows themselves when there is nothing to gather
+    //    or scale)
     at::Tensor wh;
     if (!normalize && !idx) {
       wh = w.narrow(0, row0, nrc);
@@ -211,19 +306,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_host(
       wh = wh_ws.narrow(0, 0, nrc);
       run.scaled_rows(warp_rows(nrc), w, idx, row0, nrc, dm.k, dm.d, bnorm, wh);
     }
-    // 3) dX_acc += G W_hat ; dW_chunk = G^T X_hat (cuBLAS; tensor cores for 16-bit)
-    if (is_f32) {
-      dx_acc.addmm_(g, wh);
-    } else {
-      at::mm_out(dx_part, g, wh);
-      dx_acc.add_(dx_part);
-    }
+    // 3) cuBLAS through ATen, fp32 accumulation and fp32 results (tensor cores for
+    //    16-bit operands): dX_acc += G W_hat straight into the fp32 accumulator (beta = 1,
+    //    no rounded copy of the product), dW_c = G^T X_hat in fp32 (rounded once, after
+    //    the radial projection of step 4). G is a strided view (leading dimension ldg).
+    at::Tensor g = g_ws.narrow(0, 0, dm.n * ldg).view({dm.n, ldg}).narrow(1, 0, nrc);
     at::Tensor dwc = dw_ws.narrow(0, 0, nrc);
-    at::mm_out(dwc, g.t(), xh);
-    // 4) the chunk's rows of dw (normalization term), written or index_added
-    run.dw_chunk_finish(warp_rows(nrc), w, idx, bnorm, row0, nrc, dm.k, dm.d, normalize, dwc,
-                        idx ? nullptr : &dw);
-    if (idx) dw.index_add_(0, shard_rows.narrow(0, row0, nrc), dwc);
+    gemm_f32(dx_acc, g, wh, /*accumulate=*/true);
+    gemm_f32(dwc, g.t(), xh, /*accumulate=*/false);
+    // 4) the chunk's rows of dw (normalization term in fp32), written or index_added
+    if (idx) {
+      at::Tensor rows = dwt_ws.narrow(0, 0, nrc);
+      run.dw_chunk_finish(warp_rows(nrc), w, idx, bnorm, row0, nrc, dm.k, dm.d, normalize,
+                          dwc, rows, false);
+      dw.index_add_(0, shard_rows.narrow(0, row0, nrc), rows);
+    } else {
+      run.dw_chunk_finish(warp_rows(nrc), w, idx, bnorm, row0, nrc, dm.k, dm.d, normalize,
+                          dwc, dw, true);
+    }
   }
   // 5) dx = a (dX_acc - r x_hat)
   run.dx_finish(warp_rows(dm.n), x, anorm, dx_acc, dm.n, dm.d, normalize, dx);

@@ -37,6 +37,9 @@ struct Params {
   int64_t tc;             // classes per tile
   int64_t ntiles;         // class tiles
   int64_t tiles_per_split;
+  int64_t ldg;            // backward: leading dimension of the G workspace (% 8 == 0)
+  const int* unsafe;      // device flag of the inverse-norm kernels: a norm above 2^63
+                          // (set by the runner from the `unsafe` tensor)
   Margin<float> mp;
 };
 
@@ -46,6 +49,32 @@ struct Params {
 inline bool uses_terms(const Margin<float>& mp, bool has_bias) {
   return has_bias || mp.capped || mp.filter;
 }
+
+// The fused tensor-core kernels (fused.cuh), for float16 / bfloat16 with K = 1 and no
+// bias / softcap / interclass filter: which generation's kernels a device runs.
+enum class Fused { kNone = 0, kSm80 = 1, kSm90 = 2 };
+// Their CTA tiles (rows of x, classes) and threads (fused.cuh / tiles.h check these).
+constexpr int FUSED80_BM = 128, FUSED80_BN = 64, FUSED80_THREADS = 128;
+constexpr int FUSED90_BM = 128, FUSED90_BN = 128, FUSED90_THREADS = 256;
+constexpr int FUSED_CTAS_PER_SM = 2;  // both are sized for two resident CTAs per SM
+// Their dynamic shared memory (3 stages of the x and w tiles, 2 x BN column norms).
+constexpr int FUSED80_SMEM = 3 * (FUSED80_BM + FUSED80_BN) * 64 * 2 + 2 * FUSED80_BN * 4;
+constexpr int FUSED90_SMEM = 3 * (FUSED90_BM + FUSED90_BN) * 64 * 2 + 2 * FUSED90_BN * 4;
+inline int fused_bm(Fused f) { return f == Fused::kSm90 ? FUSED90_BM : FUSED80_BM; }
+inline int fused_bn(Fused f) { return f == Fused::kSm90 ? FUSED90_BN : FUSED80_BN; }
+inline int fused_threads(Fused f) {
+  return f == Fused::kSm90 ? FUSED90_THREADS : FUSED80_THREADS;
+}
+
+// Sizes of one fused launch, by value (the kernels' argument).
+struct FusedParams {
+  int64_t n, d;             // rows of x, features (d % 8 == 0)
+  int64_t j_begin, j_end;   // the classes (shard positions) of the launch
+  int64_t tiles;            // class tiles of BN in [j_begin, j_end)
+  int64_t tiles_per_split;  // class tiles per CTA (grid.y = ceil(tiles / tiles_per_split))
+  int64_t ldg;              // backward: leading dimension of the G workspace (% 8 == 0)
+  Margin<float> mp;
+};
 
 // Grid (x, y) and threads per block of one launch.
 struct Launch {
@@ -60,17 +89,41 @@ class KernelRunner {
   virtual ~KernelRunner() = default;
   // Streaming multiprocessors of x's device (the forward splits its classes to fill them).
   virtual int num_sms(const at::Tensor& x) = 0;
+  // Compute capability of x's device as 10 * major + minor (the kernels need >= 80).
+  virtual int capability(const at::Tensor& x) = 0;
+  // The fused kernels x's device runs: kSm90 on sm_90 when the build has sm_90a code,
+  // kSm80 on any other device of capability >= 8.0, kNone below.
+  virtual Fused fused_kind(const at::Tensor& x) = 0;
+  // Whether t's data starts at a 16-byte boundary (the fused kernels' cp.async copies).
+  virtual bool aligned16(const at::Tensor& t) = 0;
+  // unsafe (int32 [1], or nullptr): set to 1 where a row's norm is above 2^63 (the raw
+  // fp32 dot products of such a row may overflow: the tile kernels then take their
+  // overflow-free path).
   virtual void inv_norm(const Launch& l, const at::Tensor& v, const at::Tensor* idx,
                         int64_t rows, int64_t k, int64_t d, bool normalize,
-                        at::Tensor& out) = 0;
+                        at::Tensor& out, at::Tensor* unsafe) = 0;
   // terms (uses_terms, decided once per call): launch the kernel instance with the
   // bias / softcap / interclass code, else the plain one (bias must then be nullptr).
   // bias: the per-class bias (w's dtype) or nullptr.
   virtual void fwd(const Launch& l, const at::Tensor& x, const at::Tensor& w,
                    const at::Tensor& labels, const at::Tensor* idx, bool terms,
                    const at::Tensor* bias,
-                   const at::Tensor& anorm, const at::Tensor& bnorm, const Params& p,
+                   const at::Tensor& anorm, const at::Tensor& bnorm,
+                   const at::Tensor& unsafe, const Params& p,
                    at::Tensor& target, at::Tensor& part, at::Tensor& part_a) = 0;
+  // The fused forward (kind != kNone): the partial states of every (split, row), as fwd.
+  virtual void fused_fwd(Fused kind, const Launch& l, const at::Tensor& x, const at::Tensor& w,
+                         const at::Tensor& labels, const at::Tensor* idx,
+                         const at::Tensor& anorm, const at::Tensor& bnorm,
+                         const at::Tensor& unsafe, const FusedParams& p, at::Tensor& target, at::Tensor& part,
+                         at::Tensor& part_a) = 0;
+  // The fused G kernel: G of the classes [p.j_begin, p.j_end) into g [N, p.ldg].
+  virtual void fused_grad(Fused kind, const Launch& l, const at::Tensor& x,
+                          const at::Tensor& w, const at::Tensor& labels,
+                          const at::Tensor* idx, const at::Tensor& anorm,
+                          const at::Tensor& bnorm, const at::Tensor& unsafe,
+                          const at::Tensor& lse, const at::Tensor& gp, const at::Tensor& gt,
+                          const at::Tensor& gs, const FusedParams& p, at::Tensor& g) = 0;
   // bias_key: the partial maxima are of s c + bias (with a bias), else of c.
   virtual void fwd_combine(const Launch& l, const at::Tensor& part, const at::Tensor& part_a,
                            int64_t n, int64_t splits, const Margin<float>& mp, bool bias_key,
@@ -84,15 +137,18 @@ class KernelRunner {
   virtual void grad_chunk(const Launch& l, const at::Tensor& x, const at::Tensor& w,
                           const at::Tensor& labels, const at::Tensor* idx, bool terms,
                           const at::Tensor* bias, const at::Tensor& anorm,
-                          const at::Tensor& bnorm, const at::Tensor& lse,
+                          const at::Tensor& bnorm, const at::Tensor& unsafe,
+                          const at::Tensor& lse,
                           const at::Tensor& gp, const at::Tensor& gt, const at::Tensor& gs,
                           const Params& p, int64_t j0, int64_t jn, at::Tensor& g,
                           at::Tensor* dbias_part) = 0;
-  // dw_direct: dw itself (no index), or nullptr (the rows stay in dwc for index_add_).
+  // dwc: the chunk's G^T X_hat [rows, D] in float32; the finished rows go to dw itself
+  // (out = dw, direct: no index) or to out's first rows (out = a [rows, D] buffer of w's
+  // dtype, for index_add_).
   virtual void dw_chunk_finish(const Launch& l, const at::Tensor& w, const at::Tensor* idx,
                                const at::Tensor& bnorm, int64_t row0, int64_t rows,
-                               int64_t k, int64_t d, bool normalize, at::Tensor& dwc,
-                               at::Tensor* dw_direct) = 0;
+                               int64_t k, int64_t d, bool normalize, const at::Tensor& dwc,
+                               at::Tensor& out, bool direct) = 0;
   virtual void dx_finish(const Launch& l, const at::Tensor& x, const at::Tensor& anorm,
                          const at::Tensor& dx_acc, int64_t n, int64_t d, bool normalize,
                          at::Tensor& dx) = 0;

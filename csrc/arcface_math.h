@@ -236,6 +236,13 @@ AK_HD T inv_norm(T sumsq) {
   return T(1) / (n > T(NORM_EPS) ? n : T(NORM_EPS));
 }
 
+// 1 / |v| from a row whose sum of squares overflowed: max_abs = max |v_t| (finite) and
+// scaled_sumsq = sum (v_t / max_abs)^2 (the norm is then far above NORM_EPS).
+template <typename T>
+AK_HD T inv_norm_scaled(T max_abs, T scaled_sumsq) {
+  return (T(1) / max_abs) / ak_sqrt(scaled_sumsq);
+}
+
 // The cosine from a dot product of already-normalized vectors: clamped to [-1, 1] when
 // normalizing (NaN passes through), the raw dot product otherwise.
 template <typename T>

@@ -576,3 +576,39 @@ def test_cuda_terms_match_reference(terms, k, indexed, block, dtype):
             assert a.shape == (0,)
             continue
         assert a.dtype == dtype and max_rel_err(a, b) < gtol, (name, max_rel_err(a, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_huge_norms(dtype):
+    """Rows whose sum of squares overflows the float accumulator (norm 2^100 for x, 2^70
+    for a row of w; powers of two, exact in either dtype): the inverse norms are
+    recomputed scaled by the largest element, so the loss equals that of the unscaled
+    inputs against the float64 reference, and the gradients scale by the inverse factor
+    (before the fix the inverse norm was 0 and every cosine of such a row 0)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(13, 24, generator=g).to(dtype)
+    w = torch.randn(40, 24, generator=g).to(dtype)
+    y = torch.randint(0, 40, (13,), generator=g)
+    y[2] = 7
+    big_x, big_w = 2.0 ** 100, 2.0 ** 70
+    xs, ws = x.clone(), w.clone()
+    xs[[0, 2]] *= big_x
+    ws[7] *= big_w
+    xs.requires_grad_()
+    ws.requires_grad_()
+    loss = ak.arcface_loss(xs, ws, y, backend="cpp", reduction="none")
+    want = ak.arcface_loss(x.double().requires_grad_(), w.double(), y, backend="reference",
+                           reduction="none")
+    assert torch.isfinite(loss).all()
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    loss.sum().backward()
+    xr = x.double().requires_grad_()
+    wr = w.double().requires_grad_()
+    ak.arcface_loss(xr, wr, y, backend="reference", reduction="none").sum().backward()
+    dx, dw = xs.grad.double(), ws.grad.double()
+    dx[[0, 2]] *= big_x
+    dw[7] *= big_w
+    # the gradients come back rounded to the input dtype
+    tol = dict(rtol=1e-2, atol=1e-3) if dtype != torch.float32 else dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(dx, xr.grad, **tol)
+    torch.testing.assert_close(dw, wr.grad, **tol)

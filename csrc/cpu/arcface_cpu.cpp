@@ -157,7 +157,18 @@ acc_t copy_row(const scalar_t* src, int64_t d, bool normalize, acc_t* dst) {
     ss += v * v;
   }
   if (!normalize) return acc_t(1);
-  const acc_t inv = inv_norm(ss);
+  acc_t inv = inv_norm(ss);
+  if (ss == std::numeric_limits<acc_t>::infinity()) {
+    // the sum of squares overflowed (|row| above ~1.8e19 in float): again, scaled by the
+    // largest element (an inf element keeps the inverse norm 0)
+    acc_t mx = 0;
+    for (int64_t t = 0; t < d; ++t) mx = std::max(mx, std::abs(dst[t]));
+    if (mx < std::numeric_limits<acc_t>::infinity()) {
+      acc_t sc = 0;
+      for (int64_t t = 0; t < d; ++t) sc += (dst[t] / mx) * (dst[t] / mx);
+      inv = inv_norm_scaled(mx, sc);
+    }
+  }
   for (int64_t t = 0; t < d; ++t) dst[t] *= inv;
   return inv;
 }

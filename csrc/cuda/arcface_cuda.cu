@@ -80,6 +80,10 @@
 
 #include <algorithm>
 #include <limits>
+#include <mutex>
+#include <set>
+#include <unordered_map>
+#include <utility>
 
 #include "../arcface_math.h"
 #include "../ops.h"
@@ -188,7 +192,7 @@ __global__ void inv_norm_kernel(const T* __restrict__ v, const int64_t* __restri
       }
       for (int o = 16; o > 0; o >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, o);
       if (lane == 0) {
-        out[row] = (1.f / mx) / sqrtf(sc);
+        out[row] = inv_norm_scaled(mx, sc);
         if (unsafe) *unsafe = 1;  // (a norm above 2^63, see below)
       }
       return;
@@ -724,8 +728,15 @@ class CudaRunner final : public KernelRunner {
   }
 
   Fused fused_kind(const at::Tensor& x) override {
+    // per device, decided once (host-side queries only: no sync, capturable)
+    static std::mutex mu;
+    static std::unordered_map<int, Fused> known;
+    const int dev = x.get_device();
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = known.find(dev);
+    if (it != known.end()) return it->second;
     const int cap = capability(x);
-    if (cap < 80) return Fused::kNone;
+    Fused kind = cap < 80 ? Fused::kNone : Fused::kSm80;
     if (cap == 90) {
       // the sm_90a machine code of the wgmma kernels is in this build (not a JIT of
       // compute_80 PTX, where they are compiled out)
@@ -733,10 +744,11 @@ class CudaRunner final : public KernelRunner {
       if (cudaFuncGetAttributes(&attr, fused::fwd_sm90_kernel<cutlass::bfloat16_t>) ==
               cudaSuccess &&
           attr.binaryVersion == 90 && attr.ptxVersion >= 90)
-        return Fused::kSm90;
+        kind = Fused::kSm90;
       (void)cudaGetLastError();
     }
-    return Fused::kSm80;
+    known.emplace(dev, kind);
+    return kind;
   }
 
   void fused_fwd(Fused kind, const Launch& l, const at::Tensor& x, const at::Tensor& w,
@@ -901,8 +913,16 @@ class CudaRunner final : public KernelRunner {
   template <typename Kernel>
   static void launch_one(Kernel kernel, int smem, const Launch& l, const fused::FusedArgs& a,
                          const FusedParams& p) {
-    C10_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    {  // the shared-memory opt-in, once per kernel and device
+      static std::mutex mu;
+      static std::set<std::pair<const void*, int>> done;
+      int dev = 0;
+      C10_CUDA_CHECK(cudaGetDevice(&dev));
+      std::lock_guard<std::mutex> lock(mu);
+      if (done.emplace(reinterpret_cast<const void*>(kernel), dev).second)
+        C10_CUDA_CHECK(
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    }
     kernel<<<grid_of(l), l.threads, smem, stream()>>>(a, p);
   }
 

@@ -259,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_host(
     dbias_part = at::empty({row_tiles * cc}, fopt);
     dbias_pos = at::empty({dm.c}, fopt);
   }
-  // Rows of w of the shard rows, for index_add (index given).
+  // Rows of w of the shard rows, for index_put_ (index given).
   at::Tensor shard_rows;
   if (idx) {
     shard_rows = (index->unsqueeze(1) * dm.k +
@@ -319,7 +319,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_host(
       at::Tensor rows = dwt_ws.narrow(0, 0, nrc);
       run.dw_chunk_finish(warp_rows(nrc), w, idx, bnorm, row0, nrc, dm.k, dm.d, normalize,
                           dwc, rows, false);
-      dw.index_add_(0, shard_rows.narrow(0, row0, nrc), rows);
+      // accumulate through the index with index_put_ (sorted: deterministic also for a
+      // class repeated in the index, where index_add_'s atomics are not)
+      c10::List<std::optional<at::Tensor>> where;
+      where.push_back(shard_rows.narrow(0, row0, nrc));
+      dw.index_put_(where, rows, /*accumulate=*/true);
     } else {
       run.dw_chunk_finish(warp_rows(nrc), w, idx, bnorm, row0, nrc, dm.k, dm.d, normalize,
                           dwc, dw, true);

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -237,25 +238,172 @@ def _cpp_ext():
     return _C
 
 
-def test_cpp_dry_run_records_the_host_codes_launches():
-    _C = _cpp_ext()
-    tr = T.trace_arcface("cpp", 100, 300, 64, torch.bfloat16)
-    cuda = [(o.phase, o.name) for o in tr.ops if o.kind == "cuda"]
-    assert cuda == [("fwd", "inv_norm_kernel"), ("fwd", "inv_norm_kernel"),
-                    ("fwd", "fwd_kernel"), ("fwd", "fwd_combine_kernel"),
-                    ("bwd", "inv_norm_kernel"), ("bwd", "inv_norm_kernel"),
-                    ("bwd", "scaled_rows_kernel"), ("bwd", "grad_chunk_kernel"),
-                    ("bwd", "scaled_rows_kernel"), ("bwd", "dw_chunk_finish_kernel"),
-                    ("bwd", "dx_finish_kernel")]
-    fwd = next(o for o in tr.ops if o.name == "fwd_kernel").detail
-    # 2 row tiles of 64; 5 class tiles of 64, split 5 ways (4 waves over 132 SMs wanted)
-    assert fwd["grid"] == (2, 5) and fwd["threads"] == 128
-    assert fwd["sizes"]["tiles_per_split"] == 1 and fwd["dtype"] == "BFloat16"
+def _cuda_names(tr, phase=None):
+    return [(o.phase, o.name) for o in tr.ops
+            if o.kind == "cuda" and (phase is None or o.phase == phase)]
+
+
+def _plan(fwd_main: str, grad_main: str) -> list:
+    """The cpp backend's kernel launches of one step at the small case below (one
+    backward chunk), with its main forward and G kernels."""
+    return [("fwd", "inv_norm_kernel"), ("fwd", "inv_norm_kernel"), ("fwd", fwd_main),
+            ("fwd", "fwd_combine_kernel"),
+            ("bwd", "inv_norm_kernel"), ("bwd", "inv_norm_kernel"),
+            ("bwd", "scaled_rows_kernel"), ("bwd", grad_main), ("bwd", "scaled_rows_kernel"),
+            ("bwd", "dw_chunk_finish_kernel"), ("bwd", "dx_finish_kernel")]
+
+
+@pytest.mark.parametrize("dtype, gpu, kwargs, fwd_main, grad_main", [
+    # float16 / bfloat16, K = 1, no terms: the fused CuTe kernels of the device's generation
+    (torch.bfloat16, hw.H200, {}, "fwd_sm90_kernel", "grad_sm90_kernel"),
+    (torch.float16, hw.H200, {}, "fwd_sm90_kernel", "grad_sm90_kernel"),
+    (torch.bfloat16, hw.A100, {}, "fwd_sm80_kernel", "grad_sm80_kernel"),
+    (torch.float16, hw.A100, {}, "fwd_sm80_kernel", "grad_sm80_kernel"),
+    # the general kernels otherwise: float32, sub-centers, an optional per-logit term
+    (torch.float32, hw.H200, {}, "fwd_kernel", "grad_chunk_kernel"),
+    (torch.float32, hw.A100, {}, "fwd_kernel", "grad_chunk_kernel"),
+    (torch.bfloat16, hw.H200, dict(sub_centers=3), "fwd_kernel", "grad_chunk_kernel"),
+    (torch.bfloat16, hw.H200, dict(interclass_filtering_threshold=0.2), "fwd_terms_kernel",
+     "grad_chunk_terms_kernel"),
+], ids=["bf16-sm90", "fp16-sm90", "bf16-sm80", "fp16-sm80", "fp32-sm90", "fp32-sm80",
+        "K3-sm90", "terms-sm90"])
+def test_cpp_dry_run_records_the_host_codes_launches(dtype, gpu, kwargs, fwd_main,
+                                                     grad_main):
+    """N=100, C=300, D=64: the host code's launches in order, on a device of the given
+    compute capability (90: H200, 80: A100), each with a SPECS entry."""
+    _cpp_ext()
+    n, c, d = 100, 300, 64
+    k = kwargs.get("sub_centers", 1)
+    tr = T.trace_arcface("cpp", n, c, d, dtype, gpu=gpu, **kwargs)
+    assert _cuda_names(tr) == _plan(fwd_main, grad_main)
+    recs = {o.name: o.detail for o in tr.ops if o.kind == "cuda"}
+    want_dtype = {torch.bfloat16: "BFloat16", torch.float16: "Half",
+                  torch.float32: "Float"}[dtype]
+    assert recs[fwd_main]["dtype"] == recs[grad_main]["dtype"] == want_dtype
+    for name, rec in recs.items():
+        K.spec_of("cpp", name).work(rec)      # every launch has a spec that can cost it
+    fwd, grad = recs[fwd_main], recs[grad_main]
+    if fwd_main.endswith(("sm90_kernel", "sm80_kernel")):
+        kind = "sm90" if gpu.capability == 90 else "sm80"
+        cfg = K.CUDA_FUSED[kind]
+        for rec in (fwd, grad):
+            sz = rec["sizes"]
+            assert {key: sz[key] for key in ("bm", "bn", "bk")} == \
+                {key: cfg[key] for key in ("bm", "bn", "bk")}
+            assert rec["threads"] == cfg["threads"]
+            # the operand stages and the tiles' column norms (a few KiB), 2 CTAs per SM
+            pipe = K.fused_pipeline_bytes(kind)
+            assert pipe <= sz["smem"] <= pipe + 4096
+            assert 2 * (sz["smem"] + 1024 + gpu.smem_reserved_per_block) <= gpu.smem_per_sm
+            assert (sz["n"], sz["d"], sz["j_begin"], sz["j_end"]) == (n, d, 0, c)
+            assert sz["indexed"] == 0
+            tiles = -(-c // cfg["bn"])
+            assert sz["tiles"] == tiles
+            # grid (row tiles, splits): every split a run of whole class tiles
+            splits = rec["grid"][1]
+            assert rec["grid"][0] == -(-n // cfg["bm"])
+            assert splits == -(-tiles // sz["tiles_per_split"])
+        # the forward fills one round of 2 CTAs per SM at most, the G kernel two
+        assert fwd["grid"][0] * fwd["grid"][1] <= 2 * gpu.sms * 1
+        assert grad["grid"][0] * grad["grid"][1] <= 2 * gpu.sms * 2
+        assert fwd["sizes"]["ldg"] == 0
+        assert grad["sizes"]["ldg"] == 304        # C rounded up to 8 (16-byte rows of G)
+        # the combine reads the fused forward's splits
+        assert recs["fwd_combine_kernel"]["sizes"]["splits"] == fwd["grid"][1]
+        # the work: tile FLOPs and every tile of the launch counted once
+        for rec in (fwd, grad):
+            w = K.spec_of("cpp", rec["kernel"]).work(rec)
+            assert w.tile_flops == 2 * cfg["bm"] * cfg["bn"] * 64
+            assert w.programs * w.tiles == pytest.approx(
+                rec["grid"][0] * rec["sizes"]["tiles"])
+        w = K.spec_of("cpp", grad["kernel"]).work(grad)
+        assert w.bytes >= (n + c) * d * 2 + n * c * 2   # x, w, G
+    else:
+        assert fwd["sizes"]["k"] == k and fwd["threads"] == 128
+        # 2 row tiles of 64; class tiles of 64 rows of w, split to fill 4 waves of SMs
+        assert fwd["grid"][0] == 2
+        assert fwd["sizes"]["tiles_per_split"] * fwd["grid"][1] >= fwd["sizes"]["ntiles"]
+    # the backward's two cuBLAS products per chunk through ATen, counted as GEMMs at the
+    # operands' rate: dX_acc += G W_hat (addmm), dW_c = G^T X_hat (mm), 2 N (C K) D each
+    # (float32: addmm_ / mm in place of the out_dtype overloads)
+    gemms = [(o.name.rstrip("_"), o.flops, o.dtype) for o in tr.ops
+             if o.phase == "bwd" and o.flops]
+    dt = str(dtype).replace("torch.", "")
+    assert gemms == [("addmm", 2.0 * n * c * k * d, dt), ("mm", 2.0 * n * c * k * d, dt)]
     # labels checked on the device in both ops (ops.cpp check_values): asserts, no sync
     assert tr.syncs == []
     for phase in ("fwd", "bwd"):
         assert "_assert_async" in [o.name for o in tr.ops if o.phase == phase], phase
-    del _C
+
+
+def test_cpp_fused_launches_fill_the_device_and_cover_the_classes():
+    """N=1000, C=50000, D=64 bf16 on the H200 (132 SMs): the fused forward is one launch
+    of at most 2 CTAs per SM (8 row tiles x 33 splits = 264), the G kernel one launch per
+    backward chunk (at most 2 rounds of 2 CTAs per SM), the chunks contiguous and
+    covering the classes, G's leading dimension a multiple of 8 that holds every chunk,
+    one addmm and one mm per chunk."""
+    _cpp_ext()
+    n, c, d = 1000, 50000, 64
+    gpu = hw.H200
+    tr = T.trace_arcface("cpp", n, c, d, torch.bfloat16, gpu=gpu)
+    fwd = [o.detail for o in tr.ops if o.name == "fwd_sm90_kernel"]
+    grads = [o.detail for o in tr.ops if o.name == "grad_sm90_kernel"]
+    assert len(fwd) == 1 and fwd[0]["grid"] == (8, 33)
+    assert fwd[0]["sizes"]["tiles"] == -(-c // 128)
+    assert 8 * 33 <= 2 * gpu.sms
+    assert [o.name for o in tr.ops if o.kind == "cuda"].count("grad_chunk_kernel") == 0
+    j = 0
+    ldg = grads[0]["sizes"]["ldg"]
+    assert ldg % 8 == 0
+    for g in grads:
+        sz = g["sizes"]
+        assert sz["j_begin"] == j and sz["j_end"] > j
+        assert sz["j_end"] - sz["j_begin"] <= ldg and sz["ldg"] == ldg
+        assert g["grid"][0] * g["grid"][1] <= 2 * 2 * gpu.sms
+        assert sz["tiles"] == -(-(sz["j_end"] - sz["j_begin"]) // 128)
+        j = sz["j_end"]
+    assert j == c and len(grads) > 1
+    names = [o.name for o in tr.ops if o.phase == "bwd" and o.flops]
+    assert names == ["addmm", "mm"] * len(grads)
+    assert sum(o.flops for o in tr.ops if o.flops) == pytest.approx(2 * 2.0 * n * c * d)
+    # the model's tensor work of the fused kernels covers every logit once per pass
+    for rec in fwd + grads:
+        w = K.spec_of("cpp", rec["kernel"]).work(rec)
+        cols = rec["sizes"]["j_end"] - rec["sizes"]["j_begin"]
+        assert w.programs * w.tiles * w.tile_flops >= 2.0 * n * cols * d
+
+
+def test_cpp_dry_run_refuses_devices_below_sm80():
+    _cpp_ext()
+    sm75 = dataclasses.replace(hw.H200, name="sm_75 device", arch="sm_75")
+    assert sm75.capability == 75
+    with pytest.raises(RuntimeError, match=r"compute capability 8\.0"):
+        T.trace_arcface("cpp", 100, 300, 64, torch.bfloat16, gpu=sm75)
+
+
+def test_gemm_with_an_fp32_out_dtype_is_counted_at_the_operands_rate():
+    """addmm.dtype_out (beta = 1: the fp32 accumulator read and written) and mm.dtype_out
+    of bf16 operands, one of them a strided view (leading dimension 136 > 130 columns):
+    2 M N K FLOPs each, the bf16 rate, each operand's bytes once and the result's once."""
+    if not hasattr(torch.ops.aten.mm, "dtype_out"):
+        pytest.skip("this torch has no mm / addmm with an out_dtype")
+    n, r, ld, d = 64, 130, 136, 32
+    with FakeTensorMode():
+        ws = torch.empty(n * ld, device="cuda", dtype=torch.bfloat16)
+        wh = torch.empty(r, d, device="cuda", dtype=torch.bfloat16)
+        xh = torch.empty(n, d, device="cuda", dtype=torch.bfloat16)
+        acc = torch.zeros(n, d, device="cuda", dtype=torch.float32)
+        dwc = torch.empty(r, d, device="cuda", dtype=torch.float32)
+        tr = T.Tracer()
+        tr.adopt([ws, wh, xh, acc, dwc])
+        with tr:
+            g = ws.view(n, ld).narrow(1, 0, r)
+            torch.ops.aten.addmm.dtype_out(acc, g, wh, torch.float32, out=acc)
+            torch.ops.aten.mm.dtype_out(g.t(), xh, torch.float32, out=dwc)
+    ops = [(o.name, o.flops, o.dtype, o.bytes) for o in tr.ops]
+    assert ops == [("addmm", 2.0 * n * r * d, "bfloat16", 2 * n * d * 4 + n * r * 2 + r * d * 2),
+                   ("mm", 2.0 * r * n * d, "bfloat16", n * r * 2 + n * d * 2 + r * d * 4)]
+    assert tr.peak == 0
 
 
 # ----------------------------------------------------------------- compiled kernels
@@ -353,6 +501,39 @@ def test_sass_reader_loops_regions_and_counts():
     assert (code.spill_store_bytes, code.spill_load_bytes) == (8, 16)
 
 
+def test_out_of_line_block_of_a_loop_body_is_part_of_it():
+    """The compiler may place a block of the main loop's body (the cp.async loads taken
+    while tiles are left) before the loop's head: the loop branches back to it and it
+    branches forward into the loop again. That block belongs to the main loop (counted
+    per iteration), not to a loop of its own; a block that is also entered from outside
+    (here: fallen into) is left alone."""
+    def listing(pre):
+        return "\n".join([
+            "        .text.k:",
+            "        /*0000*/                   MOV R1, R2 ;",
+            "        /*0010*/                   FADD R1, R2, R3 ;",          # tile loop head
+            f"        /*0020*/               {pre} BRA 0x60 ;",              # over the block
+            "        /*0030*/                   LDGSTS.E.BYPASS.128 [R4], desc[UR4][R2.64] ;",
+            "        /*0040*/                   IADD3 R0, R0, 0x1, RZ ;",
+            "        /*0050*/                   BRA 0x80 ;",                 # back into it
+            "        /*0060*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;",   # main head
+            "        /*0070*/               @P2 BRA 0x30 ;",                 # to the block
+            "        /*0080*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;",
+            "        /*0090*/               @P0 BRA 0x60 ;",                 # main loop
+            "        /*00a0*/                   MUFU.EX2 R5, R5 ;",
+            "        /*00b0*/               @P1 BRA 0x10 ;",                 # tile loop
+            "        /*00c0*/                   EXIT ;"])
+    code = sass.analyze_instrs("k", "sm_90a", sass.parse_listing(listing(""))["k"], {})
+    assert sass.parse_listing(listing("@P3"))["k"][2].pred == "@P3"
+    assert [(lp.head, lp.tail) for lp in code.loops] == [(0x10, 0xb0), (0x30, 0x90)]
+    assert (code.main_loop.head, code.tile_loop.head) == (0x30, 0x10)
+    assert code.main.size == 7 and code.main.counts["LDGSTS.E.BYPASS.128"] == 1
+    # the branch over the block is conditional: the block is also fallen into
+    code = sass.analyze_instrs("k", "sm_90a", sass.parse_listing(listing("@P3"))["k"], {})
+    assert [(lp.head, lp.tail) for lp in code.loops] == [(0x10, 0xb0), (0x30, 0x70),
+                                                          (0x60, 0x90)]
+
+
 def test_mma_flops_of_each_shape():
     assert sass.mma_flops_per_warp("HGMMA.64x256x16.F32.BF16") == 2 * 64 * 256 * 16 / 4
     assert sass.mma_flops_per_warp("HMMA.16816.F32.BF16") == 2 * 16 * 8 * 16
@@ -369,6 +550,96 @@ def test_occupancy_rules():
     assert sass.blocks_per_sm(hw.H200, 64, 128, 100 * 1024)[0] == 2   # shared memory
     assert sass.blocks_per_sm(hw.H200, 32, 32, 0) == (32, "blocks")
     assert sass.blocks_per_sm(hw.A100, 32, 128, 100 * 1024) == (1, "shared memory")
+
+
+def test_cuda_function_finds_the_instance_of_each_dtype():
+    """The general kernels are instantiated on CUDA's types, the fused CuTe ones on
+    CUTLASS's: both are found by the launch record's c10 dtype."""
+    names = {
+        "a": "void arcface::cuda::fused::fwd_sm90_kernel<cutlass::bfloat16_t>("
+             "arcface::cuda::fused::FusedArgs, arcface::cuda::FusedParams)",
+        "b": "void arcface::cuda::fused::fwd_sm90_kernel<cutlass::half_t>("
+             "arcface::cuda::fused::FusedArgs, arcface::cuda::FusedParams)",
+        "c": "void arcface::cuda::(anonymous namespace)::fwd_kernel<__nv_bfloat16>(int)",
+        "d": "void arcface::cuda::(anonymous namespace)::fwd_kernel<float>(int)",
+        "e": "void arcface::cuda::(anonymous namespace)::fwd_combine_kernel(float const*)",
+    }
+    codes = {k: k for k in names}
+    assert K.cuda_function(codes, names, "fwd_sm90_kernel", "BFloat16") == "a"
+    assert K.cuda_function(codes, names, "fwd_sm90_kernel", "Half") == "b"
+    assert K.cuda_function(codes, names, "fwd_sm90_kernel", "Float") is None
+    assert K.cuda_function(codes, names, "fwd_kernel", "BFloat16") == "c"
+    assert K.cuda_function(codes, names, "fwd_kernel", "Float") == "d"
+    assert K.cuda_function(codes, names, "fwd_combine_kernel", "Float") == "e"
+    assert K.cuda_function(codes, names, "fwd_sm80_kernel", "BFloat16") is None
+
+
+@pytest.mark.parametrize("arch, kind", [("sm_90a", "sm90"), ("sm_80", "sm80")])
+def test_fused_kernels_occupancy_counts_their_dynamic_shared_memory(arch, kind):
+    """A fused launch's dynamic shared memory (its record's sizes["smem"]) is added to the
+    cubin's static shared memory: 2 CTAs per SM, as the kernels are designed (128
+    registers at 256 threads on sm_90a; on sm_80 shared memory is the limit)."""
+    from bench.static import report as R
+    cfg = K.CUDA_FUSED[kind]
+    smem = K.fused_pipeline_bytes(kind) + 2 * cfg["bn"] * 8   # host.h FUSED*_SMEM
+    code = _code()
+    code.static_smem = 16
+    rep = R.Report(["cpp"], [arch], ["bf16"], "unused")
+    rep.cuda_codes[arch] = {"f": code}
+    rep.cuda_names[arch] = {"f": f"void arcface::cuda::fused::fwd_{kind}_kernel"
+                                 "<cutlass::bfloat16_t>(arcface::cuda::fused::FusedArgs)"}
+    rec = dict(kernel=f"fwd_{kind}_kernel", dtype="BFloat16", threads=cfg["threads"],
+               grid=(64, 4), sizes=dict(smem=smem))
+    comp = rep.compiled_cuda(rec, arch)
+    assert comp.smem == 16 + smem
+    assert comp.blocks_per_sm == 2
+    if arch == "sm_80":
+        assert comp.limiter == "shared memory"
+        # without the dynamic shared memory it would have been the registers' 4
+        assert sass.blocks_per_sm(hw.A100, 128, 128, 16)[0] == 4
+
+
+def test_fused_work_restates_the_tiling():
+    """fwd_sm90_kernel at N=8192, C=262144, D=512 (the host code's launch): 64 row tiles
+    x 4 splits of 512 class tiles of 128 x 128 x (8 k tiles of 64); bytes: x, w, their
+    norms, labels, target and 24 B of partials per row and split."""
+    rec = dict(kernel="fwd_sm90_kernel", dtype="BFloat16", threads=256, grid=(64, 4),
+               sizes=dict(n=8192, d=512, j_begin=0, j_end=262144, tiles=2048,
+                          tiles_per_split=512, ldg=0, indexed=0, bm=128, bn=128, bk=64,
+                          smem=99328))
+    w = K.spec_of("cpp", "fwd_sm90_kernel").work(rec)
+    assert (w.programs, w.threads, w.tiles) == (256, 256, 512)
+    assert w.tile_flops == 2 * 128 * 128 * 512
+    assert w.programs * w.tiles * w.tile_flops == 2.0 * 8192 * 262144 * 512
+    assert w.bytes == (8192 + 262144) * 512 * 2 + 4 * (8192 + 262144) + 8 * 8192 \
+        + 4 * 8192 + 24 * 8192 * 4
+    g = dict(rec, kernel="grad_sm90_kernel", grid=(64, 8),
+             sizes=dict(rec["sizes"], j_begin=1024, j_end=2048, tiles=8,
+                        tiles_per_split=1, ldg=1024))
+    wg = K.spec_of("cpp", "grad_sm90_kernel").work(g)
+    assert (wg.programs, wg.tiles) == (512, 1)
+    assert wg.bytes == (8192 + 1024) * 512 * 2 + 4 * (8192 + 1024) + 8 * 8192 \
+        + 16 * 8192 + 8192 * 1024 * 2
+    # padded k tiles: D = 100 is two k tiles of 64
+    odd = dict(rec, sizes=dict(rec["sizes"], d=100))
+    assert K.spec_of("cpp", "fwd_sm90_kernel").work(odd).tile_flops == 2 * 128 * 128 * 128
+
+
+def test_cuda_objects_older_than_a_header_are_rebuilt(tmp_path):
+    """torch's ninja file has no nvcc depfile with a CPU build of torch: an object older
+    than any csrc header is removed before the build (so ninja rebuilds it), a newer one
+    is kept."""
+    obj = tmp_path / "tmp" / "csrc" / "cuda" / "arcface_cuda.o"
+    obj.parent.mkdir(parents=True)
+    obj.write_bytes(b"")
+    os.utime(obj, (1, 1))
+    assert K._drop_stale_cuda_objects(str(tmp_path)) == [str(obj)]
+    assert not obj.exists()
+    obj.write_bytes(b"")
+    future = max(os.path.getmtime(os.path.join(REPO, "csrc", "cuda", f))
+                 for f in os.listdir(os.path.join(REPO, "csrc", "cuda"))) + 3600
+    os.utime(obj, (future, future))
+    assert K._drop_stale_cuda_objects(str(tmp_path)) == [] and obj.exists()
 
 
 # ---------------------------------------------------------------------- cost model
@@ -430,6 +701,57 @@ def test_loop_annotations_weight_instruction_counts(tmp_path):
     assert n.main == 1 + 4 * 2 + 1          # HGMMA, 4 x (LDG, BRA), BRA
     assert n.epilogue == 1 + 32 * 3 + 1     # FADD, 32 x (MUFU, FADD, BRA), BRA
     assert n.rest == 2                      # MOV, EXIT
+
+
+def test_per_tile_call_sites_move_main_loop_code_to_the_epilogue(tmp_path):
+    """``nvdisasm -gi`` chains: an instruction inlined (through any depth) at a
+    ``@per_tile`` line counts once per tile with the epilogue, not once per main-loop
+    iteration; the @trips of a loop nested in the main loop still weight it."""
+    src = tmp_path / "k.cu"
+    src.write_text("acc = mma(acc);\n"                              # 1
+                   "if (kt + 2 == kt_count) stage(tile);  // @per_tile\n"   # 2
+                   "for (int c = t; c < 64; c += 256) {  // @trips[1]\n"     # 3
+                   "  cols[c] = norm[j0 + c];\n"                              # 4
+                   "load(kt);\n")                                              # 5
+    f = str(src)
+
+    def at(line, *sites):
+        chain = [(line, sites[0] if sites else None)] + [
+            (a, b) for a, b in zip(sites, list(sites[1:]) + [None])]
+        return "\n".join(f'\t//## File "{f}", line {a}' +
+                         (f' inlined at "{f}", line {b}' if b else "") for a, b in chain)
+    listing = "\n".join([
+        "        .text.k:",
+        "        /*0000*/                   MOV R1, R2 ;",
+        "        /*0010*/                   FADD R1, R2, R3 ;",        # tile loop head
+        at(1),
+        "        /*0020*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;",
+        at(5),
+        "        /*0030*/                   LDGSTS.E.BYPASS.128 [R4], desc[UR4][R2.64] ;",
+        at(4, 3, 2),                                                   # inlined at 3, at 2
+        "        /*0040*/                   LDG.E R4, desc[UR4][R2.64] ;",
+        "        /*0050*/                   STS [R5], R4 ;",
+        at(3, 2),
+        "        /*0060*/               @P2 BRA 0x40 ;",                # the @trips[1] loop
+        at(1),
+        "        /*0070*/               @P0 BRA 0x20 ;",                # main loop
+        "        /*0080*/                   MUFU.EX2 R5, R5 ;",
+        "        /*0090*/               @P1 BRA 0x10 ;",                # tile loop
+        "        /*00a0*/                   EXIT ;"])
+    ins = sass.parse_listing(listing)["k"]
+    by_pc = {i.pc: i for i in ins}
+    assert by_pc[0x40].line == (f, 4) and by_pc[0x40].sites == ((f, 3), (f, 2))
+    assert by_pc[0x50].sites == ((f, 3), (f, 2))    # same chain until the next comment
+    assert by_pc[0x60].line == (f, 3) and by_pc[0x60].sites == ((f, 2),)
+    assert by_pc[0x70].sites == ()
+    code = sass.analyze_instrs("k", "sm_90a", ins, {})
+    assert (code.main_loop.head, code.tile_loop.head) == (0x20, 0x10)
+    assert [K.per_tile(by_pc[pc]) for pc in (0x20, 0x30, 0x40, 0x50, 0x60, 0x70)] == \
+        [False, False, True, True, True, False]
+    n = M.instruction_counts(code, {})
+    assert n.main == 3                      # HGMMA, LDGSTS, BRA
+    assert n.epilogue == 1 + 3 + 2          # FADD, the per-tile loop's 3, MUFU, BRA
+    assert n.rest == 2
 
 
 def test_model_serial_when_one_block_fits_and_overlapped_otherwise():
@@ -512,6 +834,22 @@ def test_committed_report_is_complete(committed):
             for arch in ("sm_90a", "sm_80"):
                 for dt in ("bf16", "fp16", "fp32"):
                     assert (b, role, arch, dt) in kernels, (b, role, arch, dt)
+    # the cpp backend's fused kernels, each on the arch whose device launches it (the
+    # other arch's instance is a trap), with its dynamic shared memory counted
+    names = {(k["backend"], k["name"], k["arch"], k["dtype"]) for k in committed["kernels"]}
+    for arch, kind in (("sm_90a", "sm90"), ("sm_80", "sm80")):
+        other = "sm80" if kind == "sm90" else "sm90"
+        for dt in ("bf16", "fp16"):
+            for name in ("fwd", "grad"):
+                assert ("cpp", f"{name}_{kind}_kernel", arch, dt) in names, (name, arch, dt)
+                assert ("cpp", f"{name}_{other}_kernel", arch, dt) not in names
+    for k in committed["kernels"]:
+        if k["backend"] == "cpp" and k["name"].endswith(("_sm90_kernel", "_sm80_kernel")):
+            kind = k["name"].split("_")[1]
+            assert k["smem_dynamic_bytes"] >= K.fused_pipeline_bytes(kind)
+            assert k["threads"] == K.CUDA_FUSED[kind]["threads"]
+            assert k["blocks_per_sm"] == K.CUDA_FUSED_CTAS_PER_SM, k
+            assert k["tensor_core"]["hgmma" if "sm90" in k["name"] else "hmma"] > 0
     for k in committed["kernels"]:
         for field in ("regs", "spill_bytes", "smem_bytes", "threads", "blocks_per_sm",
                       "opcodes", "tensor_core", "ldsm", "global_access"):

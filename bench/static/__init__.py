@@ -16,7 +16,9 @@ How (details in each module):
 
 * :mod:`.trace` runs one step (``arcface_loss`` forward + backward) of each backend on
   fake CUDA tensors with the kernels stubbed, and counts allocations (peak extra bytes),
-  launches, host syncs and host work;
+  launches, host syncs and host work; the cpp backend once per arch (its host code picks
+  its kernels by the device's compute capability: the fused ``*_sm90_kernel`` on sm_90,
+  ``*_sm80_kernel`` on sm_80), the shapes' figures from the sm_90a trace;
 * :mod:`.kernels` compiles every Triton launch of those steps with ``triton.compile`` for
   sm_90a and sm_80, builds the cpp extension's CUDA kernels with its own FORCE_CUDA build,
   and says how much work each launch is (:data:`.kernels.SPECS`);
@@ -42,7 +44,9 @@ JSON schema (``schema``: "arcface-kernels static report, v1"):
   {hgmma, hmma}, ldsm, global_access {ldg_128, ldg_narrow, stg_128, stg_narrow,
   ldgsts_128, ldgsts_narrow, tma_load, tma_store}, opcodes {OPCODE: count},
   main_loop_insts_per_iter, main_loop_flops_per_warp, main_loop_iters_per_tile (sm_90a),
-  epilogue_insts_per_tile, loops, config, uses (the shapes that launch it).
+  epilogue_insts_per_tile, loops, config (Triton: the constexprs; cpp: threads, and for
+  the fused kernels the CTA tile bm, bn, bk and the dynamic shared memory smem), uses
+  (the shapes that launch it; cpp kernels: on that arch's device).
 * ``shapes``: one row per backend and shape (bf16): backend, N, C, D, dtype, loss
   ("arcface" or "linear_ce"), extra_bytes (peak beyond inputs, outputs and gradients),
   peak_bytes, grad_bytes, launches {fwd, bwd, total}, host_syncs, sync_sites [{phase,

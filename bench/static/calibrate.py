@@ -112,7 +112,7 @@ def measure(backend: str, n: int, c: int, d: int, loss: str, reps: int) -> dict:
             k = kern.setdefault(e.name, dict(name=e.name, launches=0, ms=0.0))
             k["launches"] += 1
             k["ms"] += e.device_time / 1e3 if hasattr(e, "device_time") else e.cuda_time / 1e3
-    del x, w, y
+    x = w = y = None   # free them (shared with the closures above) before empty_cache
     torch.cuda.empty_cache()
     return dict(backend=backend, N=n, C=c, D=d, dtype="bf16", loss=loss,
                 measured_ms=dict(fwd=fwd_ms, bwd=total - fwd_ms, total=total),

@@ -35,6 +35,7 @@ Sources
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Dict
 
 
@@ -57,6 +58,13 @@ class Gpu:
     schedulers_per_sm: int = 4             # warp instructions issued per clock per SM
     tensor_flops_per_clock_per_sm: int = 4096   # dense bf16
     hmma_fraction: float = 2.0 / 3.0       # mma.sync against wgmma on Hopper (FA3)
+
+    @property
+    def capability(self) -> int:
+        """Compute capability as 10 * major + minor (sm_90a -> 90, sm_80 -> 80): what the
+        cpp backend's dry run is told its device is (it picks the kernels by it)."""
+        m = re.match(r"sm_(\d+)", self.arch)
+        return int(m.group(1)) if m else 0
 
     @property
     def clock_hz(self) -> float:

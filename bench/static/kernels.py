@@ -5,7 +5,12 @@
   ``GPUTarget("cuda", 90 or 80, 32)``, specialized exactly as Triton's launcher would
   specialize those arguments (its own binder does it: divisibility by 16, alignment).
 * cpp: the extension's CUDA objects from its own FORCE_CUDA build (``setup.py build_ext``
-  with ``TORCH_CUDA_ARCH_LIST="8.0;9.0a"``), one template instance per dtype.
+  with ``TORCH_CUDA_ARCH_LIST="8.0;9.0a"``), one template instance per dtype: the general
+  kernels instantiated on CUDA's types (``__nv_bfloat16``, ``__half``, ``float``), the
+  fused CuTe kernels on CUTLASS's (``cutlass::bfloat16_t``, ``cutlass::half_t``). Which
+  of them a step launches depends on the device: the host code picks the fused
+  ``*_sm90_kernel`` on sm_90 and the ``*_sm80_kernel`` on sm_80..sm_89, so the report
+  traces the cpp backend once per architecture, with that capability.
 
 :data:`SPECS` says, per kernel, its role and how much work one launch is: programs
 (blocks), tiles per program, tensor-core FLOPs per tile and compulsory HBM bytes (every
@@ -15,6 +20,7 @@ formulas restate the kernels' own tiling; change them with the kernels.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import math
@@ -23,8 +29,6 @@ import re
 import subprocess
 import sys
 from typing import Callable, Dict, List, Optional, Tuple
-
-import torch
 
 from . import sass
 from .trace import TensorArg
@@ -127,6 +131,15 @@ def _t_grad(l: dict) -> Work:
                 bytes=(n + cc * k) * d * elt + n * stored * elt + 4 * cc * k + 24 * n)
 
 
+def _t_bias_sum(l: dict) -> Work:
+    """dbias of a backward chunk: ROW_BLOCKS partial rows of C_chunk read, one written."""
+    a = _targs(l)
+    rb, cc = int(a["ROW_BLOCKS"]), int(a["C_chunk"])
+    acc = a["out_ptr"].dtype.itemsize
+    return Work(_programs(l["grid"]), 32 * l["meta"].get("num_warps", 4),
+                bytes=(rb + 1) * cc * acc)
+
+
 def _t_mm(l: dict) -> Work:
     """Both products of a chunk: 2 N R D FLOPs each (tiles padded), H read once per
     product, the fp32 partials of dX read (after the first chunk) and written, U's
@@ -158,7 +171,28 @@ def _t_proj(l: dict) -> Work:
 
 
 # ----------------------------------------------------------------------------- CUDA
+#: The general tile kernels (arcface_cuda.cu: fwd_kernel, grad_chunk_kernel and their
+#: *_terms_kernel instances; float32, K > 1, a bias / softcap / interclass term): tiles of
+#: BM rows of x by TW rows of w (host.h BM, TW), BK features per k step.
 CUDA_BM, CUDA_TW, CUDA_BK = 64, 64, 32   # csrc/cuda/host.h, arcface_cuda.cu
+#: The fused tensor-core kernels (fused.cuh, tiles.h; float16 / bfloat16, K = 1, no
+#: terms): CTA tile (rows of x, classes, features), pipeline stages, threads. Their
+#: launch records carry the tile and the dynamic shared memory (sizes bm, bn, bk, smem:
+#: host.h's FUSED*_SMEM, the stages of the operand tiles plus the column norms), which
+#: the model uses; these are for reference and the tests.
+CUDA_FUSED = {
+    # wgmma m64n128k16 (HGMMA), 2 warpgroups along M, 3-stage cp.async pipeline
+    "sm90": dict(bm=128, bn=128, bk=64, stages=3, threads=256),
+    # mma.sync m16n8k16 (HMMA) + ldmatrix, 4 warps along M, 3-stage cp.async pipeline
+    "sm80": dict(bm=128, bn=64, bk=64, stages=3, threads=128),
+}
+CUDA_FUSED_CTAS_PER_SM = 2   # host.h FUSED_CTAS_PER_SM: both are sized for two per SM
+
+
+def fused_pipeline_bytes(kind: str, elt: int = 2) -> int:
+    """Shared memory of a fused kernel's operand stages (x and w tiles of bk features)."""
+    c = CUDA_FUSED[kind]
+    return c["stages"] * (c["bm"] + c["bn"]) * c["bk"] * elt
 
 
 def _c_tile_flops(d: int) -> float:
@@ -190,25 +224,66 @@ def _c_grad(l: dict) -> Work:
                 bytes=(n + jn * k) * d * elt + n * jn * k * elt + 4 * (n + jn * k) + 24 * n)
 
 
+def _c_fused(l: dict, grad: bool) -> Work:
+    """A fused launch (fwd_sm90/sm80_kernel, grad_sm90/sm80_kernel): grid (row tiles of
+    bm, splits), each CTA a run of at most tiles_per_split class tiles of bn (the tiles
+    per program are the average: row tiles x class tiles / CTAs), each class tile
+    ceil(d / bk) k tiles of bm x bn x bk. Compulsory bytes: x and the launch's rows of w
+    once (re-reads hit L2), their inverse norms, the labels (and the index); the forward
+    writes the target and its per-(split, row) partials (4 floats and an int64: 24 B), the
+    backward reads lse and the three upstream gradients and writes G [n, j_end - j_begin]
+    (leading dimension ldg) in the input dtype."""
+    s = l["sizes"]
+    n, d = s["n"], s["d"]
+    cols = s["j_end"] - s["j_begin"]
+    bm, bn, bk = s["bm"], s["bn"], s["bk"]
+    programs = _programs(l["grid"])
+    tiles = _cdiv(n, bm) * s["tiles"]
+    elt = _elt(l["dtype"])
+    nbytes = (n + cols) * d * elt + 4 * (n + cols) + 8 * n + 8 * cols * int(bool(s["indexed"]))
+    if grad:
+        nbytes += 16 * n + n * cols * elt
+    else:
+        nbytes += 4 * n + 24 * n * int(l["grid"][1])
+    return Work(programs, l["threads"], tiles / programs,
+                2.0 * bm * bn * _cdiv(d, bk) * bk, bytes=nbytes)
+
+
+def _c_dw_finish(l: dict) -> Work:
+    """A chunk's rows of dw from its float32 G^T X_hat rows: those read (4 B each), w's
+    rows read when normalizing (the radial term), the rows written in w's dtype."""
+    s = l["sizes"]
+    rows, d = s["rows"], s["d"]
+    elt = _elt(l["dtype"])
+    return Work(_programs(l["grid"]), l["threads"],
+                bytes=rows * d * (4 + elt * (2 if s["normalize"] else 1)) + 4 * rows)
+
+
 SPECS: Dict[Tuple[str, str], Spec] = {
     ("triton", "inv_norm_kernel"): Spec("aux", _t_inv_norm),
     ("triton", "target_kernel"): Spec("aux", _t_target),
     ("triton", "fwd_kernel"): Spec("fwd_main", _t_fwd),
     ("triton", "fwd_combine_kernel"): Spec("aux", _t_combine),
     ("triton", "grad_kernel"): Spec("bwd_main", _t_grad),
+    ("triton", "bias_sum_kernel"): Spec("aux", _t_bias_sum),
     ("triton", "bwd_mm_kernel"): Spec("bwd_main", _t_mm),
     ("triton", "proj_rows_kernel"): Spec("aux", _t_proj),
     ("cpp", "inv_norm_kernel"): Spec("aux", lambda l: _c_rows(
         l, l["sizes"]["rows"], l["sizes"]["d"], 1)),
     ("cpp", "fwd_kernel"): Spec("fwd_main", _c_fwd),
+    ("cpp", "fwd_terms_kernel"): Spec("fwd_main", _c_fwd),
+    ("cpp", "fwd_sm90_kernel"): Spec("fwd_main", lambda l: _c_fused(l, False)),
+    ("cpp", "fwd_sm80_kernel"): Spec("fwd_main", lambda l: _c_fused(l, False)),
     ("cpp", "fwd_combine_kernel"): Spec("aux", lambda l: Work(
         _programs(l["grid"]), l["threads"],
         bytes=24 * l["sizes"]["n"] * l["sizes"]["splits"] + 20 * l["sizes"]["n"])),
     ("cpp", "scaled_rows_kernel"): Spec("aux", lambda l: _c_rows(
         l, l["sizes"]["rows"], l["sizes"]["d"], 2)),
     ("cpp", "grad_chunk_kernel"): Spec("bwd_main", _c_grad),
-    ("cpp", "dw_chunk_finish_kernel"): Spec("aux", lambda l: _c_rows(
-        l, l["sizes"]["rows"], l["sizes"]["d"], 3)),
+    ("cpp", "grad_chunk_terms_kernel"): Spec("bwd_main", _c_grad),
+    ("cpp", "grad_sm90_kernel"): Spec("bwd_main", lambda l: _c_fused(l, True)),
+    ("cpp", "grad_sm80_kernel"): Spec("bwd_main", lambda l: _c_fused(l, True)),
+    ("cpp", "dw_chunk_finish_kernel"): Spec("aux", _c_dw_finish),
     ("cpp", "dx_finish_kernel"): Spec("aux", lambda l: Work(
         _programs(l["grid"]), l["threads"],
         bytes=l["sizes"]["n"] * l["sizes"]["d"] * (2 * _elt(l["dtype"]) + 4)
@@ -282,31 +357,65 @@ def triton_sizes(launch: dict) -> dict:
 
 
 # ------------------------------------------------------------------------ CUDA objects
+#: What the CUDA object is compiled from: the .cu and every header of csrc/ it includes.
+CUDA_OBJECT_INPUTS = ("csrc/*.h", "csrc/cuda/*.cu", "csrc/cuda/*.cuh", "csrc/cuda/*.h",
+                      "csrc/cuda/compat/**/*")
+
+
+def _drop_stale_cuda_objects(build_dir: str) -> List[str]:
+    """Remove the CUDA objects of ``build_dir`` older than any of their inputs. With a CPU
+    build of torch, torch's ninja file gives nvcc no depfile (it asks nvcc for
+    dependencies only when torch.version.cuda is set), so a change to a header alone
+    (fused.cuh, tiles.h, host.h, arcface_math.h, ...) would leave a stale object that
+    ninja calls up to date. Returns the removed paths."""
+    inputs = [f for pat in CUDA_OBJECT_INPUTS
+              for f in glob.glob(os.path.join(REPO, pat), recursive=True) if os.path.isfile(f)]
+    if not inputs:
+        return []
+    newest = max(os.path.getmtime(f) for f in inputs)
+    removed = []
+    for obj in glob.glob(os.path.join(build_dir, "tmp", "**", "arcface_cuda.o"),
+                         recursive=True):
+        if os.path.getmtime(obj) < newest:
+            os.remove(obj)
+            removed.append(obj)
+    return removed
+
+
 def cuda_build(build_dir: str, log=None) -> str:
     """The extension's CUDA object (csrc/cuda/arcface_cuda.cu) compiled for sm_80 and
     sm_90a by setup.py's own FORCE_CUDA build into ``build_dir`` (ninja: a no-op when
-    up to date). Returns the object's path."""
+    up to date; an object older than one of its headers is removed first, see
+    :func:`_drop_stale_cuda_objects`). Returns the object's path."""
+    for obj in _drop_stale_cuda_objects(build_dir):
+        if log is not None:
+            log(f"{os.path.relpath(obj, build_dir)} is older than its sources: rebuilding it")
     env = dict(os.environ, FORCE_CUDA="1", TORCH_CUDA_ARCH_LIST="8.0;9.0a",
                MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
     cmd = [sys.executable, "setup.py", "build_ext", "--build-lib",
            os.path.join(build_dir, "lib"), "--build-temp", os.path.join(build_dir, "tmp")]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError("the extension's CUDA build failed:\n" + out.stderr[-4000:])
+    if out.returncode != 0:   # ninja prints the compiler's errors on stdout
+        errors = [ln for ln in out.stdout.splitlines() if " error" in ln or "error:" in ln]
+        raise RuntimeError("the extension's CUDA build failed:\n" + "\n".join(errors[:20])
+                           + "\n" + out.stdout[-3000:] + out.stderr[-1500:])
     objs = glob.glob(os.path.join(build_dir, "tmp", "**", "arcface_cuda.o"), recursive=True)
     if not objs:
         raise RuntimeError(f"no arcface_cuda.o under {build_dir}")
     return objs[0]
 
 
-_CUDA_TYPES = {"BFloat16": "__nv_bfloat16", "Half": "__half", "Float": "float"}
+#: The template arguments of a c10 dtype's kernel instances: CUDA's own types for the
+#: general kernels (arcface_cuda.cu), CUTLASS's for the fused CuTe ones (fused.cuh).
+_CUDA_TYPES = {"BFloat16": ("__nv_bfloat16", "cutlass::bfloat16_t"),
+               "Half": ("__half", "cutlass::half_t"), "Float": ("float",)}
 
 
 def cuda_function(codes: Dict[str, sass.Code], names: Dict[str, str], kernel: str,
                   dtype: str) -> Optional[sass.Code]:
     """The Code of ``kernel``'s template instance for ``dtype`` (c10 name, e.g.
     BFloat16) among the cubin's functions (``names``: mangled -> demangled)."""
-    want = _CUDA_TYPES.get(dtype, dtype)
+    want = _CUDA_TYPES.get(dtype, (dtype,))
     for mangled, code in codes.items():
         dem = names.get(mangled, mangled).replace("(anonymous namespace)::", "")
         if dem.startswith("void "):
@@ -317,13 +426,14 @@ def cuda_function(codes: Dict[str, sass.Code], names: Dict[str, str], kernel: st
         rest = dem[len(head):]
         if not rest.startswith("<"):
             return code
-        if rest[1:].split(">", 1)[0].strip() == want:
+        if rest[1:].split(">", 1)[0].strip() in want:
             return code
     return None
 
 
-def source_line(path: str, line: int) -> str:
-    """A line of a source file named in the line info (the build may have run in
+@functools.lru_cache(maxsize=None)
+def _source_lines(path: str) -> Tuple[str, ...]:
+    """The lines of a source file named in the line info (the build may have run in
     another checkout: matched by the path under csrc/ or triton_kernels/)."""
     cands = [path]
     for root in ("csrc/", "triton_kernels/"):
@@ -332,9 +442,23 @@ def source_line(path: str, line: int) -> str:
     for p in cands:
         if os.path.exists(p):
             with open(p) as f:
-                lines = f.readlines()
-            return lines[line - 1] if 0 < line <= len(lines) else ""
-    return ""
+                return tuple(f.readlines())
+    return ()
+
+
+def source_line(path: str, line: int) -> str:
+    """A line of a source file named in the line info ("" when it cannot be read)."""
+    lines = _source_lines(path)
+    return lines[line - 1] if 0 < line <= len(lines) else ""
+
+
+def per_tile(ins: sass.Instr) -> bool:
+    """Whether an instruction comes from a ``@per_tile`` line: its own source line or a
+    call site it was inlined at carries the annotation (a comment), which says that the
+    code of that line runs once per tile although it sits in the main loop (work done on
+    the first or last k step of a tile behind a branch: the model counts it with the
+    epilogue, once per tile, instead of once per main-loop iteration)."""
+    return any("@per_tile" in source_line(*site) for site in ins.lines)
 
 
 def loop_trips(loop: sass.Loop, sizes: dict) -> Optional[float]:

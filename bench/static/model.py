@@ -18,7 +18,8 @@ where ``iterations`` = tile FLOPs per warp / FLOPs of one pass over the main-loo
 (the tensor-core or FMA instructions must add up to the tile's FLOPs, however the loop
 was unrolled or pipelined), ``epilogue`` = the tile loop's instructions outside the main
 loop, ``rest`` = the instructions outside the tile loop; any other loop counts its
-``@trips[...]`` annotation's trips (a comment on its source line), else once
+``@trips[...]`` annotation's trips (a comment on its source line), else once, and code
+of a ``@per_tile`` line inside the main loop counts once per tile, with the epilogue
 (:class:`Counts`). A kernel without a main loop counts its instructions once per block.
 
 When only one block fits on an SM (and the kernel is not warp-specialized), nothing
@@ -39,11 +40,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 from . import hardware as hw
 from . import sass
-from .kernels import Work, loop_trips
+from .kernels import Work, loop_trips, per_tile
 
 
 @dataclasses.dataclass
@@ -96,7 +97,9 @@ class Counts:
     within a loop body), times the ``@trips`` of the annotated loops around it (an
     unannotated loop counts once): inside the main loop, the loops nested in it; elsewhere,
     every loop but the main and the tile loop (whose trips the tile count and the FLOP
-    rule give)."""
+    rule give). Main-loop instructions from a ``@per_tile`` line (their own or a call site
+    they were inlined at: work behind a branch taken on one k step of each tile) count
+    with the epilogue, once per tile."""
     main: float
     epilogue: float
     rest: float
@@ -119,13 +122,34 @@ def instruction_counts(code: sass.Code, sizes: dict) -> Counts:
         for lp in annotated:
             if _contains(lp, ins.pc) and (not in_main or _strictly_inside(lp, main)):
                 w *= trips[id(lp)]
-        if in_main:
+        if in_main and per_tile(ins):
+            counts.epilogue += w
+        elif in_main:
             counts.main += w
         elif main is not None and (tile is None or _contains(tile, ins.pc)):
             counts.epilogue += w
         else:
             counts.rest += w
     return counts
+
+
+def aux_instruction_count(code: sass.Code, sizes: dict) -> float:
+    """Instructions per warp of one block of a kernel without a main loop: each once, times
+    the ``@trips`` of the annotated loops around it (an unannotated loop counts once)."""
+    trips = {}
+    for lp in code.loops:
+        t = loop_trips(lp, sizes)
+        if t is not None:
+            trips[id(lp)] = max(t, 0.0)
+    annotated = [lp for lp in code.loops if id(lp) in trips]
+    total = 0.0
+    for ins in code.instrs:
+        w = 1.0
+        for lp in annotated:
+            if _contains(lp, ins.pc):
+                w *= trips[id(lp)]
+        total += w
+    return total
 
 
 def epilogue_per_tile(code: sass.Code, sizes: dict) -> float:
@@ -140,10 +164,13 @@ def kernel_time(gpu: hw.Gpu, comp: Compiled, work: Work, sizes: dict) -> KernelT
     issue_per_sm = gpu.issue_rate / gpu.sms
     has_main = code.main is not None and work.tile_flops > 0
     kind = tensor_kind(code) if has_main else None
-    if not has_main:   # an aux kernel: its instructions once per block
-        iters, epi = 0.0, float(code.size)
-        main_w, epi_w = 0.0, float(code.size)
-        insts = float(code.size)
+    if not has_main:
+        # an aux kernel: its instructions once per block, times the @trips of the
+        # annotated loops around them (an unannotated loop counts once)
+        rest = aux_instruction_count(code, sizes)
+        iters, epi = 0.0, rest
+        main_w, epi_w = 0.0, rest
+        insts = rest
     else:
         per_iter = code.main.mma_flops_per_warp if kind else code.main.fma_flops_per_warp
         iters = (work.tile_flops / warps) / per_iter if per_iter > 0 else 1.0

@@ -5,7 +5,6 @@ See :mod:`bench.static` for the command line and the JSON schema.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import platform
 import subprocess
@@ -73,7 +72,10 @@ class Report:
         self.backends, self.arches, self.dtypes = backends, arches, dtypes
         self.cuda_build = cuda_build
         self.measured = measured
-        self.traces: Dict[tuple, object] = {}
+        self.traces: Dict[tuple, object] = {}          # on the modelled GPU (sm_90a)
+        # the cpp backend on the other arches' GPUs (its host code picks its kernels by
+        # the device's compute capability): (arch, dtype, N, C, D, loss) -> trace
+        self.arch_traces: Dict[tuple, object] = {}
         self.triton_variants: Dict[str, dict] = {}     # key -> launch (+ uses)
         self.triton_code: Dict[Tuple[str, str], tuple] = {}
         self.cuda_codes: Dict[str, Dict[str, sass.Code]] = {}
@@ -87,8 +89,20 @@ class Report:
                     if loss == "linear_ce" and dt != "bf16":
                         continue
                     _log(f"tracing {backend} {dt} N={n} C={c} D={d} {loss}")
-                    tr = trace_arcface(backend, n, c, d, DTYPES[dt], **LOSS_KWARGS[loss])
+                    tr = trace_arcface(backend, n, c, d, DTYPES[dt], gpu=hw.H200,
+                                       **LOSS_KWARGS[loss])
                     self.traces[(backend, dt, n, c, d, loss)] = tr
+                    # the cpp host code picks its kernels by the device's capability:
+                    # traced again on each other arch's GPU (Triton's launches do not
+                    # depend on the arch: compiled for each from the one trace)
+                    for arch in self.arches:
+                        if backend != "cpp" or arch == hw.H200.arch:
+                            continue
+                        gpu = hw.BY_ARCH[arch]
+                        _log(f"tracing cpp {dt} N={n} C={c} D={d} {loss} on {arch} "
+                             f"(capability {gpu.capability}, {gpu.sms} SMs)")
+                        self.arch_traces[(arch, dt, n, c, d, loss)] = trace_arcface(
+                            backend, n, c, d, DTYPES[dt], gpu=gpu, **LOSS_KWARGS[loss])
                     for l in tr.triton_launches:
                         key = K.triton_variant_key(l)
                         v = self.triton_variants.setdefault(key, dict(l, uses=[]))
@@ -107,7 +121,7 @@ class Report:
                 self.triton_code[(key, arch)] = (code, md)
         if "cpp" in self.backends:
             _log(f"building the extension's CUDA kernels (sm_80, sm_90a) in {self.cuda_build}")
-            obj = K.cuda_build(self.cuda_build)
+            obj = K.cuda_build(self.cuda_build, log=_log)
             for arch, cubin in sass.cubins(obj).items():
                 if arch in self.arches:
                     self.cuda_codes[arch] = sass.analyze_cubin(cubin, arch)
@@ -125,9 +139,11 @@ class Report:
                                rec["dtype"])
         if code is None:
             raise KeyError(f"no {rec['kernel']}<{rec['dtype']}> in the {arch} cubin")
-        blocks, lim = sass.blocks_per_sm(hw.BY_ARCH[arch], code.regs, rec["threads"],
-                                         code.static_smem)
-        return M.Compiled(code, rec["threads"], code.static_smem, blocks, lim)
+        # static shared memory from the cubin, plus the launch's dynamic shared memory
+        # (the fused kernels' pipeline stages: the launch record's sizes["smem"])
+        smem = code.static_smem + int(rec.get("sizes", {}).get("smem", 0))
+        blocks, lim = sass.blocks_per_sm(hw.BY_ARCH[arch], code.regs, rec["threads"], smem)
+        return M.Compiled(code, rec["threads"], smem, blocks, lim)
 
     def resolve(self, backend: str, arch: str = "sm_90a"):
         def res(op):
@@ -153,27 +169,39 @@ class Report:
                 rows.append(self._kernel_row("triton", launch["name"], spec.role, arch,
                                              _dt_name(launch["dtype"]), comp, work, sizes,
                                              dict(config=meta, uses=launch["uses"])))
+        # cpp: per arch, the launches of that arch's traces (the host code launches the
+        # fused sm_90a kernels on sm_90 and the sm_80 ones below: each is compiled and
+        # shown for the arch whose device launches it)
         variants: Dict[tuple, dict] = {}
-        for (backend, dt, n, c, d, loss), tr in self.traces.items():
-            if backend != "cpp":
-                continue
-            for op in tr.ops:
-                if op.kind == "cuda":
-                    rec = op.detail
-                    v = variants.setdefault((rec["kernel"], rec["dtype"], rec["threads"]),
-                                            dict(rec=rec, uses=[]))
-                    tag = f"N={n} C={c} D={d} {loss}"
-                    if tag not in v["uses"]:
-                        v["uses"].append(tag)
-        for (kernel, dtype, threads), v in variants.items():
+        for arch in self.arches:
+            for key, tr in self.cpp_traces(arch).items():
+                n, c, d, loss = key[1:]
+                for op in tr.ops:
+                    if op.kind == "cuda":
+                        rec = op.detail
+                        v = variants.setdefault(
+                            (arch, rec["kernel"], rec["dtype"], rec["threads"]),
+                            dict(rec=rec, uses=[]))
+                        tag = f"N={n} C={c} D={d} {loss}"
+                        if tag not in v["uses"]:
+                            v["uses"].append(tag)
+        for (arch, kernel, dtype, threads), v in variants.items():
             spec = K.spec_of("cpp", kernel)
-            for arch in self.arches:
-                comp = self.compiled_cuda(v["rec"], arch)
-                rows.append(self._kernel_row(
-                    "cpp", kernel, spec.role, arch, _dt_name(dtype), comp,
-                    spec.work(v["rec"]), dict(v["rec"]["sizes"]),
-                    dict(config=dict(threads=threads), uses=v["uses"])))
+            rec = v["rec"]
+            comp = self.compiled_cuda(rec, arch)
+            config = dict(threads=threads)
+            config.update({k: rec["sizes"][k] for k in ("bm", "bn", "bk", "smem")
+                           if k in rec["sizes"]})
+            rows.append(self._kernel_row(
+                "cpp", kernel, spec.role, arch, _dt_name(dtype), comp, spec.work(rec),
+                dict(rec["sizes"]), dict(config=config, uses=v["uses"])))
         return rows
+
+    def cpp_traces(self, arch: str) -> Dict[tuple, object]:
+        """The cpp backend's traces on ``arch``'s GPU: (dtype, N, C, D, loss) -> trace."""
+        if arch == hw.H200.arch:
+            return {k[1:]: tr for k, tr in self.traces.items() if k[0] == "cpp"}
+        return {k[1:]: tr for k, tr in self.arch_traces.items() if k[0] == arch}
 
     def _kernel_row(self, backend, name, role, arch, dtype, comp: M.Compiled, work: K.Work,
                     sizes: dict, extra: dict) -> dict:
@@ -306,7 +334,9 @@ def to_markdown(rep: dict) -> str:
         f"{gpu['name']}: {gpu['sms']} SMs, tensor-core rate {gpu['matmul_tflops']:.0f} "
         f"TFLOP/s (measured cuBLAS; datasheet {gpu['datasheet_tflops']:.0f}), HBM "
         f"{gpu['hbm_tb_s']:.1f} TB/s, clock {gpu['clock_ghz']:.2f} GHz (implied). Memory, "
-        "launches and host syncs are counted from the traced step itself.",
+        "launches and host syncs are counted from the traced step itself. The cpp "
+        "backend's host code picks its kernels by the device (the fused `*_sm90_kernel` on "
+        "sm_90, `*_sm80_kernel` on sm_80): its kernels are traced and listed per arch.",
         "",
         "## Headline shapes, forward + backward (bf16)",
         "",

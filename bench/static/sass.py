@@ -6,8 +6,8 @@ or the ones on PATH.
 
 * :func:`cubins` pulls the per-architecture cubins out of a cubin, an object file or a
   shared library (``cuobjdump -xelf``).
-* :func:`analyze_cubin` disassembles a cubin with line info (``nvdisasm -g -c``) and
-  reads ``cuobjdump -res-usage``; for every function it returns a :class:`Code`:
+* :func:`analyze_cubin` disassembles a cubin with line info and the inlining chains
+  (``nvdisasm -gi -c``; ``-g`` where it lacks ``-gi``) and reads ``cuobjdump -res-usage``; for every function it returns a :class:`Code`:
   registers, stack, static shared memory, the count of every opcode, global / shared /
   local accesses split by width, the loops, and the two regions the cost model needs:
   the *main loop* (the innermost loop with the tensor-core instructions, or with the
@@ -91,7 +91,15 @@ class Instr:
     pc: int
     op: str            # full opcode with modifiers, e.g. LDG.E.128
     text: str          # the instruction without its predicate
-    line: Optional[Tuple[str, int]] = None
+    line: Optional[Tuple[str, int]] = None    # its source line (the innermost)
+    # the call sites it was inlined through, innermost first (``nvdisasm -gi``)
+    sites: Tuple[Tuple[str, int], ...] = ()
+    pred: str = ""     # its guard predicate (e.g. "@P0", "@!PT"), "" when unconditional
+
+    @property
+    def lines(self) -> Tuple[Tuple[str, int], ...]:
+        """Its source line and the call sites it was inlined at."""
+        return ((self.line,) if self.line else ()) + self.sites
 
     @property
     def base(self) -> str:
@@ -152,25 +160,34 @@ class Code:
 
 
 _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*?)\s*;")
-_LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
+_LINE = re.compile(r'//## File "([^"]+)", line (\d+)(?: inlined at "([^"]+)", line (\d+))?')
 _FUNC = re.compile(r"^\.text\.(\S+):\s*$", re.M)
 
 
 def parse_listing(text: str) -> Dict[str, List[Instr]]:
-    """Functions of an ``nvdisasm -g -c`` (or ``cuobjdump -sass``) listing, in order."""
+    """Functions of an ``nvdisasm -g[i] -c`` (or ``cuobjdump -sass``) listing, in order.
+
+    A run of ``//## File "A", line a inlined at "B", line b`` comments before an
+    instruction is its inlining chain, innermost first (``-gi``): the instruction's line
+    is the first run's (A, a), its sites every "inlined at" (B, b) of the run."""
     funcs: Dict[str, List[Instr]] = {}
     cur: Optional[List[Instr]] = None
     line = None
+    sites: List[Tuple[str, int]] = []
+    in_run = False
     for raw in text.splitlines():
         s = raw.strip()
         m = re.match(r"^\.text\.(\S+):$", s) or re.match(r"^Function : (\S+)$", s)
         if m:
             cur = funcs.setdefault(m.group(1), [])
-            line = None
+            line, sites, in_run = None, [], False
             continue
         m = _LINE.search(s)
         if m:
-            line = (m.group(1), int(m.group(2)))
+            if not in_run:   # a new chain: its first comment is the innermost line
+                line, sites, in_run = (m.group(1), int(m.group(2))), [], True
+            if m.group(3):
+                sites.append((m.group(3), int(m.group(4))))
             continue
         if cur is None:
             continue
@@ -179,11 +196,14 @@ def parse_listing(text: str) -> Dict[str, List[Instr]]:
             continue
         text_i = m.group(2).strip()
         toks = text_i.split()
+        pred = ""
         if toks and toks[0].startswith("@"):
-            toks = toks[1:]
+            pred, toks = toks[0], toks[1:]
         if not toks:
             continue
-        cur.append(Instr(int(m.group(1), 16), toks[0], " ".join(toks), line))
+        in_run = False
+        cur.append(Instr(int(m.group(1), 16), toks[0], " ".join(toks), line, tuple(sites),
+                         pred))
     return funcs
 
 
@@ -270,9 +290,54 @@ def region(instrs: List[Instr]) -> Region:
     return Region(len(instrs), counts, mma, fma, ex2)
 
 
+def _target(ins: Instr) -> Optional[int]:
+    """The address a branch jumps to (None: not a direct branch)."""
+    if ins.base not in ("BRA", "JMP"):
+        return None
+    m = re.search(r"0x([0-9a-f]+)", ins.text)
+    return int(m.group(1), 16) if m else None
+
+
+def _merge_out_of_line(instrs: List[Instr], loops: List[Loop]) -> List[Loop]:
+    """Blocks of a loop body that the compiler placed before the loop's head: a branch
+    in loop L jumps back to a block B = [b, L.head) which returns into L, so that the
+    "loop" (b, that branch) overlaps L without nesting. When nothing else enters B (the
+    instruction before it does not fall through, and no branch from outside B and L
+    targets it), B is part of L's body: L starts at b, and the false loop goes."""
+    by_pc = {i.pc: k for k, i in enumerate(instrs)}
+    changed = True
+    while changed:
+        changed = False
+        for outer in loops:
+            for blk in loops:
+                if not (blk.head < outer.head <= blk.tail < outer.tail):
+                    continue
+                k = by_pc.get(blk.head)
+                if k is None:
+                    continue
+                prev = instrs[k - 1] if k > 0 else None
+                falls = prev is None or not (
+                    prev.base in ("EXIT", "RET") or
+                    (prev.base in ("BRA", "JMP") and prev.pred in ("", "@PT")))
+                entered = any(
+                    t is not None and blk.head <= t < outer.head and
+                    not (blk.head <= i.pc <= outer.tail)
+                    for i in instrs for t in (_target(i),))
+                if falls or entered:
+                    continue
+                outer.head = blk.head
+                loops.remove(blk)
+                changed = True
+                break
+            if changed:
+                break
+    return loops
+
+
 def find_loops(instrs: List[Instr]) -> List[Loop]:
     """Natural loops from the backward branches (BRA to an earlier or the same pc), one
-    per loop head, with their nesting depth."""
+    per loop head, with their nesting depth; a block of a loop's body placed before its
+    head (out of line) is made part of it (:func:`_merge_out_of_line`)."""
     heads: Dict[int, Loop] = {}
     # code placed out of line after the last EXIT (slow paths) jumps back into the body:
     # such branches are returns, not loops
@@ -291,7 +356,9 @@ def find_loops(instrs: List[Instr]) -> List[Loop]:
             lp = heads.get(tgt)
             if lp is None or ins.pc > lp.tail:
                 heads[tgt] = Loop(tgt, ins.pc, line=ins.line)
-    loops = sorted(heads.values(), key=lambda lp: (lp.head, -lp.tail))
+    loops = _merge_out_of_line(instrs, sorted(heads.values(),
+                                              key=lambda lp: (lp.head, -lp.tail)))
+    loops = sorted(loops, key=lambda lp: (lp.head, -lp.tail))
     for lp in loops:
         lp.size = sum(1 for i in instrs if lp.head <= i.pc <= lp.tail)
         lp.depth = sum(1 for o in loops if o is not lp and o.head <= lp.head
@@ -403,10 +470,16 @@ def _analyze_cached(cubin: bytes, arch: str) -> Dict[str, Code]:
         with open(path, "wb") as f:
             f.write(cubin)
         res = resource_usage(path)
-        try:
-            listing = _run([tool("nvdisasm"), "-g", "-c", path])
-        except RuntimeError:   # no line info to read: plain listing
-            listing = _run([tool("nvdisasm"), "-c", path])
+        listing = None
+        # line info with the inlining chains, else line info, else a plain listing
+        for flags in (["-gi"], ["-g"], []):
+            try:
+                listing = _run([tool("nvdisasm"), *flags, "-c", path])
+                break
+            except RuntimeError:
+                continue
+        if listing is None:
+            raise RuntimeError(f"nvdisasm cannot disassemble {path}")
     funcs = parse_listing(_resolve_branch_labels(listing))
     return {name: analyze_instrs(name, arch, instrs, res.get(name, {}))
             for name, instrs in funcs.items() if instrs}

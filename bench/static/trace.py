@@ -302,12 +302,15 @@ class Tracer(TorchDispatchMode):
             self.host[self.phase]["aten_meta_ops"] += 1
             return
         self.host[self.phase]["aten_kernel_ops"] += 1
-        ins = _tensors(args) + _tensors(kwargs)
+        # an out= variant's destination is its result: counted once, as written
+        ins = _tensors(args) + _tensors({k: v for k, v in kwargs.items() if k != "out"})
         rec = OpRecord(self.phase, "aten", name, bytes=_op_bytes(name, args, ins, outs),
                        dtype=str(outs[0].dtype).replace("torch.", "") if outs else "")
         if name in MM_OPS or name.startswith("mm") or name.startswith("addmm"):
             rec.flops = _mm_flops(name, args)
-            rec.dtype = str(ins[0].dtype).replace("torch.", "")   # the operands' rate
+            ops = _mm_operands(name, args)
+            if ops:   # the operands' dtype sets the rate (not an fp32 out_dtype / bias)
+                rec.dtype = str(ops[0].dtype).replace("torch.", "")
         self.ops.append(rec)
 
     def launch(self, kind: str, name: str, detail: dict) -> None:
@@ -349,13 +352,23 @@ def _crosses_devices(func, args, kwargs) -> bool:
     return "cpu" in devs and len(devs) > 1
 
 
-def _mm_flops(name: str, args) -> float:
+def _mm_operands(name: str, args) -> Optional[tuple]:
+    """The two matrix operands of a GEMM-like op: (mat1, mat2) of addmm / baddbmm (after
+    the added tensor), the first two tensors otherwise; any of its overloads (e.g.
+    ``addmm.dtype_out`` / ``mm.dtype_out``: 16-bit operands, a float32 result) and any
+    strides (a strided view such as the backward's G, leading dimension ldg)."""
     ts = [a for a in args if isinstance(a, torch.Tensor)]
     if name.startswith("addmm") or name.startswith("baddbmm"):
         ts = ts[1:]
-    if len(ts) < 2:
+    return (ts[0], ts[1]) if len(ts) >= 2 else None
+
+
+def _mm_flops(name: str, args) -> float:
+    """2 M N K (times the batch) of a GEMM-like op."""
+    ops = _mm_operands(name, args)
+    if ops is None:
         return 0.0
-    a, b = ts[0], ts[1]
+    a, b = ops
     batch = a.shape[0] if a.dim() == 3 else 1
     m, k = a.shape[-2], a.shape[-1]
     n = b.shape[-1]
@@ -484,7 +497,7 @@ class _Props:
     def __init__(self, gpu: hw.Gpu):
         self.multi_processor_count = gpu.sms
         self.name = gpu.name
-        self.major, self.minor = 9, 0
+        self.major, self.minor = divmod(gpu.capability, 10)
         self.total_memory = 141 << 30
 
 
@@ -542,14 +555,16 @@ def _triton_ops() -> Dict[Any, Callable]:
 
 
 def _cpp_ops(gpu: hw.Gpu) -> Dict[Any, Callable]:
-    """cpp: the CUDA host code (host.cpp) in the extension's dry run."""
+    """cpp: the CUDA host code (host.cpp) in the extension's dry run, on a device of the
+    modelled GPU's SM count and compute capability (which picks the kernels: the fused
+    sm_90a ones at 90, the sm_80 ones at 80..89; below 80 the host code refuses)."""
     from arcface_kernels import _C, _cpp
 
     def run(dry):
         def impl(tracer, *args, **kwargs):
             _IN_CPP[0] = True
             try:
-                out, launches = dry(*args, gpu.sms)
+                out, launches = dry(*args, gpu.sms, capability=gpu.capability)
             finally:
                 _IN_CPP[0] = False
             for rec in launches:
@@ -633,12 +648,14 @@ def trace_step(step: Callable[[], torch.Tensor], backend: str, inputs: Callable[
 def trace_arcface(backend: str, n: int, c: int, d: int, dtype: torch.dtype,
                   gpu: hw.Gpu = hw.H200, **loss_kwargs) -> Trace:
     """The step ``arcface_loss(x, w, y, backend=backend, **loss_kwargs).backward()`` at
-    x [n, d], w [c, d] of ``dtype`` (both requiring gradients), labels [n] int64."""
+    x [n, d], w [c * sub_centers, d] of ``dtype`` (both requiring gradients), labels [n]
+    int64, on ``gpu`` (its SM count and, for the cpp backend, its compute capability)."""
     import arcface_kernels as ak
+    rows = c * int(loss_kwargs.get("sub_centers", 1))
 
     def inputs():
         x = torch.empty(n, d, device="cuda", dtype=dtype).requires_grad_()
-        w = torch.empty(c, d, device="cuda", dtype=dtype).requires_grad_()
+        w = torch.empty(rows, d, device="cuda", dtype=dtype).requires_grad_()
         y = torch.empty(n, device="cuda", dtype=torch.int64)
         return x, w, y
 

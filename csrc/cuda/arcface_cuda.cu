@@ -130,6 +130,7 @@ __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
 
 // Row of w of shard position p (class p / K, sub-center p % K).
 __device__ __forceinline__ int64_t w_row(const int64_t* idx, int64_t p, int64_t K) {
+  if (K == 1) return idx ? idx[p] : p;  // no 64-bit division in the common case
   return (idx ? idx[p / K] : p / K) * K + p % K;
 }
 
@@ -163,6 +164,31 @@ struct Smem : SmemBias<kTerms> {
   float b[TW];       // their inverse norms
 };
 
+// A warp's pass over one row of d elements: f(t, value) for each element t of the lane's
+// share, 16 bytes per load (8 half / 4 float elements) where the row allows (d a multiple
+// of that, a 16-byte aligned start), else one element per load. Not unrolled: the @trips
+// annotations count the machine loops exactly (the first for 16-bit rows).
+template <typename T>
+__device__ __forceinline__ bool row_vectorizable(const T* src, int64_t d) {
+  return d % (16 / sizeof(T)) == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0;
+}
+template <typename T, typename F>
+__device__ __forceinline__ void for_row(const T* __restrict__ src, int64_t d, int lane, F f) {
+  constexpr int V = 16 / sizeof(T);
+  if (row_vectorizable(src, d)) {
+#pragma unroll 1
+    for (int64_t t = lane * V; t < d; t += 32 * V) {  // @trips[cdiv(d, 256)]
+      const uint4 raw = *reinterpret_cast<const uint4*>(src + t);
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int u = 0; u < V; ++u) f(t + u, to_f(e[u]));
+    }
+  } else {
+#pragma unroll 1
+    for (int64_t t = lane; t < d; t += 32) f(t, to_f(src[t]));  // @trips[0 if d % 8 == 0 else cdiv(d, 32)]
+  }
+}
+
 // 1 / max(|v_row|, eps) for the rows of x (idx == nullptr, K == 1: identity map) or the
 // shard's rows of w; one warp per row.
 template <typename T>
@@ -174,19 +200,19 @@ __global__ void inv_norm_kernel(const T* __restrict__ v, const int64_t* __restri
   if (row >= rows) return;
   const T* src = v + w_row(idx, row, k) * d;
   float ss = 0.f;
-  for (int64_t t = lane; t < d; t += 32) {
-    float e = to_f(src[t]);
-    ss += e * e;
-  }
+  for_row(src, d, lane, [&](int64_t, float e) { ss += e * e; });
   for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
   if (normalize && ss == INFINITY) {
     // the sum of squares overflowed (|v| > ~1.8e19): again, scaled by the largest element
     float mx = 0.f;
-    for (int64_t t = lane; t < d; t += 32) mx = fmaxf(mx, fabsf(to_f(src[t])));
+    // (only for rows of norm above ~1.8e19: never in the modelled cases)
+#pragma unroll 1
+    for (int64_t t = lane; t < d; t += 32) mx = fmaxf(mx, fabsf(to_f(src[t])));  // @trips[0]
     for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
     float sc = 0.f;
     if (mx < INFINITY) {  // an inf element keeps the inf norm (inverse 0)
-      for (int64_t t = lane; t < d; t += 32) {
+#pragma unroll 1
+      for (int64_t t = lane; t < d; t += 32) {  // @trips[0]
         const float e = to_f(src[t]) / mx;
         sc += e * e;
       }
@@ -480,7 +506,7 @@ __global__ void fwd_combine_kernel(const float* __restrict__ part_m,
   Lse<float> l = lse_empty<float>();
   float z = 0.f, best = -INFINITY;
   int64_t arg = std::numeric_limits<int64_t>::max();
-  for (int64_t sp = 0; sp < splits; ++sp) {
+  for (int64_t sp = 0; sp < splits; ++sp) {  // @trips[splits]
     const int64_t o = sp * n + i;
     l = lse_merge(l, Lse<float>{part_m[o], part_s[o]});
     z += part_z[o];
@@ -621,7 +647,20 @@ __global__ void scaled_rows_kernel(const T* __restrict__ v, const int64_t* __res
   const T* src = v + w_row(idx, row0 + rr, k) * d;
   const float sc = scale[row0 + rr];
   T* dst = out + rr * d;
-  for (int64_t t = lane; t < d; t += 32) dst[t] = from_f<T>(to_f(src[t]) * sc);
+  constexpr int V = 16 / sizeof(T);
+  if (row_vectorizable(src, d) && row_vectorizable<T>(dst, d)) {
+#pragma unroll 1
+    for (int64_t t = lane * V; t < d; t += 32 * V) {  // @trips[cdiv(d, 256)]
+      uint4 raw = *reinterpret_cast<const uint4*>(src + t);
+      T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+      for (int u = 0; u < V; ++u) e[u] = from_f<T>(to_f(e[u]) * sc);
+      *reinterpret_cast<uint4*>(dst + t) = raw;
+    }
+  } else {
+#pragma unroll 1
+    for (int64_t t = lane; t < d; t += 32) dst[t] = from_f<T>(to_f(src[t]) * sc);  // @trips[0 if d % 8 == 0 else cdiv(d, 32)]
+  }
 }
 
 // The chunk's rows of dw from u = dwc [rows, D] = G^T x_hat in float32 (shard rows
@@ -644,15 +683,45 @@ __global__ void dw_chunk_finish_kernel(const T* __restrict__ w,
   const float b = bnorm[row0 + rr];
   const float* u = dwc + rr * d;
   T* dst = out + (direct ? wr : rr) * d;
+  constexpr int V = 16 / sizeof(T);  // elements of T per 16-byte load
+  const bool vec = row_vectorizable(src, d) && row_vectorizable<T>(dst, d) &&
+                   reinterpret_cast<uintptr_t>(u) % 16 == 0;
   float q = 0.f;
   if (normalize) {
-    for (int64_t t = lane; t < d; t += 32) q += b * to_f(src[t]) * u[t];
+    if (vec) {
+#pragma unroll 1
+      for (int64_t t = lane * V; t < d; t += 32 * V) {  // @trips[cdiv(d, 256)]
+        const uint4 raw = *reinterpret_cast<const uint4*>(src + t);
+        const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int v = 0; v < V; ++v) q += b * to_f(e[v]) * u[t + v];
+      }
+    } else {
+#pragma unroll 1
+      for (int64_t t = lane; t < d; t += 32) q += b * to_f(src[t]) * u[t];  // @trips[0 if d % 8 == 0 else cdiv(d, 32)]
+    }
     for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
   }
-  for (int64_t t = lane; t < d; t += 32) {
-    float v = u[t];
-    if (normalize) v = norm_grad(v, q, b * to_f(src[t]), b);
-    dst[t] = from_f<T>(v);
+  if (vec) {
+#pragma unroll 1
+    for (int64_t t = lane * V; t < d; t += 32 * V) {  // @trips[cdiv(d, 256)]
+      uint4 raw = *reinterpret_cast<const uint4*>(src + t);
+      T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        float g = u[t + v];
+        if (normalize) g = norm_grad(g, q, b * to_f(e[v]), b);
+        e[v] = from_f<T>(g);
+      }
+      *reinterpret_cast<uint4*>(dst + t) = raw;
+    }
+  } else {
+#pragma unroll 1
+    for (int64_t t = lane; t < d; t += 32) {  // @trips[0 if d % 8 == 0 else cdiv(d, 32)]
+      float v = u[t];
+      if (normalize) v = norm_grad(v, q, b * to_f(src[t]), b);
+      dst[t] = from_f<T>(v);
+    }
   }
 }
 
@@ -671,10 +740,12 @@ __global__ void dx_finish_kernel(const T* __restrict__ x, const float* __restric
   const float a = anorm[i];
   float r = 0.f;
   if (normalize) {
-    for (int64_t t = lane; t < d; t += 32) r += a * to_f(src[t]) * u[t];
+#pragma unroll 1
+    for (int64_t t = lane; t < d; t += 32) r += a * to_f(src[t]) * u[t];  // @trips[cdiv(d, 32)]
     for (int o = 16; o > 0; o >>= 1) r += __shfl_xor_sync(0xffffffffu, r, o);
   }
-  for (int64_t t = lane; t < d; t += 32) {
+#pragma unroll 1
+  for (int64_t t = lane; t < d; t += 32) {  // @trips[cdiv(d, 32)]
     float v = u[t];
     if (normalize) v = norm_grad(v, r, a * to_f(src[t]), a);
     dx[i * d + t] = from_f<T>(v);

@@ -98,55 +98,72 @@ __device__ __forceinline__ int64_t class_row(const int64_t* idx, int64_t j) {
 }
 
 // The copy of one stage's operand tiles: thread tid copies the 16-byte chunk kc of rows
-// tid / CPR + q * RPP (q < passes) of the x tile and of the w tile.
+// tid / CPR + q * RPP (q < passes) of the x tile and of the w tile. Its shared-memory
+// addresses are one base plus compile-time steps: moving q rows by RPP (a multiple of the
+// 8-row swizzle atom) or a stage adds a constant (checked by the layout test), so a copy
+// costs an address add, a predicate and the cp.async.
 template <class Cfg>
 struct Loader {
   using T = typename Cfg::Element;
   static constexpr int CPR = Cfg::BK / 8;        // 16-byte chunks per row of a k tile
   static constexpr int RPP = Cfg::THREADS / CPR; // rows per pass
   static constexpr int PA = Cfg::BM / RPP, PB = Cfg::BN / RPP;
-  static_assert(Cfg::BM % RPP == 0 && Cfg::BN % RPP == 0, "whole passes");
+  static_assert(Cfg::BM % RPP == 0 && Cfg::BN % RPP == 0 && RPP % 8 == 0, "whole passes");
+  static constexpr uint32_t kPassBytes = RPP * Cfg::BK * sizeof(T);
+  static constexpr uint32_t kStageA = Cfg::BM * Cfg::BK * sizeof(T);
+  static constexpr uint32_t kStageB = Cfg::BN * Cfg::BK * sizeof(T);
 
   const T* x0;         // x + (this thread's first row) * d + kc * 8 (x itself past n)
+  int64_t xstep;       // RPP * d
+  uint32_t sa0, sb0;   // shared addresses of the thread's chunk, q = 0, stage 0
   int a_rows;          // passes whose x row is < n
   int wrow[PB];        // rows of w of this thread's classes of the tile (-1: none)
+  int wnext[PB];       // the same for the next tile the copies enter
   int kc, r;
 
-  __device__ void init(const T* x, const FusedParams& p, int64_t r0, int tid) {
+  __device__ void init(const T* x, const FusedParams& p, int64_t r0, int tid, T* sA, T* sB) {
     kc = tid % CPR;
     r = tid / CPR;
     const int64_t first = r0 + r;
     x0 = x + (first < p.n ? first * p.d + kc * 8 : 0);
+    xstep = (int64_t)RPP * p.d;
     const int64_t left = p.n - first;  // rows of this thread at first, first + RPP, ...
     a_rows = left <= 0 ? 0 : (int)min<int64_t>(PA, (left + RPP - 1) / RPP);
+    typename Cfg::SmemLayoutA la;
+    typename Cfg::SmemLayoutB lb;
+    sa0 = smem_addr(sA + la(r, kc * 8, 0));
+    sb0 = smem_addr(sB + lb(r, kc * 8, 0));
   }
-  // The rows of w of class tile `tile` (classes j_begin + tile * BN ..; rows < 2^31).
-  __device__ void set_tile(const int64_t* idx, const FusedParams& p, int64_t tile) {
+  // The rows of w of class tile `tile` (classes j_begin + tile * BN ..; rows < 2^31)
+  // into wnext; the copies take them over when they enter that tile (enter_tile).
+  __device__ void prepare_tile(const int64_t* idx, const FusedParams& p, int64_t tile) {
     const int64_t j0 = p.j_begin + tile * Cfg::BN + r;
 #pragma unroll
     for (int q = 0; q < PB; ++q) {
       const int64_t j = j0 + q * RPP;
-      wrow[q] = j < p.j_end ? (int)class_row(idx, j) : -1;
+      wnext[q] = j < p.j_end ? (int)class_row(idx, j) : -1;
     }
   }
-  // Issue the copies of k tile kt into stage `stage` of sA / sB.
-  __device__ void load(const T* x, const T* w, const FusedParams& p, int kt, int stage,
-                       T* sA, T* sB) {
+  __device__ __forceinline__ void enter_tile() {
+#pragma unroll
+    for (int q = 0; q < PB; ++q) wrow[q] = wnext[q];
+  }
+  // Issue the copies of k tile kt into stage `stage`.
+  __device__ void load(const T* x, const T* w, const FusedParams& p, int kt, int stage) {
     const int64_t k = (int64_t)kt * Cfg::BK;
     const bool kok = k + kc * 8 < p.d;  // d % 8 == 0: a chunk is all in or all out
-    typename Cfg::SmemLayoutA la;
-    typename Cfg::SmemLayoutB lb;
+    const uint32_t sa = sa0 + stage * kStageA, sb = sb0 + stage * kStageB;
+    const T* xk = x0 + k;
 #pragma unroll
     for (int q = 0; q < PA; ++q) {
       const bool ok = kok && q < a_rows;
-      const T* src = ok ? x0 + (int64_t)q * RPP * p.d + k : x;
-      cp_async16(smem_addr(sA + la(r + q * RPP, kc * 8, stage)), src, ok);
+      cp_async16(sa + q * kPassBytes, ok ? xk + q * xstep : x, ok);
     }
+    const T* wk = w + kc * 8 + k;
 #pragma unroll
     for (int q = 0; q < PB; ++q) {
       const bool ok = kok && wrow[q] >= 0;
-      const T* src = ok ? w + (int64_t)wrow[q] * p.d + kc * 8 + k : w;
-      cp_async16(smem_addr(sB + lb(r + q * RPP, kc * 8, stage)), src, ok);
+      cp_async16(sb + q * kPassBytes, ok ? wk + (int64_t)wrow[q] * p.d : w, ok);
     }
   }
 };
@@ -156,7 +173,9 @@ struct SharedStorage {
   using T = typename Cfg::Element;
   alignas(128) T a[cosize_v<typename Cfg::SmemLayoutA>];
   alignas(128) T b[cosize_v<typename Cfg::SmemLayoutB>];
-  float bcol[2][Cfg::BN];  // inverse norms of the class tiles' columns (by tile parity)
+  // per column of the class tiles (by tile parity): (inverse norm, 0), or (0, -inf) past
+  // the launch's classes
+  float2 bcol[2][Cfg::BN];
 };
 
 template <class Cfg>
@@ -235,15 +254,18 @@ __device__ __forceinline__ void run_tiles(const FusedArgs& a, const FusedParams&
   const int64_t total = (t_end - t_begin) * kt_count;  // (tile, k tile) iterations
 
   Loader<Cfg> ld;
-  ld.init(x, p, r0, threadIdx.x);
+  ld.init(x, p, r0, threadIdx.x, sm.a, sm.b);
   // the load cursor: (tile, k tile) of the next iteration to load
   int64_t ld_tile = t_begin;
   int ld_kt = 0;
   int64_t ld_it = 0;
+  // The copies run STAGES - 1 (k tile) iterations ahead, so they enter exactly one new
+  // class tile per trip of the tile loop: its rows of w are looked up there (outside the
+  // main loop, prepare_tile) and taken over here.
   auto issue = [&](int stage) {
     if (ld_it < total) {
-      if (ld_kt == 0) ld.set_tile(a.idx, p, ld_tile);
-      ld.load(x, w, p, ld_kt, stage, sm.a, sm.b);
+      if (ld_kt == 0) ld.enter_tile();
+      ld.load(x, w, p, ld_kt, stage);
       if (++ld_kt == kt_count) {
         ld_kt = 0;
         ++ld_tile;
@@ -252,26 +274,33 @@ __device__ __forceinline__ void run_tiles(const FusedArgs& a, const FusedParams&
     ++ld_it;
     cp_async_commit();  // an empty group past the end keeps the wait counts uniform
   };
+  // the prologue's copies: they may enter up to STAGES - 1 tiles (one k tile each)
 #pragma unroll
-  for (int s = 0; s < Cfg::STAGES - 1; ++s) issue(s);
+  for (int s = 0; s < Cfg::STAGES - 1; ++s) {
+    if (ld_kt == 0 && ld_tile < t_end) ld.prepare_tile(a.idx, p, ld_tile);
+    issue(s);
+  }
 
   typename Cfg::TiledMma mma;
   Tensor acc = partition_fragment_C(mma, Shape<Int<Cfg::BM>, Int<Cfg::BN>>{});
-  // The column norms of class tile t go to sm.bcol[t & 1] one iteration before its last
-  // (so that a barrier separates the writes from the epilogue's reads, and the other
-  // buffer still holds the previous tile's): before the loop when a tile is one k tile.
-  auto stage_cols = [&](int64_t t) {
-    if (t < t_end) {
-      const int64_t j0 = p.j_begin + t * Cfg::BN;
-      for (int c = threadIdx.x; c < Cfg::BN; c += Cfg::THREADS) {  // @trips[1]
-        const int64_t j = j0 + c;
-        sm.bcol[(t - t_begin) & 1][c] = j < p.j_end ? a.bnorm[j] : 0.f;
-      }
-    }
+  // The column norms of class tile t go to sm.bcol[t & 1]: loaded into a register before
+  // tile t - 1's main loop, stored after it (a barrier of tile t's main loop separates
+  // the store from the epilogue's reads, and every thread has left tile t - 2's epilogue,
+  // the last reader of that buffer, before tile t - 1's first barrier).
+  const int bc = threadIdx.x;  // the column this thread stages (BN <= THREADS)
+  static_assert(Cfg::BN <= Cfg::THREADS, "one column per thread");
+  auto col_norm = [&](int64_t t) {
+    const int64_t j = p.j_begin + t * Cfg::BN + bc;
+    return (bc < Cfg::BN && t < t_end && j < p.j_end) ? make_float2(a.bnorm[j], 0.f)
+                                                      : make_float2(0.f, -INFINITY);
   };
-  if (kt_count == 1) stage_cols(t_begin);
+  if (bc < Cfg::BN) sm.bcol[0][bc] = col_norm(t_begin);
   int stage = 0;
   for (int64_t tile = t_begin; tile < t_end; ++tile) {  // the tile loop
+    const float2 next_b = col_norm(tile + 1);
+    // the tile the copies enter during this trip (ld_kt == 0: at its first issue)
+    const int64_t enter = ld_kt == 0 ? ld_tile : ld_tile + 1;
+    if (enter < t_end) ld.prepare_tile(a.idx, p, enter);
     for (int kt = 0; kt < kt_count; ++kt) {  // the main loop (one k tile per trip)
       cp_async_wait_n<Cfg::STAGES - 2>();
 #if defined(AK_FUSED_SM90)
@@ -282,11 +311,10 @@ __device__ __forceinline__ void run_tiles(const FusedArgs& a, const FusedParams&
 #endif
       __syncthreads();
       issue(stage == 0 ? Cfg::STAGES - 1 : stage - 1);  // the stage consumed last trip
-      if (kt + 2 == kt_count) stage_cols(tile);
-      else if (kt_count == 1) stage_cols(tile + 1);
       mma_k_tile<Cfg>(acc, sm.a, sm.b, stage, kt == 0);
       if (++stage == Cfg::STAGES) stage = 0;
     }
+    if (bc < Cfg::BN) sm.bcol[(tile + 1 - t_begin) & 1][bc] = next_b;
     epi.tile(acc, p.j_begin + tile * Cfg::BN, sm.bcol[(tile - t_begin) & 1]);
   }
   cp_async_wait_n<0>();
@@ -318,6 +346,33 @@ __device__ __forceinline__ auto rowcol(Acc& acc) {
 }
 
 constexpr float kLog2e = 1.4426950408889634f;
+
+// 2^v by the SFU (MUFU.EX2, relative error about 2^-22; results below 2^-126 flush to 0,
+// which the sums here cannot see next to their largest term, 1): one instruction where
+// exp2f adds a denormal fix-up around it.
+__device__ __forceinline__ float ex2(float v) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+}
+
+// arcface_math.h cosine() with its bounds hoisted out of the element loops (lo, hi = -1, 1
+// when normalizing, else -inf, inf): two NaN-propagating min / max (sm_80's max.NaN).
+struct CosBounds {
+  float lo, hi;
+  __device__ explicit CosBounds(bool normalize)
+      : lo(normalize ? -1.f : -INFINITY), hi(normalize ? 1.f : INFINITY) {}
+  __device__ __forceinline__ float operator()(float dot) const {
+#if defined(AK_FUSED_SM80)
+    float r;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(dot), "f"(lo));
+    asm("min.NaN.f32 %0, %0, %1;" : "+f"(r) : "f"(hi));
+    return r;
+#else
+    return dot > hi ? hi : (dot < lo ? lo : dot);
+#endif
+  }
+};
 
 // Whether offset t (from the thread's first column) is one of the thread's columns.
 template <int C, class XY>
@@ -368,39 +423,42 @@ struct FwdEpilogue {
   }
 
   template <class Acc>
-  __device__ __forceinline__ void tile(Acc& acc_in, int64_t j0, const float* bcol) {
+  __device__ __forceinline__ void tile(Acc& acc_in, int64_t j0, const float2* bcol) {
     Tensor acc = rowcol(acc_in);
     const Margin<float>& mp = p.mp;
-    // columns relative to the thread's first: valid ones < vrel, the label's at trel[i]
-    const int vrel = (int)min<int64_t>(Cfg::BN, p.j_end - j0) - xy.col0;
+    const int valid = (int)min<int64_t>(Cfg::BN, p.j_end - j0);
     const int jc0 = (int)j0 + xy.col0;  // class of the thread's first column (< 2^31)
-    const float* bc = bcol + xy.col0;
+    const float2* bc = bcol + xy.col0;  // (b, mask) of the thread's columns by offset
     int trel[R];
-    float tm[R], ct[R];
+    float tm[R], ct[R], tcs[R];
 #pragma unroll
     for (int i = 0; i < R; ++i) {
-      trel[i] = tile_label(li[i], j0, vrel + xy.col0) - xy.col0;  // -1 - col0: none
+      // the label's column as an offset from the thread's first (-1 - col0: none)
+      trel[i] = tile_label(li[i], j0, valid) - xy.col0;
       tm[i] = -INFINITY;
       ct[i] = 0.f;
+      tcs[i] = 0.f;
     }
+    const CosBounds cosine(mp.normalize);
+    const float s = mp.s;
 #pragma unroll
-    for (int c = 0; c < C; ++c) {  // one column at a time: its norm is loaded once
+    for (int c = 0; c < C; ++c) {  // one column at a time: (b, mask) is loaded once
       const int o = xy.off(c);
-      const float b = bc[o];
-      const bool ok = o < vrel;
+      const float2 bm = bc[o];  // past the classes: b = 0 (and acc = 0: c = 0), mask -inf
 #pragma unroll
       for (int i = 0; i < R; ++i) {
-        const float cs = cosine(acc(i, c) * ai[i] * b, mp.normalize);
+        const float cs = cosine(acc(i, c) * ai[i] * bm.x);
         // the argmax over the thread's columns, visited in increasing class order:
         // better_max reduces to "not <=" (a NaN candidate wins) and "best not NaN"
-        if (ok && !(cs <= best[i]) && best[i] == best[i]) {
-          best[i] = cs;
+        const float key = cs + bm.y;
+        if (!(key <= best[i]) && best[i] == best[i]) {
+          best[i] = key;
           barg[i] = jc0 + o;
         }
         const bool is_t = o == trel[i];
         ct[i] = is_t ? cs : ct[i];
-        const float z = (ok && !is_t) ? mp.s * cs : -INFINITY;  // the target: pushed below
-        sz[i] += (ok && !is_t) ? z : 0.f;
+        tcs[i] += cs;  // sum of z = s (sum of c - c_target) + z_target, below
+        const float z = is_t ? -INFINITY : fmaf(s, cs, bm.y);  // the target: pushed below
         acc(i, c) = z;
         tm[i] = fmaxf(tm[i], z);  // drops a NaN: the sum below keeps it
       }
@@ -411,9 +469,10 @@ struct FwdEpilogue {
       const float off = -(tm[i] == -INFINITY ? 0.f : tm[i]) * kLog2e;
       float ts = 0.f;
 #pragma unroll
-      for (int c = 0; c < C; ++c) ts += exp2f(fmaf(acc(i, c), kLog2e, off));
+      for (int c = 0; c < C; ++c) ts += ex2(fmaf(acc(i, c), kLog2e, off));
       Lse<float> st =
           lse_merge(Lse<float>{m[i], se[i]}, Lse<float>{ts != ts ? ts : tm[i], ts});
+      sz[i] += s * (tcs[i] - ct[i]);  // ct = 0 unless this thread holds the target
       if (held(trel[i])) {  // this thread holds the row's target column
         const float zt = mp.s * psi(ct[i], mp);
         a.target[r0 + xy.row(i)] = zt;
@@ -503,14 +562,16 @@ struct GradEpilogue {
   }
 
   template <class Acc>
-  __device__ __forceinline__ void tile(Acc& acc_in, int64_t j0, const float* bcol) {
+  __device__ __forceinline__ void tile(Acc& acc_in, int64_t j0, const float2* bcol) {
     Tensor acc = rowcol(acc_in);
     const Margin<float>& mp = p.mp;
     const int valid = (int)min<int64_t>(Cfg::BN, p.j_end - j0);
     T* g = static_cast<T*>(a.g) + (j0 - p.j_begin);  // column 0 of the tile
     const float s2 = mp.s * kLog2e;
     const int vrel = valid - xy.col0;  // valid columns: offsets < vrel
-    const float* bc = bcol + xy.col0;
+    const float2* bc = bcol + xy.col0;
+    const CosBounds cosine(mp.normalize);
+    const float s = mp.s;
 #pragma unroll
     for (int i = 0; i < R; ++i) {
       const int64_t gi = r0 + xy.row(i);
@@ -521,14 +582,15 @@ struct GradEpilogue {
 #pragma unroll
       for (int c = 0; c < C; c += 2) {  // columns at offsets o, o + 1
         const int o = xy.off(c);
-        const float c0 = cosine(acc(i, c) * ai[i] * bc[o], mp.normalize);
-        const float c1 = cosine(acc(i, c + 1) * ai[i] * bc[o + 1], mp.normalize);
+        const float c0 = cosine(acc(i, c) * ai[i] * bc[o].x);
+        const float c1 = cosine(acc(i, c + 1) * ai[i] * bc[o + 1].x);
         ct = o == trel ? c0 : (o + 1 == trel ? c1 : ct);
         // G = s (g_p exp(s c - lse) + g_s) (arcface_math.h grad_nontarget), exp as exp2
-        const float v0 = mp.s * fmaf(gp[i], exp2f(fmaf(s2, c0, -lse2[i])), gs[i]);
-        const float v1 = mp.s * fmaf(gp[i], exp2f(fmaf(s2, c1, -lse2[i])), gs[i]);
-        if (o + 1 < vrel) store_pair(grow + o, v0, v1);  // 4-byte aligned: ldg, col even
-        else if (o < vrel) grow[o] = T(v0);
+        const float v0 = s * fmaf(gp[i], ex2(fmaf(s2, c0, -lse2[i])), gs[i]);
+        const float v1 = s * fmaf(gp[i], ex2(fmaf(s2, c1, -lse2[i])), gs[i]);
+        // one store per pair: where only o is valid, o + 1 is a padding column of the
+        // workspace (its leading dimension is the chunk's classes rounded up to 8)
+        if (o < vrel) store_pair(grow + o, v0, v1);
       }
       if (held(trel))  // the target: overwritten (program order) with its formula
         grow[trel] = T(grad_target(ct, a.lse[gi], gp[i], a.gt[gi], gs[i], mp));
@@ -567,7 +629,7 @@ __device__ void slow_path(const FusedArgs& a, const FusedParams& p) {
   const int64_t r0 = (int64_t)blockIdx.x * Cfg::BM;
   const int64_t jb = p.j_begin + (int64_t)blockIdx.y * p.tiles_per_split * Cfg::BN;
   const int64_t je = min(p.j_end, jb + p.tiles_per_split * Cfg::BN);
-  for (int r = threadIdx.x; r < Cfg::BM; r += Cfg::THREADS) {  // @trips[1]
+  for (int r = threadIdx.x; r < Cfg::BM; r += Cfg::THREADS) {  // @trips[0] (never on sane norms)
     const int64_t gi = r0 + r;
     if (gi >= p.n) break;
     const T* x = static_cast<const T*>(a.x) + gi * p.d;

@@ -282,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_host(
     // 1) G [N, nrc] (leading dimension ldg) into the workspace
     if (fused != Fused::kNone) {
       FusedParams fp{dm.n, dm.d, 0, 0, 0, 0, ldg, mp};
-      const Launch fl = fused_launch(fused, sms, dm.n, j0, j0 + jn, 2, fp);
+      const Launch fl = fused_launch(fused, sms, dm.n, j0, j0 + jn, 1, fp);
       run.fused_grad(fused, fl, x, w, labels, idx, anorm, bnorm, unsafe, lse, gp, gt, gs, fp,
                      g_ws);
     } else {

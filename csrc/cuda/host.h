@@ -57,9 +57,9 @@ enum class Fused { kNone = 0, kSm80 = 1, kSm90 = 2 };
 constexpr int FUSED80_BM = 128, FUSED80_BN = 64, FUSED80_THREADS = 128;
 constexpr int FUSED90_BM = 128, FUSED90_BN = 128, FUSED90_THREADS = 256;
 constexpr int FUSED_CTAS_PER_SM = 2;  // both are sized for two resident CTAs per SM
-// Their dynamic shared memory (3 stages of the x and w tiles, 2 x BN column norms).
-constexpr int FUSED80_SMEM = 3 * (FUSED80_BM + FUSED80_BN) * 64 * 2 + 2 * FUSED80_BN * 4;
-constexpr int FUSED90_SMEM = 3 * (FUSED90_BM + FUSED90_BN) * 64 * 2 + 2 * FUSED90_BN * 4;
+// Their dynamic shared memory (3 stages of the x and w tiles, 2 x BN column (norm, mask)).
+constexpr int FUSED80_SMEM = 3 * (FUSED80_BM + FUSED80_BN) * 64 * 2 + 2 * FUSED80_BN * 8;
+constexpr int FUSED90_SMEM = 3 * (FUSED90_BM + FUSED90_BN) * 64 * 2 + 2 * FUSED90_BN * 8;
 inline int fused_bm(Fused f) { return f == Fused::kSm90 ? FUSED90_BM : FUSED80_BM; }
 inline int fused_bn(Fused f) { return f == Fused::kSm90 ? FUSED90_BN : FUSED80_BN; }
 inline int fused_threads(Fused f) {

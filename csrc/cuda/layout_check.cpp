@@ -8,9 +8,11 @@
 //   3. a thread's columns come in pairs (2q, 2q + 1): the backward's 4-byte stores;
 //   4. every row is held by the four lanes of one quad of one warp (lane ^ 1, lane ^ 2):
 //      the per-row reduction is two shuffles;
-//   5. the shared-memory layouts place each 16-byte chunk (8 elements along k starting
+//   5. (with 6) the shared-memory layouts place each 16-byte chunk (8 elements along k starting
 //      at a multiple of 8) contiguously at a 16-byte aligned offset, and map every
-//      (row, k, stage) to a distinct offset inside the buffer: the cp.async copies.
+//      (row, k, stage) to a distinct offset inside the buffer: the cp.async copies;
+//   6. a thread's chunks in rows RPP apart, and in the other stages, lie at constant
+//      steps from its first one (the copies add compile-time offsets to one address).
 // Prints one line per configuration and exits non-zero at the first failure.
 #include <cstdio>
 #include <cstdlib>
@@ -87,7 +89,7 @@ void check_acc(const char* name) {
 }
 
 template <class Layout>
-void check_smem(const char* name, const char* op, int rows, int bk, int stages) {
+void check_smem(const char* name, const char* op, int rows, int bk, int stages, int threads) {
   Layout l;
   const int cosz = int(cosize(l));
   std::vector<char> used(cosz, 0);
@@ -106,15 +108,28 @@ void check_smem(const char* name, const char* op, int rows, int bk, int stages) 
           used[off] = 1;
         }
       }
+  // the copies' addressing (fused.cuh Loader): rows RPP apart and stages are constant
+  // steps from a thread's first chunk
+  const int rpp = threads / (bk / 8);
+  for (int r = 0; r < rpp; ++r)
+    for (int k0 = 0; k0 < bk; k0 += 8)
+      for (int q = 0; q * rpp < rows; ++q)
+        for (int s = 0; s < stages; ++s)
+          CHECK(int(l(r + q * rpp, k0, s)) == int(l(r, k0, 0)) + q * rpp * bk + s * rows * bk,
+                "%s %s: chunk (%d, %d, %d) is not the base plus constant steps", name, op,
+                r + q * rpp, k0, s);
   std::printf("ok %s %s shared memory: %d x %d x %d, 16-byte chunks contiguous, aligned, "
-              "distinct\n", name, op, rows, bk, stages);
+              "distinct, constant steps per %d rows and per stage\n", name, op, rows, bk,
+              stages, rpp);
 }
 
 template <class Cfg>
 void check_config(const char* name) {
   check_acc<Cfg>(name);
-  check_smem<typename Cfg::SmemLayoutA>(name, "A (x)", Cfg::BM, Cfg::BK, Cfg::STAGES);
-  check_smem<typename Cfg::SmemLayoutB>(name, "B (w)", Cfg::BN, Cfg::BK, Cfg::STAGES);
+  check_smem<typename Cfg::SmemLayoutA>(name, "A (x)", Cfg::BM, Cfg::BK, Cfg::STAGES,
+                                        Cfg::THREADS);
+  check_smem<typename Cfg::SmemLayoutB>(name, "B (w)", Cfg::BN, Cfg::BK, Cfg::STAGES,
+                                        Cfg::THREADS);
   CHECK(Cfg::THREADS == int(size(typename Cfg::TiledMma{})), "%s: %d threads, TiledMMA %d",
         name, Cfg::THREADS, int(size(typename Cfg::TiledMma{})));
 }

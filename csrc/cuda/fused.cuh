@@ -389,13 +389,10 @@ __device__ __forceinline__ int tile_label(int64_t label, int64_t j0, int valid) 
   return t >= 0 && t < valid ? (int)t : -1;
 }
 
-// The forward: per row, an online log-sum-exp of z = s c (s psi(c) at the target), the
-// sum of z, and the best cosine with its class; written per (split, row) at the end.
-// Per element: the cosine, the argmax candidate, z, the tile max; per row and tile: the
-// sum of exp, the merge, and the target (whose z = s psi(c) is pushed separately: psi is
-// evaluated once per row, not per element).
+// What both epilogues hold of the thread's rows: their inverse norms and labels (rows past
+// n: 0 and -1), and which tile columns are the thread's.
 template <class Cfg>
-struct FwdEpilogue {
+struct EpilogueRows {
   static constexpr int R = Coords<Cfg>::R, C = Coords<Cfg>::C;
   const FusedArgs& a;
   const FusedParams& p;
@@ -403,10 +400,8 @@ struct FwdEpilogue {
   int64_t r0;
   float ai[R];
   int64_t li[R];
-  float m[R], se[R], sz[R], best[R];
-  int barg[R];  // class (shard position) of best, INT_MAX: none yet
 
-  __device__ FwdEpilogue(const FusedArgs& a_, const FusedParams& p_) : a(a_), p(p_) {
+  __device__ EpilogueRows(const FusedArgs& a_, const FusedParams& p_) : a(a_), p(p_) {
     r0 = (int64_t)blockIdx.x * Cfg::BM;
 #pragma unroll
     for (int i = 0; i < R; ++i) {
@@ -414,6 +409,28 @@ struct FwdEpilogue {
       const bool ok = gi < p.n;
       ai[i] = ok ? a.anorm[gi] : 0.f;
       li[i] = ok ? a.labels[gi] : -1;
+    }
+  }
+  // Whether the column at offset t from the thread's first is one of its columns.
+  __device__ __forceinline__ bool held(int t) const { return holds<C>(xy, t); }
+};
+
+// The forward: per row, an online log-sum-exp of z = s c (s psi(c) at the target), the
+// sum of z, and the best cosine with its class; written per (split, row) at the end.
+// Per element: the cosine, the argmax candidate, z, the tile max; per row and tile: the
+// sum of exp, the merge, and the target (whose z = s psi(c) is pushed separately: psi is
+// evaluated once per row, not per element).
+template <class Cfg>
+struct FwdEpilogue : EpilogueRows<Cfg> {
+  using Base = EpilogueRows<Cfg>;
+  using Base::R, Base::C, Base::a, Base::p, Base::xy, Base::r0, Base::ai, Base::li,
+      Base::held;
+  float m[R], se[R], sz[R], best[R];
+  int barg[R];  // class (shard position) of best, INT_MAX: none yet
+
+  __device__ FwdEpilogue(const FusedArgs& a_, const FusedParams& p_) : Base(a_, p_) {
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
       m[i] = -INFINITY;
       se[i] = 0.f;
       sz[i] = 0.f;
@@ -484,9 +501,6 @@ struct FwdEpilogue {
     }
   }
 
-  // Whether the column at offset t from the thread's first is one of its columns.
-  __device__ __forceinline__ bool held(int t) const { return holds<C>(xy, t); }
-
   __device__ void finish() {
     // merge the quad's four partial states of each row (fixed order: xor 1, then xor 2)
 #pragma unroll
@@ -536,25 +550,19 @@ __device__ __forceinline__ void store_pair(cutlass::half_t* dst, float v0, float
 // element the non-target formula; the target element is rewritten once per row with
 // grad_target (psi and psi' evaluated once per row, not per element).
 template <class Cfg>
-struct GradEpilogue {
+struct GradEpilogue : EpilogueRows<Cfg> {
   using T = typename Cfg::Element;
-  static constexpr int R = Coords<Cfg>::R, C = Coords<Cfg>::C;
+  using Base = EpilogueRows<Cfg>;
+  using Base::R, Base::C, Base::a, Base::p, Base::xy, Base::r0, Base::ai, Base::li,
+      Base::held;
   static_assert(C % 2 == 0, "column pairs");
-  const FusedArgs& a;
-  const FusedParams& p;
-  Coords<Cfg> xy;
-  int64_t r0;
-  float ai[R], lse2[R], gp[R], gs[R];  // lse2 = lse log2(e)
-  int64_t li[R];
+  float lse2[R], gp[R], gs[R];  // lse2 = lse log2(e)
 
-  __device__ GradEpilogue(const FusedArgs& a_, const FusedParams& p_) : a(a_), p(p_) {
-    r0 = (int64_t)blockIdx.x * Cfg::BM;
+  __device__ GradEpilogue(const FusedArgs& a_, const FusedParams& p_) : Base(a_, p_) {
 #pragma unroll
     for (int i = 0; i < R; ++i) {
       const int64_t gi = r0 + xy.row(i);
       const bool ok = gi < p.n;
-      ai[i] = ok ? a.anorm[gi] : 0.f;
-      li[i] = ok ? a.labels[gi] : -1;
       lse2[i] = ok ? a.lse[gi] * kLog2e : 0.f;
       gp[i] = ok ? a.gp[gi] : 0.f;
       gs[i] = ok ? a.gs[gi] : 0.f;
@@ -596,8 +604,6 @@ struct GradEpilogue {
         grow[trel] = T(grad_target(ct, a.lse[gi], gp[i], a.gt[gi], gs[i], mp));
     }
   }
-
-  __device__ __forceinline__ bool held(int t) const { return holds<C>(xy, t); }
 
   __device__ void finish() {}
 };

@@ -83,8 +83,9 @@ SHAPES: Dict[str, Tuple[int, int, int]] = {
     "d520": (131, 197, 520),    # fused for 16-bit: nine k tiles
     "d70": (77, 150, 70),       # d % 8 != 0: the general kernels for every dtype
     "wide": (515, 4099, 136),   # many row tiles and class splits to combine
+    "d64": (200, 333, 64),      # one k tile per class tile: the copies run two tiles ahead
 }
-RAGGED = ["d72", "d520", "d70"]
+RAGGED = ["d72", "d520", "d70", "d64"]
 
 # The kernels the host launches: fused (sm_90: wgmma, else mma.sync), general, general
 # with the terms (bias / softcap / interclass).

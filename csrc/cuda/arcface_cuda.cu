@@ -809,14 +809,17 @@ class CudaRunner final : public KernelRunner {
     const int cap = capability(x);
     Fused kind = cap < 80 ? Fused::kNone : Fused::kSm80;
     if (cap == 90) {
-      // the sm_90a machine code of the wgmma kernels is in this build (not a JIT of
-      // compute_80 PTX, where they are compiled out)
-      cudaFuncAttributes attr;
-      if (cudaFuncGetAttributes(&attr, fused::fwd_sm90_kernel<cutlass::bfloat16_t>) ==
-              cudaSuccess &&
-          attr.binaryVersion == 90 && attr.ptxVersion >= 90)
-        kind = Fused::kSm90;
-      (void)cudaGetLastError();
+      // the wgmma kernels are compiled in for this device (sm_90a code, not a plain sm_90
+      // cubin or a JIT of compute_80 / compute_90 PTX, where they are traps): the probe
+      // kernel then has static shared memory its twin lacks
+      cudaFuncAttributes probe, twin;
+      const cudaError_t e1 = cudaFuncGetAttributes(&probe, fused::sm90a_probe_kernel);
+      const cudaError_t e2 = cudaFuncGetAttributes(&twin, fused::sm90a_probe_twin_kernel);
+      if (e1 == cudaSuccess && e2 == cudaSuccess) {
+        if (probe.sharedSizeBytes > twin.sharedSizeBytes) kind = Fused::kSm90;
+      } else {
+        (void)cudaGetLastError();  // clear only the error of these queries
+      }
     }
     known.emplace(dev, kind);
     return kind;
@@ -990,9 +993,12 @@ class CudaRunner final : public KernelRunner {
       int dev = 0;
       C10_CUDA_CHECK(cudaGetDevice(&dev));
       std::lock_guard<std::mutex> lock(mu);
-      if (done.emplace(reinterpret_cast<const void*>(kernel), dev).second)
+      const std::pair<const void*, int> key(reinterpret_cast<const void*>(kernel), dev);
+      if (!done.count(key)) {
         C10_CUDA_CHECK(
             cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        done.insert(key);  // only once it succeeded
+      }
     }
     kernel<<<grid_of(l), l.threads, smem, stream()>>>(a, p);
   }

@@ -467,7 +467,7 @@ struct FwdEpilogue : EpilogueRows<Cfg> {
         const float cs = cosine(acc(i, c) * ai[i] * bm.x);
         // the argmax over the thread's columns, visited in increasing class order:
         // better_max reduces to "not <=" (a NaN candidate wins) and "best not NaN"
-        const float key = cs + bm.y;
+        const float key = bm.y == 0.f ? cs : -INFINITY;  // a select: cs may be NaN there
         if (!(key <= best[i]) && best[i] == best[i]) {
           best[i] = key;
           barg[i] = jc0 + o;
@@ -716,6 +716,23 @@ __device__ __forceinline__ void fused_body(const FusedArgs& a, const FusedParams
 #else
 #define AK_FUSED_BODY90(kGrad) __trap()
 #endif
+
+// Whether the build holds sm_90a code for the device (host: cudaFuncGetAttributes, no
+// sync): the probe has static shared memory only where the wgmma kernels are compiled in
+// (a plain sm_90 cubin or compute_90 PTX JIT-compiled on the device has traps instead).
+__global__ void sm90a_probe_kernel(int* out) {
+#if defined(AK_FUSED_SM90)
+  __shared__ int mark[64];
+  mark[threadIdx.x % 64] = (int)threadIdx.x;
+  __syncthreads();
+  if (out) out[threadIdx.x] = mark[(threadIdx.x + 1) % 64];
+#else
+  if (out) out[threadIdx.x] = 0;
+#endif
+}
+__global__ void sm90a_probe_twin_kernel(int* out) {
+  if (out) out[threadIdx.x] = 0;
+}
 
 template <class T>
 __global__ void __launch_bounds__(FUSED80_THREADS, 2) fwd_sm80_kernel(FusedArgs a, FusedParams p) {

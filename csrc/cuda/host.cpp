@@ -8,6 +8,7 @@
 #include <torch/version.h>
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 
 // mm / addmm with an out_dtype (a float32 result of 16-bit operands)
@@ -114,8 +115,22 @@ void gemm_f32(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool ac
     return;
   }
 #if AK_MM_OUT_DTYPE
-  if (accumulate) at::addmm_out(out, out, a, b, at::kFloat);
-  else at::mm_out(out, a, b, at::kFloat);
+  if (!accumulate) {
+    at::mm_out(out, a, b, at::kFloat);
+    return;
+  }
+  // addmm with a float32 self and 16-bit operands: some torch releases accept only a self
+  // of the operands' dtype; there (found once per process) the fp32 product is added
+  static std::atomic<int> addmm_ok{1};
+  if (addmm_ok.load()) {
+    try {
+      at::addmm_out(out, out, a, b, at::kFloat);
+      return;
+    } catch (const c10::Error&) {
+      addmm_ok.store(0);
+    }
+  }
+  out.add_(at::mm(a, b, at::kFloat));
 #else
   if (accumulate) out.add_(at::mm(a, b));
   else out.copy_(at::mm(a, b));

@@ -189,7 +189,6 @@ template <class Cfg, class Acc>
 __device__ __forceinline__ void mma_k_tile(Acc& acc, typename Cfg::Element* sA,
                                            typename Cfg::Element* sB, int stage,
                                            bool first_k) {
-  using T = typename Cfg::Element;
   typename Cfg::TiledMma mma;
   auto thr = mma.get_thread_slice(threadIdx.x);
   Tensor tsA = make_tensor(make_smem_ptr(sA), typename Cfg::SmemLayoutA{});
@@ -233,7 +232,6 @@ __device__ __forceinline__ void mma_k_tile(Acc& acc, typename Cfg::Element* sA,
     }
 #endif
   }
-  (void)sizeof(T);
 }
 
 // ---------------------------------------------------------------- the driver

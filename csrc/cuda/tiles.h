@@ -47,7 +47,6 @@ template <typename T>
 struct Sm80Config {
   using Element = T;
   static constexpr int BM = 128, BN = 64, BK = 64, STAGES = 3, THREADS = 128;
-  static constexpr int WARPS_N = 1;  // warps sharing a row (1: a row is one quad's)
   using TiledMma = decltype(make_tiled_mma(MMA_Atom<typename MmaOps<T>::Sm80>{},
                                            Layout<Shape<_4, _1, _1>>{},
                                            Tile<_64, _16, _16>{}));
@@ -67,7 +66,6 @@ template <typename T>
 struct Sm90Config {
   using Element = T;
   static constexpr int BM = 128, BN = 128, BK = 64, STAGES = 3, THREADS = 256;
-  static constexpr int WARPS_N = 1;
   using TiledMma = decltype(make_tiled_mma(typename MmaOps<T>::Sm90{},
                                            Layout<Shape<_2, _1, _1>>{}));
   using SmemLayoutA = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},

@@ -1,7 +1,8 @@
 """The CuTe layouts of the fused CUDA kernels, checked on the host (no GPU): builds
 csrc/cuda/layout_check.cpp with the host C++ compiler against the CUTLASS headers the
 extension builds with, runs it, and asserts every configuration passed (accumulator map
-covers the tile once, rows in quads, row-column view, shared-memory chunks)."""
+covers the tile once, rows in quads, row-column view, shared-memory chunks at the offsets
+the copies compute, and on sm90 the TMA boxes' 128-byte swizzle)."""
 import os
 import shutil
 import subprocess
@@ -46,6 +47,9 @@ def test_layout_check_passes(layout_check):
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_configuration_checked(layout_check, config):
     lines = [ln for ln in layout_check.stdout.splitlines() if ln.startswith(f"ok {config} ")]
-    # the accumulators, the x and the w shared-memory layouts
-    assert len(lines) == 3, layout_check.stdout
+    # the accumulators, the x and the w shared-memory layouts, and on sm90 where TMA puts
+    # the x and w boxes
+    tma = config.startswith("sm90")
+    assert len(lines) == (5 if tma else 3), layout_check.stdout
     assert any("cover" in ln and "once" in ln and "quads" in ln for ln in lines)
+    assert sum("TMA box" in ln and "128-byte swizzle" in ln for ln in lines) == (2 if tma else 0)

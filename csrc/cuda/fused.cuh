@@ -129,10 +129,10 @@ struct Loader {
     xstep = (int64_t)RPP * p.d;
     const int64_t left = p.n - first;  // rows of this thread at first, first + RPP, ...
     a_rows = left <= 0 ? 0 : (int)min<int64_t>(PA, (left + RPP - 1) / RPP);
-    typename Cfg::SmemLayoutA la;
-    typename Cfg::SmemLayoutB lb;
-    sa0 = smem_addr(sA + la(r, kc * 8, 0));
-    sb0 = smem_addr(sB + lb(r, kc * 8, 0));
+    // (as tensors over the buffers address them: the GMMA layouts' swizzle is applied to
+    // the pointer; the layout test checks these offsets against wgmma's and TMA's)
+    sa0 = smem_addr(sA + tiles::smem_offset<typename Cfg::SmemLayoutA, T>(r, kc * 8, 0));
+    sb0 = smem_addr(sB + tiles::smem_offset<typename Cfg::SmemLayoutB, T>(r, kc * 8, 0));
   }
   // The rows of w of class tile `tile` (classes j_begin + tile * BN ..; rows < 2^31)
   // into wnext; the copies take them over when they enter that tile (enter_tile).

@@ -8,11 +8,17 @@
 //   3. a thread's columns come in pairs (2q, 2q + 1): the backward's 4-byte stores;
 //   4. every row is held by the four lanes of one quad of one warp (lane ^ 1, lane ^ 2):
 //      the per-row reduction is two shuffles;
-//   5. (with 6) the shared-memory layouts place each 16-byte chunk (8 elements along k starting
+//   5. (with 6) the shared-memory layouts, as tensors over a shared-memory pointer (the
+//      way the kernels address them: CuTe applies the GMMA layouts' swizzle to the
+//      pointer, so the bare layout function gives other offsets), place each 16-byte chunk (8 elements along k starting
 //      at a multiple of 8) contiguously at a 16-byte aligned offset, and map every
 //      (row, k, stage) to a distinct offset inside the buffer: the cp.async copies;
 //   6. a thread's chunks in rows RPP apart, and in the other stages, lie at constant
-//      steps from its first one (the copies add compile-time offsets to one address).
+//      steps from its first one (the copies add compile-time offsets to one address);
+//   7. (sm90) each stage of the x and w layouts is where TMA writes a box of its rows x
+//      BK features with the 128-byte swizzle (CU_TENSOR_MAP_SWIZZLE_128B): box row r at
+//      byte 128 r of the stage, its 16-byte chunk q at chunk q ^ (r % 8) of that row
+//      (the stage 1024-byte aligned): the TMA kernels' boxes land as wgmma reads them.
 // Prints one line per configuration and exits non-zero at the first failure.
 #include <cstdio>
 #include <cstdlib>
@@ -88,10 +94,18 @@ void check_acc(const char* name) {
               "rows in quads\n", name, TH, rows, cols, BM, BN);
 }
 
+// Element offset of (r, k, s) as the copies compute it (tiles::smem_offset).
+template <class Layout>
+struct SmemOffsets {
+  int operator()(int r, int k, int s) const {
+    return smem_offset<Layout, cutlass::bfloat16_t>(r, k, s);
+  }
+};
+
 template <class Layout>
 void check_smem(const char* name, const char* op, int rows, int bk, int stages, int threads) {
-  Layout l;
-  const int cosz = int(cosize(l));
+  SmemOffsets<Layout> l;
+  const int cosz = int(cosize(Layout{}));
   std::vector<char> used(cosz, 0);
   for (int s = 0; s < stages; ++s)
     for (int r = 0; r < rows; ++r)
@@ -123,6 +137,34 @@ void check_smem(const char* name, const char* op, int rows, int bk, int stages, 
               stages, rpp);
 }
 
+// 7: byte offset where TMA's 128-byte swizzle puts element (r, k) of a box of 128-byte
+// rows (a 16-bit element type, 64 per row), from a 1024-byte aligned destination.
+int tma_sw128_byte(int r, int k) {
+  const int byte = 2 * k;
+  return 128 * r + (((byte / 16) ^ (r % 8)) * 16) + byte % 16;
+}
+
+template <class Layout>
+void check_tma_box(const char* name, const char* op, int rows, int bk, int stages) {
+  SmemOffsets<Layout> l;
+  CHECK(bk * 2 == 128, "%s %s: BK = %d: a box row is not one 128-byte swizzle row", name, op,
+        bk);
+  for (int s = 0; s < stages; ++s) {
+    const int stage_byte = 2 * int(l(0, 0, s));
+    CHECK(stage_byte % 1024 == 0, "%s %s: stage %d at byte %d, not 1024-byte aligned", name,
+          op, s, stage_byte);
+    for (int r = 0; r < rows; ++r)
+      for (int k = 0; k < bk; ++k) {
+        const int got = 2 * int(l(r, k, s)) - stage_byte;
+        CHECK(got == tma_sw128_byte(r, k),
+              "%s %s: element (%d, %d) of stage %d at byte %d, TMA writes it at %d", name, op,
+              r, k, s, got, tma_sw128_byte(r, k));
+      }
+  }
+  std::printf("ok %s %s TMA box: %d x %d, 128-byte swizzle, as the layout reads it\n", name,
+              op, rows, bk);
+}
+
 template <class Cfg>
 void check_config(const char* name) {
   check_acc<Cfg>(name);
@@ -132,6 +174,10 @@ void check_config(const char* name) {
                                         Cfg::THREADS);
   CHECK(Cfg::THREADS == int(size(typename Cfg::TiledMma{})), "%s: %d threads, TiledMMA %d",
         name, Cfg::THREADS, int(size(typename Cfg::TiledMma{})));
+  if constexpr (Cfg::THREADS == 256) {  // Sm90Config: the TMA kernels' boxes
+    check_tma_box<typename Cfg::SmemLayoutA>(name, "A (x)", Cfg::BM, Cfg::BK, Cfg::STAGES);
+    check_tma_box<typename Cfg::SmemLayoutB>(name, "B (w)", Cfg::BN, Cfg::BK, Cfg::STAGES);
+  }
 }
 
 int main() {

@@ -74,6 +74,18 @@ struct Sm90Config {
                                              make_shape(Int<BN>{}, Int<BK>{}, Int<STAGES>{})));
 };
 
+// Element offset of (row, k, stage) in a shared-memory operand buffer of the layout, the
+// way a tensor over a shared-memory pointer addresses it (the buffer 1024-byte aligned).
+// For the GMMA layouts CuTe applies the swizzle to the pointer, so their bare layout
+// function gives other offsets: the copies into the buffers (fused.cuh) and the layout
+// test use this.
+template <class Layout, class T>
+CUTE_HOST_DEVICE int smem_offset(int r, int k, int s) {
+  T* const base = reinterpret_cast<T*>(uintptr_t(1024));  // any 1024-byte aligned address
+  auto t = make_tensor(make_smem_ptr(base), Layout{});
+  return int(&t(r, k, s) - base);
+}
+
 // The accumulator layout of a thread, ((values), MMA_M, MMA_N), as a (rows, columns)
 // layout: mode 0 enumerates the thread's rows, mode 1 its columns.
 //   mma.sync m16n8: values (2 columns, 2 rows)            -> ((2, MMA_M), (2, MMA_N))

@@ -301,15 +301,43 @@ def find_cuda_home():
     return home if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")) else None
 
 
-def cuda_plan(forced, gpu_visible, cuda_home, find=find_cutlass):
+MIN_CUDA = (12, 0)  # TMA tensor maps and __grid_constant__ kernel arguments
+
+
+def cuda_toolkit_version(cuda_home):
+    """(major, minor) of the toolkit at cuda_home from its cuda.h (CUDA_VERSION), or None
+    when it cannot be read."""
+    if cuda_home is None:
+        return None
+    try:
+        with open(os.path.join(cuda_home, "include", "cuda.h")) as f:
+            m = re.search(r"^#define\s+CUDA_VERSION\s+(\d+)", f.read(), re.M)
+    except OSError:
+        return None
+    if m is None:
+        return None
+    v = int(m.group(1))
+    return v // 1000, (v % 1000) // 10
+
+
+def cuda_plan(forced, gpu_visible, cuda_home, find=find_cutlass, toolkit_version=None):
     """Whether to build the CUDA kernel: (True, CutlassHeaders) or (False, None).
-    forced: FORCE_CUDA=1; gpu_visible: torch sees a GPU. Forced without a toolkit or
-    without CUTLASS headers: RuntimeError. Unforced (a GPU visible) without headers: the
-    CPU kernel only, and a log line saying why and how to fix it."""
+    forced: FORCE_CUDA=1; gpu_visible: torch sees a GPU; toolkit_version: (major, minor)
+    of the toolkit, None when unknown. Forced without a toolkit, with one older than
+    MIN_CUDA or without CUTLASS headers: RuntimeError. Unforced (a GPU visible) in those
+    cases: the CPU kernel only, and a log line saying why and how to fix it."""
     if forced:
         if cuda_home is None:
             raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit found: set CUDA_HOME")
     elif cuda_home is None or not gpu_visible:
+        return False, None
+    if toolkit_version is not None and tuple(toolkit_version) < MIN_CUDA:
+        why = (f"the CUDA kernels need CUDA {MIN_CUDA[0]}.{MIN_CUDA[1]} or newer (TMA, "
+               f"__grid_constant__); the toolkit at {cuda_home} is "
+               f"{toolkit_version[0]}.{toolkit_version[1]}: set CUDA_HOME to a newer one")
+        if forced:
+            raise RuntimeError("FORCE_CUDA=1: " + why)
+        _log("a GPU is visible, but the CUDA kernel is skipped (CPU kernel only): " + why)
         return False, None
     cutlass = find()
     if cutlass is None:
@@ -328,7 +356,8 @@ def extensions():
 
     cuda_home = find_cuda_home()
     with_cuda, cutlass = cuda_plan(os.environ.get("FORCE_CUDA", "0") == "1",
-                                   torch.cuda.is_available(), cuda_home)
+                                   torch.cuda.is_available(), cuda_home,
+                                   toolkit_version=cuda_toolkit_version(cuda_home))
     if with_cuda:
         # torch.utils.cpp_extension reads CUDA_HOME when imported
         os.environ["CUDA_HOME"] = cuda_home

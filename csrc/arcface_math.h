@@ -426,10 +426,16 @@ AK_HD T grad_target(T c, T lse, T g_p, T g_t, T g_s, const Margin<T>& p) {
 // and inv its row's inverse norm: dL/dv = inv * (u - rc * v_hat) (docs/design.md section 2),
 // without the radial term for a row whose norm is below NORM_EPS (inv = 1 / NORM_EPS:
 // there v / eps is linear in v).
+// norm_grad without its outer factor inv: for u and rc that already carry it (u_s = inv u,
+// rc_s = inv rc: the CUDA backward's G can carry the inverse norms of w's rows).
+template <typename T>
+AK_HD T norm_grad_prescaled(T u_s, T rc_s, T v_hat, T inv) {
+  const bool radial = inv < T(1) / T(NORM_EPS);
+  return radial ? u_s - rc_s * v_hat : u_s;
+}
 template <typename T>
 AK_HD T norm_grad(T u, T rc, T v_hat, T inv) {
-  const bool radial = inv < T(1) / T(NORM_EPS);
-  return inv * (radial ? u - rc * v_hat : u);
+  return inv * norm_grad_prescaled(u, rc, v_hat, inv);
 }
 
 }  // namespace arcface

@@ -229,6 +229,28 @@ def test_headers_found():
     assert S.cuda_plan(False, True, "/cuda", find=lambda: hdr) == (True, hdr)
 
 
+def test_toolkit_older_than_cuda_12():
+    """TMA and __grid_constant__ need CUDA 12: forced, an older toolkit is an error that
+    says so; unforced, the CPU kernel alone, with the reason."""
+    hdr = S.CutlassHeaders("/x", (4, 2, 0), "test")
+    with pytest.raises(RuntimeError, match=r"FORCE_CUDA=1: .*CUDA 12\.0 or newer.*11\.8"):
+        S.cuda_plan(True, False, "/cuda", find=lambda: hdr, toolkit_version=(11, 8))
+    assert S.cuda_plan(False, True, "/cuda", find=lambda: hdr,
+                       toolkit_version=(11, 8)) == (False, None)
+    assert S.cuda_plan(True, False, "/cuda", find=lambda: hdr,
+                       toolkit_version=(12, 0)) == (True, hdr)
+
+
+def test_toolkit_version_from_cuda_h(tmp_path):
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "cuda.h").write_text("#pragma once\n#define CUDA_VERSION 12080\n")
+    assert S.cuda_toolkit_version(str(tmp_path)) == (12, 8)
+    assert S.cuda_toolkit_version(str(tmp_path / "none")) is None
+    home = S.find_cuda_home()
+    if home is not None and os.path.exists(os.path.join(home, "include", "cuda.h")):
+        assert S.cuda_toolkit_version(home) >= (12, 0)  # this machine's toolkit
+
+
 # ------------------------------------------------------------------ make cutlass-include
 def test_copy_cutlass_include(tmp_path, capsys, monkeypatch):
     root = tmp_path / "repo"

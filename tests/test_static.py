@@ -243,20 +243,23 @@ def _cuda_names(tr, phase=None):
             if o.kind == "cuda" and (phase is None or o.phase == phase)]
 
 
-def _plan(fwd_main: str, grad_main: str) -> list:
+def _plan(fwd_main: str, grad_main: str, fold_b: bool = False) -> list:
     """The cpp backend's kernel launches of one step at the small case below (one
-    backward chunk), with its main forward and G kernels."""
+    backward chunk), with its main forward and G kernels; with fold_b (G written as G b)
+    the products take w's own rows: no W_hat chunk."""
+    wh = [] if fold_b else [("bwd", "scaled_rows_kernel")]
     return [("fwd", "inv_norm_kernel"), ("fwd", "inv_norm_kernel"), ("fwd", fwd_main),
             ("fwd", "fwd_combine_kernel"),
             ("bwd", "inv_norm_kernel"), ("bwd", "inv_norm_kernel"),
-            ("bwd", "scaled_rows_kernel"), ("bwd", grad_main), ("bwd", "scaled_rows_kernel"),
+            ("bwd", "scaled_rows_kernel"), ("bwd", grad_main), *wh,
             ("bwd", "dw_chunk_finish_kernel"), ("bwd", "dx_finish_kernel")]
 
 
 @pytest.mark.parametrize("dtype, gpu, kwargs, fwd_main, grad_main", [
     # float16 / bfloat16, K = 1, no terms: the fused CuTe kernels of the device's generation
-    (torch.bfloat16, hw.H200, {}, "fwd_sm90_kernel", "grad_sm90_kernel"),
-    (torch.float16, hw.H200, {}, "fwd_sm90_kernel", "grad_sm90_kernel"),
+    # (sm_90a: the operand tiles by TMA, the rows of w being contiguous)
+    (torch.bfloat16, hw.H200, {}, "fwd_sm90_tma_kernel", "grad_sm90_tma_kernel"),
+    (torch.float16, hw.H200, {}, "fwd_sm90_tma_kernel", "grad_sm90_tma_kernel"),
     (torch.bfloat16, hw.A100, {}, "fwd_sm80_kernel", "grad_sm80_kernel"),
     (torch.float16, hw.A100, {}, "fwd_sm80_kernel", "grad_sm80_kernel"),
     # the general kernels otherwise: float32, sub-centers, an optional per-logit term
@@ -275,15 +278,20 @@ def test_cpp_dry_run_records_the_host_codes_launches(dtype, gpu, kwargs, fwd_mai
     n, c, d = 100, 300, 64
     k = kwargs.get("sub_centers", 1)
     tr = T.trace_arcface("cpp", n, c, d, dtype, gpu=gpu, **kwargs)
-    assert _cuda_names(tr) == _plan(fwd_main, grad_main)
+    # bfloat16 in the fused kernels (no index): G is written as G b
+    fold_b = dtype == torch.bfloat16 and fwd_main.startswith(("fwd_sm90", "fwd_sm80"))
+    assert _cuda_names(tr) == _plan(fwd_main, grad_main, fold_b)
     recs = {o.name: o.detail for o in tr.ops if o.kind == "cuda"}
+    assert recs["dw_chunk_finish_kernel"]["sizes"]["prescaled"] == int(fold_b)
+    if "fold_b" in recs[grad_main]["sizes"]:
+        assert recs[grad_main]["sizes"]["fold_b"] == int(fold_b)
     want_dtype = {torch.bfloat16: "BFloat16", torch.float16: "Half",
                   torch.float32: "Float"}[dtype]
     assert recs[fwd_main]["dtype"] == recs[grad_main]["dtype"] == want_dtype
     for name, rec in recs.items():
         K.spec_of("cpp", name).work(rec)      # every launch has a spec that can cost it
     fwd, grad = recs[fwd_main], recs[grad_main]
-    if fwd_main.endswith(("sm90_kernel", "sm80_kernel")):
+    if fwd_main.endswith(("sm90_kernel", "sm90_tma_kernel", "sm80_kernel")):
         kind = "sm90" if gpu.capability == 90 else "sm80"
         cfg = K.CUDA_FUSED[kind]
         for rec in (fwd, grad):
@@ -297,6 +305,7 @@ def test_cpp_dry_run_records_the_host_codes_launches(dtype, gpu, kwargs, fwd_mai
             assert 2 * (sz["smem"] + 1024 + gpu.smem_reserved_per_block) <= gpu.smem_per_sm
             assert (sz["n"], sz["d"], sz["j_begin"], sz["j_end"]) == (n, d, 0, c)
             assert sz["indexed"] == 0
+            assert sz["tma"] == (kind == "sm90")
             tiles = -(-c // cfg["bn"])
             assert sz["tiles"] == tiles
             # grid (row tiles, splits): every split a run of whole class tiles
@@ -336,6 +345,44 @@ def test_cpp_dry_run_records_the_host_codes_launches(dtype, gpu, kwargs, fwd_mai
         assert "_assert_async" in [o.name for o in tr.ops if o.phase == phase], phase
 
 
+def test_cpp_dry_run_index_copies_by_cp_async_on_sm90():
+    """With a Partial FC index the rows of w of a class tile are gathered, which no TMA
+    box is: on sm_90a the fused kernels then copy by cp.async (fwd_sm90_kernel,
+    grad_sm90_kernel, tma = 0), and G is not scaled by b (the products need a gathered
+    W_hat anyway); without an index they take the TMA kernels and G b."""
+    _cpp_ext()
+    from arcface_kernels import _cpp
+    from arcface_kernels._config import MarginConfig
+    n, c, d, rows = 100, 300, 64, 1000
+    args = MarginConfig().op_args() + (0.0, 0)
+
+    def traced(indexed):
+        def inputs():
+            x = torch.empty(n, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
+            w = torch.empty(rows, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
+            y = torch.empty(n, device="cuda", dtype=torch.int64)
+            idx = torch.empty(c if indexed else 0, device="cuda", dtype=torch.int64)
+            return x, w, y, idx
+
+        def step(x, w, y, idx):
+            wr = w if indexed else w[:c]
+            return _cpp.FWD_OP(x, wr, y, idx if indexed else None, None, *args)[0].sum()
+        return T.trace_step(step, "cpp", inputs, gpu=hw.H200)
+
+    for indexed, fwd, grad in ((True, "fwd_sm90_kernel", "grad_sm90_kernel"),
+                               (False, "fwd_sm90_tma_kernel", "grad_sm90_tma_kernel")):
+        tr = traced(indexed)
+        recs = {o.name: o.detail for o in tr.ops if o.kind == "cuda"}
+        assert fwd in recs and grad in recs, sorted(recs)
+        for name in (fwd, grad):
+            assert recs[name]["sizes"]["indexed"] == int(indexed)
+            assert recs[name]["sizes"]["tma"] == int(not indexed)
+            K.spec_of("cpp", name).work(recs[name])
+        # G carries the inverse norms only where the products can take w's own rows
+        assert recs[grad]["sizes"]["fold_b"] == int(not indexed)
+        assert recs["dw_chunk_finish_kernel"]["sizes"]["prescaled"] == int(not indexed)
+
+
 def test_cpp_fused_launches_fill_the_device_and_cover_the_classes():
     """N=1000, C=50000, D=64 bf16 on the H200 (132 SMs): the fused forward is one launch
     of at most 2 CTAs per SM (8 row tiles x 33 splits = 264), the G kernel one launch per
@@ -346,8 +393,8 @@ def test_cpp_fused_launches_fill_the_device_and_cover_the_classes():
     n, c, d = 1000, 50000, 64
     gpu = hw.H200
     tr = T.trace_arcface("cpp", n, c, d, torch.bfloat16, gpu=gpu)
-    fwd = [o.detail for o in tr.ops if o.name == "fwd_sm90_kernel"]
-    grads = [o.detail for o in tr.ops if o.name == "grad_sm90_kernel"]
+    fwd = [o.detail for o in tr.ops if o.name == "fwd_sm90_tma_kernel"]
+    grads = [o.detail for o in tr.ops if o.name == "grad_sm90_tma_kernel"]
     assert len(fwd) == 1 and fwd[0]["grid"] == (8, 33)
     assert fwd[0]["sizes"]["tiles"] == -(-c // 128)
     assert 8 * 33 <= 2 * gpu.sms
@@ -754,6 +801,47 @@ def test_per_tile_call_sites_move_main_loop_code_to_the_epilogue(tmp_path):
     assert n.rest == 2
 
 
+def test_cold_lines_and_subroutines_count_nothing(tmp_path):
+    """An aux kernel's instructions from a ``@cold`` line (or inlined at one) count 0, as
+    do those of a ``@cold[EXPR]`` line where EXPR holds over the launch's sizes, and
+    those of subroutines (code after a ``$name:`` label, reached by CALL: the CUDA
+    library's slow paths, __noinline__ functions); the call itself still counts."""
+    src = tmp_path / "k.cu"
+    src.write_text("float ss = sum(row);\n"                               # 1
+                   "if (ss == INFINITY) rescale(row);  // @cold (overflow)\n"  # 2
+                   "  mx = max(mx, row[t]);\n"                            # 3
+                   "return w_row_sub(idx, p, K);  // @cold[k == 1]\n"     # 4
+                   "out[row] = 1 / sqrt(ss);\n")                          # 5
+    f = str(src)
+    listing = "\n".join([
+        "        .text.k:",
+        f'\t//## File "{f}", line 1',
+        "        /*0000*/                   FFMA R1, R2, R2, R1 ;",
+        f'\t//## File "{f}", line 3 inlined at "{f}", line 2',
+        "        /*0010*/                   FMNMX R3, R3, R4, !PT ;",
+        "        /*0020*/                   SHFL.BFLY PT, R4, R3, 0x10, 0x1f ;",
+        f'\t//## File "{f}", line 4',
+        "        /*0030*/                   IMAD R5, R6, R7, RZ ;",
+        f'\t//## File "{f}", line 5',
+        "        /*0040*/                   CALL.REL.NOINC `($__internal_0_$__cuda_sm20_sqrt_rn_f32_slowpath) ;",
+        "        /*0050*/                   STG.E [R8.64], R1 ;",
+        "        /*0060*/                   EXIT ;",
+        "$__internal_0_$__cuda_sm20_sqrt_rn_f32_slowpath:",
+        "        /*0070*/                   MUFU.RSQ R9, R1 ;",
+        "        /*0080*/                   FMUL R9, R9, R1 ;",
+        "        /*0090*/                   RET.REL.NODEC R10 0x0 ;"])
+    ins = sass.parse_listing(listing)["k"]
+    assert [i.subroutine for i in ins].count("$__internal_0_$__cuda_sm20_sqrt_rn_f32_slowpath") == 3
+    code = sass.analyze_instrs("k", "sm_90a", ins, {})
+    assert code.main is None and code.size == 10
+    # k == 1: lines 2 (and 3, inlined there) and 4 cold, the subroutine too
+    assert M.aux_instruction_count(code, {"k": 1}) == 4      # FFMA, CALL, STG, EXIT
+    assert M.aux_instruction_count(code, {"k": 3}) == 5      # + the K > 1 line
+    by_pc = {i.pc: i for i in ins}
+    assert K.cold(by_pc[0x10], {"k": 3}) and not K.cold(by_pc[0x0], {"k": 1})
+    assert K.cold(by_pc[0x30], {"k": 1}) and not K.cold(by_pc[0x30], {"k": 2})
+
+
 def test_model_serial_when_one_block_fits_and_overlapped_otherwise():
     gpu = hw.H200
     work = K.Work(programs=gpu.sms, threads=256, tiles=10, tile_flops=2 * 128 * 128 * 512,
@@ -837,14 +925,16 @@ def test_committed_report_is_complete(committed):
     # the cpp backend's fused kernels, each on the arch whose device launches it (the
     # other arch's instance is a trap), with its dynamic shared memory counted
     names = {(k["backend"], k["name"], k["arch"], k["dtype"]) for k in committed["kernels"]}
-    for arch, kind in (("sm_90a", "sm90"), ("sm_80", "sm80")):
-        other = "sm80" if kind == "sm90" else "sm90"
+    # (the headline shapes have no index: on sm_90a the TMA kernels)
+    for arch, kind in (("sm_90a", "sm90_tma"), ("sm_80", "sm80")):
+        other = "sm80" if kind == "sm90_tma" else "sm90_tma"
         for dt in ("bf16", "fp16"):
             for name in ("fwd", "grad"):
                 assert ("cpp", f"{name}_{kind}_kernel", arch, dt) in names, (name, arch, dt)
                 assert ("cpp", f"{name}_{other}_kernel", arch, dt) not in names
     for k in committed["kernels"]:
-        if k["backend"] == "cpp" and k["name"].endswith(("_sm90_kernel", "_sm80_kernel")):
+        if k["backend"] == "cpp" and k["name"].endswith(("_sm90_kernel", "_sm90_tma_kernel",
+                                                         "_sm80_kernel")):
             kind = k["name"].split("_")[1]
             assert k["smem_dynamic_bytes"] >= K.fused_pipeline_bytes(kind)
             assert k["threads"] == K.CUDA_FUSED[kind]["threads"]

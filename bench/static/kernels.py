@@ -181,7 +181,8 @@ CUDA_BM, CUDA_TW, CUDA_BK = 64, 64, 32   # csrc/cuda/host.h, arcface_cuda.cu
 #: host.h's FUSED*_SMEM, the stages of the operand tiles plus the column norms), which
 #: the model uses; these are for reference and the tests.
 CUDA_FUSED = {
-    # wgmma m64n128k16 (HGMMA), 2 warpgroups along M, 3-stage cp.async pipeline
+    # wgmma m64n128k16 (HGMMA), 2 warpgroups along M, 3-stage pipeline: TMA boxes where
+    # the rows of w are contiguous (*_sm90_tma_kernel), else cp.async (the index's gather)
     "sm90": dict(bm=128, bn=128, bk=64, stages=3, threads=256),
     # mma.sync m16n8k16 (HMMA) + ldmatrix, 4 warps along M, 3-stage cp.async pipeline
     "sm80": dict(bm=128, bn=64, bk=64, stages=3, threads=128),
@@ -273,6 +274,7 @@ SPECS: Dict[Tuple[str, str], Spec] = {
     ("cpp", "fwd_kernel"): Spec("fwd_main", _c_fwd),
     ("cpp", "fwd_terms_kernel"): Spec("fwd_main", _c_fwd),
     ("cpp", "fwd_sm90_kernel"): Spec("fwd_main", lambda l: _c_fused(l, False)),
+    ("cpp", "fwd_sm90_tma_kernel"): Spec("fwd_main", lambda l: _c_fused(l, False)),
     ("cpp", "fwd_sm80_kernel"): Spec("fwd_main", lambda l: _c_fused(l, False)),
     ("cpp", "fwd_combine_kernel"): Spec("aux", lambda l: Work(
         _programs(l["grid"]), l["threads"],
@@ -282,6 +284,7 @@ SPECS: Dict[Tuple[str, str], Spec] = {
     ("cpp", "grad_chunk_kernel"): Spec("bwd_main", _c_grad),
     ("cpp", "grad_chunk_terms_kernel"): Spec("bwd_main", _c_grad),
     ("cpp", "grad_sm90_kernel"): Spec("bwd_main", lambda l: _c_fused(l, True)),
+    ("cpp", "grad_sm90_tma_kernel"): Spec("bwd_main", lambda l: _c_fused(l, True)),
     ("cpp", "grad_sm80_kernel"): Spec("bwd_main", lambda l: _c_fused(l, True)),
     ("cpp", "dw_chunk_finish_kernel"): Spec("aux", _c_dw_finish),
     ("cpp", "dx_finish_kernel"): Spec("aux", lambda l: Work(
@@ -459,6 +462,32 @@ def per_tile(ins: sass.Instr) -> bool:
     the first or last k step of a tile behind a branch: the model counts it with the
     epilogue, once per tile, instead of once per main-loop iteration)."""
     return any("@per_tile" in source_line(*site) for site in ins.lines)
+
+
+def cold(ins: sass.Instr, sizes: dict) -> bool:
+    """Whether an instruction comes from a ``@cold`` line (its own source line or a call
+    site it was inlined at carries the annotation, a comment): code that runs only for
+    inputs outside the modelled cases (a norm whose sum of squares overflows, a division
+    taken only with sub-centers), counted 0 like a ``@trips[0]`` loop. ``@cold[EXPR]``
+    is cold where EXPR, over the launch's sizes, is true (``@cold[k == 1]``).
+    Subroutines (code reached by CALL) are cold too: the CUDA library's are the slow
+    paths of IEEE division, reciprocal and square root (special and denormal operands)
+    and of 64-bit integer division (operands wider than 32 bits), which their inline fast
+    paths call only for such operands; the kernels' own ``__noinline__`` functions are
+    kept for such paths only (arcface_cuda.cu ``w_row_sub``: sub-centers)."""
+    if ins.subroutine:
+        return True
+    for site in ins.lines:
+        line = source_line(*site)
+        if "@cold" not in line:
+            continue
+        m = re.search(r"@cold\[([^\]]*)\]", line)
+        if m is None:
+            return True
+        env = dict(sizes, cdiv=_cdiv, ceil=math.ceil, min=min, max=max)
+        if eval(m.group(1), {"__builtins__": {}}, env):
+            return True
+    return False
 
 
 def loop_trips(loop: sass.Loop, sizes: dict) -> Optional[float]:

@@ -20,7 +20,9 @@ was unrolled or pipelined), ``epilogue`` = the tile loop's instructions outside 
 loop, ``rest`` = the instructions outside the tile loop; any other loop counts its
 ``@trips[...]`` annotation's trips (a comment on its source line), else once, and code
 of a ``@per_tile`` line inside the main loop counts once per tile, with the epilogue
-(:class:`Counts`). A kernel without a main loop counts its instructions once per block.
+(:class:`Counts`), and code of a ``@cold`` line (or ``@cold[EXPR]`` where EXPR holds:
+paths taken only for inputs outside the modelled cases) counts 0. A kernel without a
+main loop counts its instructions once per block.
 
 When only one block fits on an SM (and the kernel is not warp-specialized), nothing
 overlaps the epilogue with the next tile's matrix multiply: the time is then
@@ -44,7 +46,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 from . import hardware as hw
 from . import sass
-from .kernels import Work, loop_trips, per_tile
+from .kernels import Work, cold, loop_trips, per_tile
 
 
 @dataclasses.dataclass
@@ -99,7 +101,7 @@ class Counts:
     every loop but the main and the tile loop (whose trips the tile count and the FLOP
     rule give). Main-loop instructions from a ``@per_tile`` line (their own or a call site
     they were inlined at: work behind a branch taken on one k step of each tile) count
-    with the epilogue, once per tile."""
+    with the epilogue, once per tile; those from a ``@cold`` line count 0."""
     main: float
     epilogue: float
     rest: float
@@ -117,6 +119,8 @@ def instruction_counts(code: sass.Code, sizes: dict) -> Counts:
     annotated = [lp for lp in code.loops if id(lp) in trips]
     counts = Counts(0.0, 0.0, 0.0)
     for ins in code.instrs:
+        if cold(ins, sizes):
+            continue
         in_main = main is not None and _contains(main, ins.pc)
         w = 1.0
         for lp in annotated:
@@ -135,7 +139,8 @@ def instruction_counts(code: sass.Code, sizes: dict) -> Counts:
 
 def aux_instruction_count(code: sass.Code, sizes: dict) -> float:
     """Instructions per warp of one block of a kernel without a main loop: each once, times
-    the ``@trips`` of the annotated loops around it (an unannotated loop counts once)."""
+    the ``@trips`` of the annotated loops around it (an unannotated loop counts once),
+    none from a ``@cold`` line."""
     trips = {}
     for lp in code.loops:
         t = loop_trips(lp, sizes)
@@ -144,6 +149,8 @@ def aux_instruction_count(code: sass.Code, sizes: dict) -> float:
     annotated = [lp for lp in code.loops if id(lp) in trips]
     total = 0.0
     for ins in code.instrs:
+        if cold(ins, sizes):
+            continue
         w = 1.0
         for lp in annotated:
             if _contains(lp, ins.pc):

@@ -95,6 +95,11 @@ class Instr:
     # the call sites it was inlined through, innermost first (``nvdisasm -gi``)
     sites: Tuple[Tuple[str, int], ...] = ()
     pred: str = ""     # its guard predicate (e.g. "@P0", "@!PT"), "" when unconditional
+    # the subroutine it belongs to, code reached by CALL and placed after the function's
+    # own: the CUDA library's (``$__internal_3_$__cuda_sm20_div_s64``: the slow paths of
+    # IEEE division / reciprocal / square root and of 64-bit integer division) or a
+    # __noinline__ device function; "" in the function's own code
+    subroutine: str = ""
 
     @property
     def lines(self) -> Tuple[Tuple[str, int], ...]:
@@ -162,6 +167,7 @@ class Code:
 _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*?)\s*;")
 _LINE = re.compile(r'//## File "([^"]+)", line (\d+)(?: inlined at "([^"]+)", line (\d+))?')
 _FUNC = re.compile(r"^\.text\.(\S+):\s*$", re.M)
+_SUBROUTINE = re.compile(r"^(\$[\w$.]+):$")
 
 
 def parse_listing(text: str) -> Dict[str, List[Instr]]:
@@ -175,12 +181,17 @@ def parse_listing(text: str) -> Dict[str, List[Instr]]:
     line = None
     sites: List[Tuple[str, int]] = []
     in_run = False
+    sub = ""
     for raw in text.splitlines():
         s = raw.strip()
         m = re.match(r"^\.text\.(\S+):$", s) or re.match(r"^Function : (\S+)$", s)
         if m:
             cur = funcs.setdefault(m.group(1), [])
-            line, sites, in_run = None, [], False
+            line, sites, in_run, sub = None, [], False, ""
+            continue
+        m = _SUBROUTINE.match(s)
+        if m:  # the subroutines follow the function's own code, to its end
+            sub = m.group(1)
             continue
         m = _LINE.search(s)
         if m:
@@ -203,7 +214,7 @@ def parse_listing(text: str) -> Dict[str, List[Instr]]:
             continue
         in_run = False
         cur.append(Instr(int(m.group(1), 16), toks[0], " ".join(toks), line, tuple(sites),
-                         pred))
+                         pred, sub))
     return funcs
 
 

@@ -85,6 +85,12 @@
 #include <unordered_map>
 #include <utility>
 
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+
+#if CUDART_VERSION < 12000
+#error "the arcface-kernels CUDA kernels need CUDA 12.0 or newer (TMA, __grid_constant__)"
+#endif
+
 #include "../arcface_math.h"
 #include "../ops.h"
 #include "fused.cuh"
@@ -92,6 +98,49 @@
 
 namespace arcface::cuda {
 namespace {
+
+// cuTensorMapEncodeTiled from the driver, through the runtime (no link against libcuda),
+// looked up once per process; nullptr where the driver lacks it.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+#if CUDART_VERSION >= 12050
+    const cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f,
+                                                           12000, cudaEnableDefault, &q);
+#else
+    const cudaError_t e = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &f,
+                                                  cudaEnableDefault, &q);
+#endif
+    if (e != cudaSuccess || q != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();  // clear only this query's error
+      f = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// The tensor map of a row-major [rows, d] 16-bit tensor read in boxes of box_rows rows x
+// box_k features with the 128-byte swizzle (box_k * 2 = 128 bytes: one swizzle row per
+// box row), zero fill past its edges. False where the driver has no encoder.
+bool encode_rows_map(CUtensorMap* m, at::ScalarType t, const void* ptr, int64_t rows,
+                     int64_t d, int box_rows, int box_k) {
+  const auto encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(d), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(d) * 2};  // bytes, of dim 1
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_k), static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUresult r = encode(
+      m, t == at::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+      2, const_cast<void*>(ptr), dims, strides, box, elem_strides,
+      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(r == CUDA_SUCCESS, "cuTensorMapEncodeTiled failed (CUresult ", int(r),
+              ") for a [", rows, ", ", d, "] ", t, " tensor at ", ptr);
+  return true;
+}
 
 // BM, TW, THREADS, MAX_K (tile shape) and Params come from host.h.
 constexpr int BK = 32;        // features per step of the tile product
@@ -128,10 +177,14 @@ __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
-// Row of w of shard position p (class p / K, sub-center p % K).
+// Row of w of shard position p (class p / K, sub-center p % K). The sub-center case's
+// 64-bit division is a function of its own (a call where K > 1), out of the K = 1 code.
+__device__ __noinline__ int64_t w_row_sub(const int64_t* idx, int64_t p, int64_t K) {
+  return (idx ? idx[p / K] : p / K) * K + p % K;
+}
 __device__ __forceinline__ int64_t w_row(const int64_t* idx, int64_t p, int64_t K) {
   if (K == 1) return idx ? idx[p] : p;  // no 64-bit division in the common case
-  return (idx ? idx[p / K] : p / K) * K + p % K;
+  return w_row_sub(idx, p, K);  // @cold[k == 1] (sub-centers: not in the modelled cases)
 }
 
 // Shared memory of one block: the tile of dot products (G in place in the backward),
@@ -189,6 +242,31 @@ __device__ __forceinline__ void for_row(const T* __restrict__ src, int64_t d, in
   }
 }
 
+// 1 / |v| of a row whose sum of squares overflowed (|v| > ~1.8e19), again, scaled by its
+// largest element (an inf element keeps the inf norm: inverse 0); the whole warp, lane 0
+// writes, and flags the norm as above 2^63 (see inv_norm_kernel). Rows of such norms only.
+template <typename T>
+__device__ void inv_norm_overflowed(const T* __restrict__ src, int64_t d, int lane,
+                                    float* __restrict__ out, int* __restrict__ unsafe) {
+  float mx = 0.f;
+#pragma unroll 1
+  for (int64_t t = lane; t < d; t += 32) mx = fmaxf(mx, fabsf(to_f(src[t])));
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  float sc = 0.f;
+  if (mx < INFINITY) {
+#pragma unroll 1
+    for (int64_t t = lane; t < d; t += 32) {
+      const float e = to_f(src[t]) / mx;
+      sc += e * e;
+    }
+    for (int o = 16; o > 0; o >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, o);
+  }
+  if (lane == 0) {
+    *out = mx < INFINITY ? inv_norm_scaled(mx, sc) : 0.f;  // (inf: inv_norm(inf) = 0)
+    if (unsafe) *unsafe = 1;  // (a norm above 2^63)
+  }
+}
+
 // 1 / max(|v_row|, eps) for the rows of x (idx == nullptr, K == 1: identity map) or the
 // shard's rows of w; one warp per row.
 template <typename T>
@@ -203,26 +281,8 @@ __global__ void inv_norm_kernel(const T* __restrict__ v, const int64_t* __restri
   for_row(src, d, lane, [&](int64_t, float e) { ss += e * e; });
   for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
   if (normalize && ss == INFINITY) {
-    // the sum of squares overflowed (|v| > ~1.8e19): again, scaled by the largest element
-    float mx = 0.f;
-    // (only for rows of norm above ~1.8e19: never in the modelled cases)
-#pragma unroll 1
-    for (int64_t t = lane; t < d; t += 32) mx = fmaxf(mx, fabsf(to_f(src[t])));  // @trips[0]
-    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    float sc = 0.f;
-    if (mx < INFINITY) {  // an inf element keeps the inf norm (inverse 0)
-#pragma unroll 1
-      for (int64_t t = lane; t < d; t += 32) {  // @trips[0]
-        const float e = to_f(src[t]) / mx;
-        sc += e * e;
-      }
-      for (int o = 16; o > 0; o >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, o);
-      if (lane == 0) {
-        out[row] = inv_norm_scaled(mx, sc);
-        if (unsafe) *unsafe = 1;  // (a norm above 2^63, see below)
-      }
-      return;
-    }
+    inv_norm_overflowed(src, d, lane, out + row, unsafe);  // @cold (norms above ~1.8e19)
+    return;
   }
   if (lane == 0) {
     const float inv = normalize ? inv_norm(ss) : 1.f;
@@ -665,22 +725,25 @@ __global__ void scaled_rows_kernel(const T* __restrict__ v, const int64_t* __res
 
 // The chunk's rows of dw from u = dwc [rows, D] = G^T x_hat in float32 (shard rows
 // row0 .. row0 + rows - 1): with w_hat = b w in fp32, q = <w_hat, u> (= sum_i G_ij c_ij)
-// and dw = norm_grad(u, q, w_hat, b) (normalize) or u, rounded to T once. Written to dw's
-// row of w (direct: no index, each row of w belongs to one shard row), else to row rr of
-// out (the caller index_adds it: a class may repeat in the index). One warp per row.
+// and dw = norm_grad(u, q, w_hat, b) (normalize) or u, rounded to T once; prescaled: u
+// already carries b (G was written as G b: u = b G^T x_hat), and dw =
+// norm_grad_prescaled(u, q, w_hat, b), the same value. Written to dw's row of w (direct:
+// no index, each row of w belongs to one shard row), else to row rr of out (the caller
+// index_adds it: a class may repeat in the index). One warp per row.
 template <typename T>
 __global__ void dw_chunk_finish_kernel(const T* __restrict__ w,
                                        const int64_t* __restrict__ idx,
                                        const float* __restrict__ bnorm, int64_t row0,
                                        int64_t rows, int64_t k, int64_t d, bool normalize,
                                        const float* __restrict__ dwc, T* __restrict__ out,
-                                       bool direct) {
+                                       bool direct, bool prescaled) {
   const int64_t rr = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (rr >= rows) return;
   const int64_t wr = w_row(idx, row0 + rr, k);
   const T* src = w + wr * d;
   const float b = bnorm[row0 + rr];
+  const float outer = prescaled ? 1.f : b;  // norm_grad's factor, unless u carries it
   const float* u = dwc + rr * d;
   T* dst = out + (direct ? wr : rr) * d;
   constexpr int V = 16 / sizeof(T);  // elements of T per 16-byte load
@@ -710,7 +773,7 @@ __global__ void dw_chunk_finish_kernel(const T* __restrict__ w,
 #pragma unroll
       for (int v = 0; v < V; ++v) {
         float g = u[t + v];
-        if (normalize) g = norm_grad(g, q, b * to_f(e[v]), b);
+        if (normalize) g = outer * norm_grad_prescaled(g, q, b * to_f(e[v]), b);
         e[v] = from_f<T>(g);
       }
       *reinterpret_cast<uint4*>(dst + t) = raw;
@@ -719,7 +782,7 @@ __global__ void dw_chunk_finish_kernel(const T* __restrict__ w,
 #pragma unroll 1
     for (int64_t t = lane; t < d; t += 32) {  // @trips[0 if d % 8 == 0 else cdiv(d, 32)]
       float v = u[t];
-      if (normalize) v = norm_grad(v, q, b * to_f(src[t]), b);
+      if (normalize) v = outer * norm_grad_prescaled(v, q, b * to_f(src[t]), b);
       dst[t] = from_f<T>(v);
     }
   }
@@ -837,7 +900,7 @@ class CudaRunner final : public KernelRunner {
     a.part_z = part[2].data_ptr<float>();
     a.part_b = part[3].data_ptr<float>();
     a.part_a = part_a.data_ptr<int64_t>();
-    launch_fused(kind, /*grad=*/false, x.scalar_type(), l, a, p);
+    launch_fused(kind, /*grad=*/false, x.scalar_type(), l, a, p, tma_maps(kind, p, x, w));
   }
 
   void fused_grad(Fused kind, const Launch& l, const at::Tensor& x, const at::Tensor& w,
@@ -852,7 +915,7 @@ class CudaRunner final : public KernelRunner {
     a.gt = gt.data_ptr<float>();
     a.gs = gs.data_ptr<float>();
     a.g = g.data_ptr();
-    launch_fused(kind, /*grad=*/true, x.scalar_type(), l, a, p);
+    launch_fused(kind, /*grad=*/true, x.scalar_type(), l, a, p, tma_maps(kind, p, x, w));
   }
 
   void inv_norm(const Launch& l, const at::Tensor& v, const at::Tensor* idx, int64_t rows,
@@ -948,11 +1011,11 @@ class CudaRunner final : public KernelRunner {
   void dw_chunk_finish(const Launch& l, const at::Tensor& w, const at::Tensor* idx,
                        const at::Tensor& bnorm, int64_t row0, int64_t rows, int64_t k,
                        int64_t d, bool normalize, const at::Tensor& dwc, at::Tensor& out,
-                       bool direct) override {
+                       bool direct, bool prescaled) override {
     AK_DISPATCH_CUDA_TYPES(w.scalar_type(), "dw_chunk_finish", [&] {
       dw_chunk_finish_kernel<<<grid_of(l), l.threads, 0, stream()>>>(
           cptr<scalar_t>(w), idx_ptr(idx), bnorm.data_ptr<float>(), row0, rows, k, d,
-          normalize, dwc.data_ptr<float>(), mptr<scalar_t>(out), direct);
+          normalize, dwc.data_ptr<float>(), mptr<scalar_t>(out), direct, prescaled);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -984,30 +1047,64 @@ class CudaRunner final : public KernelRunner {
     a.bnorm = bnorm.data_ptr<float>();
   }
 
+  // The TMA kernels' tensor maps of x [n, d] and w [rows, d] (p.tma: sm_90a, no index),
+  // or nullptr: the cp.async kernels (also where the driver has no tensor-map encoder).
+  // Encoded once per call (a runner lives for one forward or backward: every chunk's
+  // launch reads the same x and w, at other coordinates).
+  const fused::TmaMaps* tma_maps(Fused kind, const FusedParams& p, const at::Tensor& x,
+                                 const at::Tensor& w) {
+    if (kind != Fused::kSm90 || !p.tma) return nullptr;
+    if (maps_state_ == 0) {
+      using Cfg = tiles::Sm90Config<cutlass::bfloat16_t>;  // the tile shape of both dtypes
+      const auto t = x.scalar_type();
+      const bool ok =
+          encode_rows_map(&maps_.x, t, x.const_data_ptr(), p.n, p.d, Cfg::BM, Cfg::BK) &&
+          encode_rows_map(&maps_.w, t, w.const_data_ptr(), w.size(0), p.d, Cfg::BN, Cfg::BK);
+      maps_state_ = ok ? 1 : 2;
+    }
+    return maps_state_ == 1 ? &maps_ : nullptr;
+  }
+  fused::TmaMaps maps_{};
+  int maps_state_ = 0;  // 0: not encoded yet, 1: maps_ holds them, 2: no encoder
+
+  // The shared-memory opt-in, once per kernel and device.
+  static void opt_in_smem(const void* kernel, int smem) {
+    static std::mutex mu;
+    static std::set<std::pair<const void*, int>> done;
+    int dev = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&dev));
+    std::lock_guard<std::mutex> lock(mu);
+    const std::pair<const void*, int> key(kernel, dev);
+    if (!done.count(key)) {
+      C10_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      done.insert(key);  // only once it succeeded
+    }
+  }
+
   template <typename Kernel>
   static void launch_one(Kernel kernel, int smem, const Launch& l, const fused::FusedArgs& a,
                          const FusedParams& p) {
-    {  // the shared-memory opt-in, once per kernel and device
-      static std::mutex mu;
-      static std::set<std::pair<const void*, int>> done;
-      int dev = 0;
-      C10_CUDA_CHECK(cudaGetDevice(&dev));
-      std::lock_guard<std::mutex> lock(mu);
-      const std::pair<const void*, int> key(reinterpret_cast<const void*>(kernel), dev);
-      if (!done.count(key)) {
-        C10_CUDA_CHECK(
-            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-        done.insert(key);  // only once it succeeded
-      }
-    }
+    opt_in_smem(reinterpret_cast<const void*>(kernel), smem);
     kernel<<<grid_of(l), l.threads, smem, stream()>>>(a, p);
+  }
+
+  template <typename Kernel>
+  static void launch_tma(Kernel kernel, int smem, const Launch& l, const fused::FusedArgs& a,
+                         const FusedParams& p, const fused::TmaMaps& maps) {
+    opt_in_smem(reinterpret_cast<const void*>(kernel), smem);
+    kernel<<<grid_of(l), l.threads, smem, stream()>>>(a, p, maps);
   }
 
   template <typename T>
   static void launch_typed(Fused kind, bool grad, const Launch& l, const fused::FusedArgs& a,
-                           const FusedParams& p) {
+                           const FusedParams& p, const fused::TmaMaps* maps) {
     using namespace fused;
-    if (kind == Fused::kSm90) {
+    if (kind == Fused::kSm90 && maps != nullptr) {
+      constexpr int smem = smem_bytes<tiles::Sm90Config<T>>();
+      if (grad) launch_tma(grad_sm90_tma_kernel<T>, smem, l, a, p, *maps);
+      else launch_tma(fwd_sm90_tma_kernel<T>, smem, l, a, p, *maps);
+    } else if (kind == Fused::kSm90) {
       constexpr int smem = smem_bytes<tiles::Sm90Config<T>>();
       if (grad) launch_one(grad_sm90_kernel<T>, smem, l, a, p);
       else launch_one(fwd_sm90_kernel<T>, smem, l, a, p);
@@ -1019,10 +1116,11 @@ class CudaRunner final : public KernelRunner {
   }
 
   static void launch_fused(Fused kind, bool grad, at::ScalarType t, const Launch& l,
-                           const fused::FusedArgs& a, const FusedParams& p) {
+                           const fused::FusedArgs& a, const FusedParams& p,
+                           const fused::TmaMaps* maps) {
     TORCH_CHECK(kind != Fused::kNone, "launch_fused: no fused kernels for this device");
-    if (t == at::kBFloat16) launch_typed<cutlass::bfloat16_t>(kind, grad, l, a, p);
-    else if (t == at::kHalf) launch_typed<cutlass::half_t>(kind, grad, l, a, p);
+    if (t == at::kBFloat16) launch_typed<cutlass::bfloat16_t>(kind, grad, l, a, p, maps);
+    else if (t == at::kHalf) launch_typed<cutlass::half_t>(kind, grad, l, a, p, maps);
     else TORCH_CHECK(false, "launch_fused: float16 / bfloat16 only, got ", t);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -39,16 +39,14 @@ class RecordingRunner final : public KernelRunner {
                  const at::Tensor&, const at::Tensor* idx, const at::Tensor&,
                  const at::Tensor&, const at::Tensor&, const FusedParams& p, at::Tensor&,
                  at::Tensor&, at::Tensor&) override {
-    add(kind == Fused::kSm90 ? "fwd_sm90_kernel" : "fwd_sm80_kernel", l, x,
-        fused_sizes(kind, p, idx));
+    add(fused_name("fwd", kind, p), l, x, fused_sizes(kind, p, idx));
   }
   void fused_grad(Fused kind, const Launch& l, const at::Tensor& x, const at::Tensor&,
                   const at::Tensor&, const at::Tensor* idx, const at::Tensor&,
                   const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                   const at::Tensor&, const at::Tensor&, const FusedParams& p,
                   at::Tensor&) override {
-    add(kind == Fused::kSm90 ? "grad_sm90_kernel" : "grad_sm80_kernel", l, x,
-        fused_sizes(kind, p, idx));
+    add(fused_name("grad", kind, p), l, x, fused_sizes(kind, p, idx));
   }
 
   void inv_norm(const Launch& l, const at::Tensor& v, const at::Tensor* idx, int64_t rows,
@@ -86,10 +84,12 @@ class RecordingRunner final : public KernelRunner {
   }
   void dw_chunk_finish(const Launch& l, const at::Tensor& w, const at::Tensor* idx,
                        const at::Tensor&, int64_t row0, int64_t rows, int64_t k, int64_t d,
-                       bool normalize, const at::Tensor&, at::Tensor&, bool direct) override {
+                       bool normalize, const at::Tensor&, at::Tensor&, bool direct,
+                       bool prescaled) override {
     add("dw_chunk_finish_kernel", l, w, {{"row0", row0}, {"rows", rows}, {"k", k}, {"d", d},
                                          {"indexed", idx != nullptr},
-                                         {"normalize", normalize}, {"direct", direct}});
+                                         {"normalize", normalize}, {"direct", direct},
+                                         {"prescaled", prescaled}});
   }
   void dx_finish(const Launch& l, const at::Tensor& x, const at::Tensor&, const at::Tensor&,
                  int64_t n, int64_t d, bool normalize, at::Tensor&) override {
@@ -101,12 +101,19 @@ class RecordingRunner final : public KernelRunner {
  private:
   using Sizes = std::vector<std::pair<std::string, int64_t>>;
 
-  // bm / bn / bk: the CTA tile; smem: dynamic shared memory bytes per CTA
+  // the kernel CudaRunner launches: fwd / grad, sm90 (by TMA: _tma) or sm80
+  static std::string fused_name(const char* role, Fused kind, const FusedParams& p) {
+    const char* arch = kind != Fused::kSm90 ? "_sm80" : p.tma ? "_sm90_tma" : "_sm90";
+    return std::string(role) + arch + "_kernel";
+  }
+
+  // bm / bn / bk: the CTA tile; smem: dynamic shared memory bytes per CTA; tma: the
+  // operand tiles by TMA
   static Sizes fused_sizes(Fused kind, const FusedParams& p, const at::Tensor* idx) {
     return {{"n", p.n}, {"d", p.d}, {"j_begin", p.j_begin}, {"j_end", p.j_end},
             {"tiles", p.tiles}, {"tiles_per_split", p.tiles_per_split}, {"ldg", p.ldg},
             {"indexed", idx != nullptr}, {"bm", fused_bm(kind)}, {"bn", fused_bn(kind)},
-            {"bk", 64},
+            {"bk", 64}, {"tma", p.tma}, {"fold_b", p.fold_b},
             {"smem", kind == Fused::kSm90 ? FUSED90_SMEM : FUSED80_SMEM}};
   }
 
@@ -118,7 +125,8 @@ class RecordingRunner final : public KernelRunner {
   }
 
   // `typed`: the tensor whose dtype selects the kernel's template instance.
-  void add(const char* kernel, const Launch& l, const at::Tensor& typed, const Sizes& sizes) {
+  void add(const std::string& kernel, const Launch& l, const at::Tensor& typed,
+           const Sizes& sizes) {
     py::dict rec;
     rec["kernel"] = kernel;
     rec["grid"] = py::make_tuple(l.grid_x, l.grid_y);

@@ -9,10 +9,13 @@
 //   * the (class tile, k tile) iterations are one flattened cp.async pipeline of STAGES
 //     shared-memory stages, so the loads of the next class tile are in flight while the
 //     epilogue of the current one runs;
-//   * operand tiles are copied in 16-byte chunks (cp.async, zero-filled past the rows /
-//     classes / features), rows of w gathered through the Partial FC index when given:
-//     the same code for sm_80 and sm_90a, and TMA is not used because a tile of gathered
-//     rows is not a box of a tensor map (TMA's row gather is an sm_100 feature);
+//   * operand tiles arrive in one of two ways (a Loader, below): by TMA on sm_90a when
+//     the rows of w are contiguous (no Partial FC index: the x and w tiles are boxes of
+//     two tensor maps, zero-filled past the tensors' edges, one thread issuing them and
+//     an mbarrier per stage counting their bytes), else in 16-byte cp.async chunks
+//     (zero-filled past the rows / classes / features) that gather the rows of w through
+//     the index (a tile of gathered rows is not a box of a tensor map: TMA's row gather
+//     is an sm_100 feature), the same code for sm_80 and sm_90a;
 //   * Sm80Config: ldmatrix + mma.sync per 16-wide k block; Sm90Config: wgmma reading both
 //     operands from the swizzled shared memory (one batch per k tile, fp32 accumulators);
 //   * the epilogue works on the accumulator registers (tiles.h acc_rowcol): each row of
@@ -24,6 +27,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda.h>  // CUtensorMap (the TMA descriptors)
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -32,6 +36,9 @@
 #include "../arcface_math.h"
 #include "host.h"
 #include "tiles.h"
+
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cutlass/arch/barrier.h>
 
 namespace arcface::cuda::fused {
 
@@ -67,6 +74,15 @@ struct FusedArgs {
   const float* gt;
   const float* gs;
   void* g;                 // [n, ldg] G workspace (the chunk's classes j_begin..)
+};
+
+// The TMA kernels' tensor maps (host-encoded, passed as a __grid_constant__ argument):
+// x [n, d] in boxes of BM rows x BK features, w [rows of w, d] in boxes of BN rows x BK,
+// both with the 128-byte swizzle of the GMMA K-major SW128 layouts (tiles.h; checked by
+// the layout test) and zero fill past the tensors' edges.
+struct TmaMaps {
+  CUtensorMap x;
+  CUtensorMap w;
 };
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -148,8 +164,10 @@ struct Loader {
 #pragma unroll
     for (int q = 0; q < PB; ++q) wrow[q] = wnext[q];
   }
-  // Issue the copies of k tile kt into stage `stage`.
-  __device__ void load(const T* x, const T* w, const FusedParams& p, int kt, int stage) {
+  // Issue the copies of k tile kt (of the class tile the copies entered last) into stage
+  // `stage`, as one commit group.
+  __device__ void load(const T* x, const T* w, const FusedParams& p, int64_t /*tile*/,
+                       int kt, int stage) {
     const int64_t k = (int64_t)kt * Cfg::BK;
     const bool kok = k + kc * 8 < p.d;  // d % 8 == 0: a chunk is all in or all out
     const uint32_t sa = sa0 + stage * kStageA, sb = sb0 + stage * kStageB;
@@ -166,6 +184,89 @@ struct Loader {
       cp_async16(sb + q * kPassBytes, ok ? wk + (int64_t)wrow[q] * p.d : w, ok);
     }
   }
+  // Close the group of the trip's copies (an empty group past the end keeps the wait
+  // counts uniform).
+  __device__ __forceinline__ void commit() { cp_async_commit(); }
+  // Until the stage of the oldest outstanding group has landed: STAGES - 2 groups may
+  // stay in flight. The caller's barrier then makes them visible to every thread.
+  __device__ __forceinline__ void wait(int /*stage*/) {
+    cp_async_wait_n<Cfg::STAGES - 2>();
+#if defined(AK_FUSED_SM90)
+    if constexpr (Cfg::THREADS == 256) {
+      // the cp.async writes (generic proxy) become visible to wgmma (async proxy)
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    }
+#endif
+  }
+  __device__ __forceinline__ void drain() { cp_async_wait_n<0>(); }
+};
+
+// The copies by TMA (sm_90a, rows of w contiguous: no index): thread 0 issues the two
+// boxes of a stage (x rows r0.., features k..; w rows j_begin + tile BN.., features k..)
+// on the stage's mbarrier, armed with the stage's byte count; every thread waits on that
+// barrier's phase before reading the stage. Boxes past the tensors' edges are zero-filled
+// (and still count their full bytes), as the cp.async copies zero-fill.
+template <class Cfg>
+struct TmaLoader {
+  using T = typename Cfg::Element;
+  using Barrier = cutlass::arch::ClusterTransactionBarrier;
+  static constexpr int kStageA = Cfg::BM * Cfg::BK, kStageB = Cfg::BN * Cfg::BK;  // elements
+  static constexpr uint32_t kStageBytes = (kStageA + kStageB) * sizeof(T);
+  const CUtensorMap* mx;
+  const CUtensorMap* mw;
+  T* sa;
+  T* sb;
+  uint64_t* full;   // [STAGES] mbarriers: stage s holds k tile data once its phase flips
+  uint32_t phases;  // bit s: the parity of stage s's next phase to wait for
+  int row0;         // the CTA's first row of x
+  int64_t col0;     // the launch's first row of w (j_begin)
+
+  // Every thread; the barriers are initialized and visible when it returns.
+  __device__ void init(const TmaMaps& m, const FusedParams& p, int64_t r0, T* sA, T* sB,
+                       uint64_t* bars) {
+    mx = &m.x;
+    mw = &m.w;
+    sa = sA;
+    sb = sB;
+    full = bars;
+    phases = 0;
+    row0 = (int)r0;
+    col0 = p.j_begin;
+#if defined(AK_FUSED_SM90)
+    if (threadIdx.x == 0) {
+      cute::prefetch_tma_descriptor(mx);
+      cute::prefetch_tma_descriptor(mw);
+#pragma unroll
+      for (int s = 0; s < Cfg::STAGES; ++s) Barrier::init(&full[s], 1);
+      cutlass::arch::fence_barrier_init();
+    }
+    __syncthreads();
+#endif
+  }
+  __device__ __forceinline__ void prepare_tile(const int64_t*, const FusedParams&, int64_t) {}
+  __device__ __forceinline__ void enter_tile() {}
+  __device__ __forceinline__ void load(const T*, const T*, const FusedParams&, int64_t tile,
+                                       int kt, int stage) {
+#if defined(AK_FUSED_SM90)
+    if (threadIdx.x == 0) {
+      uint64_t* bar = &full[stage];
+      Barrier::arrive_and_expect_tx(bar, kStageBytes);
+      constexpr uint64_t hint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
+      const int k = kt * Cfg::BK;
+      SM90_TMA_LOAD_2D::copy(mx, bar, hint, sa + stage * kStageA, k, row0);
+      SM90_TMA_LOAD_2D::copy(mw, bar, hint, sb + stage * kStageB, k,
+                             (int)(col0 + tile * Cfg::BN));
+    }
+#endif
+  }
+  __device__ __forceinline__ void commit() {}
+  __device__ __forceinline__ void wait(int stage) {
+#if defined(AK_FUSED_SM90)
+    Barrier::wait(&full[stage], (phases >> stage) & 1u);
+    phases ^= 1u << stage;
+#endif
+  }
+  __device__ __forceinline__ void drain() {}  // every box issued was waited for
 };
 
 template <class Cfg>
@@ -173,9 +274,12 @@ struct SharedStorage {
   using T = typename Cfg::Element;
   alignas(128) T a[cosize_v<typename Cfg::SmemLayoutA>];
   alignas(128) T b[cosize_v<typename Cfg::SmemLayoutB>];
-  // per column of the class tiles (by tile parity): (inverse norm, 0), or (0, -inf) past
-  // the launch's classes
+  // per column of the class tiles (by tile parity): (inverse norm, the epilogue's column
+  // value: Epi::col_value), or (0, Epi::col_value past the classes) past the launch's
+  // classes
   float2 bcol[2][Cfg::BN];
+  // the TMA pipeline's barriers, one per stage (unused by the cp.async copies)
+  alignas(8) uint64_t full[Cfg::STAGES];
 };
 
 template <class Cfg>
@@ -237,22 +341,19 @@ __device__ __forceinline__ void mma_k_tile(Acc& acc, typename Cfg::Element* sA,
 // ---------------------------------------------------------------- the driver
 // For each class tile of the CTA's range: acc = x_tile . w_tile^T over all k tiles, then
 // epi.tile(acc, j0) with the tile's first class; epi.finish() at the end. The operand
-// tiles of the next class tile are loaded while the epilogue runs.
-template <class Cfg, class Epi>
-__device__ __forceinline__ void run_tiles(const FusedArgs& a, const FusedParams& p, Epi& epi) {
+// tiles of the next class tile are loaded while the epilogue runs. `ld` (Loader: cp.async,
+// TmaLoader: TMA) is initialized by the caller.
+template <class Cfg, class Epi, class Ld>
+__device__ __forceinline__ void run_tiles(const FusedArgs& a, const FusedParams& p, Epi& epi,
+                                          Ld& ld, SharedStorage<Cfg>& sm) {
   using T = typename Cfg::Element;
-  extern __shared__ __align__(128) char smem_raw[];
-  auto& sm = *reinterpret_cast<SharedStorage<Cfg>*>(smem_raw);
   const T* x = static_cast<const T*>(a.x);
   const T* w = static_cast<const T*>(a.w);
-  const int64_t r0 = (int64_t)blockIdx.x * Cfg::BM;
   const int64_t t_begin = (int64_t)blockIdx.y * p.tiles_per_split;
   const int64_t t_end = min(p.tiles, t_begin + p.tiles_per_split);
   const int kt_count = (int)((p.d + Cfg::BK - 1) / Cfg::BK);
   const int64_t total = (t_end - t_begin) * kt_count;  // (tile, k tile) iterations
 
-  Loader<Cfg> ld;
-  ld.init(x, p, r0, threadIdx.x, sm.a, sm.b);
   // the load cursor: (tile, k tile) of the next iteration to load
   int64_t ld_tile = t_begin;
   int ld_kt = 0;
@@ -263,14 +364,14 @@ __device__ __forceinline__ void run_tiles(const FusedArgs& a, const FusedParams&
   auto issue = [&](int stage) {
     if (ld_it < total) {
       if (ld_kt == 0) ld.enter_tile();
-      ld.load(x, w, p, ld_kt, stage);
+      ld.load(x, w, p, ld_tile, ld_kt, stage);
       if (++ld_kt == kt_count) {
         ld_kt = 0;
         ++ld_tile;
       }
     }
     ++ld_it;
-    cp_async_commit();  // an empty group past the end keeps the wait counts uniform
+    ld.commit();
   };
   // the prologue's copies: they may enter up to STAGES - 1 tiles (one k tile each)
 #pragma unroll
@@ -289,8 +390,9 @@ __device__ __forceinline__ void run_tiles(const FusedArgs& a, const FusedParams&
   static_assert(Cfg::BN <= Cfg::THREADS, "one column per thread");
   auto col_norm = [&](int64_t t) {
     const int64_t j = p.j_begin + t * Cfg::BN + bc;
-    return (bc < Cfg::BN && t < t_end && j < p.j_end) ? make_float2(a.bnorm[j], 0.f)
-                                                      : make_float2(0.f, -INFINITY);
+    const bool ok = bc < Cfg::BN && t < t_end && j < p.j_end;
+    const float b = ok ? a.bnorm[j] : 0.f;
+    return make_float2(b, epi.col_value(b, ok));
   };
   if (bc < Cfg::BN) sm.bcol[0][bc] = col_norm(t_begin);
   int stage = 0;
@@ -300,13 +402,9 @@ __device__ __forceinline__ void run_tiles(const FusedArgs& a, const FusedParams&
     const int64_t enter = ld_kt == 0 ? ld_tile : ld_tile + 1;
     if (enter < t_end) ld.prepare_tile(a.idx, p, enter);
     for (int kt = 0; kt < kt_count; ++kt) {  // the main loop (one k tile per trip)
-      cp_async_wait_n<Cfg::STAGES - 2>();
-#if defined(AK_FUSED_SM90)
-      if constexpr (Cfg::THREADS == 256) {
-        // the cp.async writes (generic proxy) become visible to wgmma (async proxy)
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-      }
-#endif
+      ld.wait(stage);
+      // every thread is past the last trip's k tile (its tensor-core reads are complete):
+      // that stage may be refilled
       __syncthreads();
       issue(stage == 0 ? Cfg::STAGES - 1 : stage - 1);  // the stage consumed last trip
       mma_k_tile<Cfg>(acc, sm.a, sm.b, stage, kt == 0);
@@ -315,7 +413,7 @@ __device__ __forceinline__ void run_tiles(const FusedArgs& a, const FusedParams&
     if (bc < Cfg::BN) sm.bcol[(tile + 1 - t_begin) & 1][bc] = next_b;
     epi.tile(acc, p.j_begin + tile * Cfg::BN, sm.bcol[(tile - t_begin) & 1]);
   }
-  cp_async_wait_n<0>();
+  ld.drain();
   epi.finish();
 }
 
@@ -437,6 +535,11 @@ struct FwdEpilogue : EpilogueRows<Cfg> {
     }
   }
 
+  // The column value staged beside b (bcol .y): the logit mask, 0 or -inf past the classes.
+  __device__ __forceinline__ float col_value(float, bool ok) const {
+    return ok ? 0.f : -INFINITY;
+  }
+
   template <class Acc>
   __device__ __forceinline__ void tile(Acc& acc_in, int64_t j0, const float2* bcol) {
     Tensor acc = rowcol(acc_in);
@@ -544,9 +647,11 @@ __device__ __forceinline__ void store_pair(cutlass::half_t* dst, float v0, float
   *reinterpret_cast<__half2*>(dst) = __floats2half2_rn(v0, v1);
 }
 
-// The backward: G_ij = dL/dc_ij into the workspace (column j - j_begin), in T. Per
-// element the non-target formula; the target element is rewritten once per row with
-// grad_target (psi and psi' evaluated once per row, not per element).
+// The backward: G_ij = dL/dc_ij into the workspace (column j - j_begin), in T, or with
+// p.fold_b G_ij b_j (b_j: the column's inverse norm; the host's products then take the
+// raw rows of w, no normalized copy). Per element the non-target formula; the target
+// element is rewritten once per row with grad_target (psi and psi' evaluated once per
+// row, not per element).
 template <class Cfg>
 struct GradEpilogue : EpilogueRows<Cfg> {
   using T = typename Cfg::Element;
@@ -567,6 +672,12 @@ struct GradEpilogue : EpilogueRows<Cfg> {
     }
   }
 
+  // The column value staged beside b (bcol .y): the factor of G's non-target formula,
+  // s, or s b with fold_b (0 past the classes: those G values are never read).
+  __device__ __forceinline__ float col_value(float b, bool ok) const {
+    return ok ? (p.fold_b ? p.mp.s * b : p.mp.s) : 0.f;
+  }
+
   template <class Acc>
   __device__ __forceinline__ void tile(Acc& acc_in, int64_t j0, const float2* bcol) {
     Tensor acc = rowcol(acc_in);
@@ -577,7 +688,6 @@ struct GradEpilogue : EpilogueRows<Cfg> {
     const int vrel = valid - xy.col0;  // valid columns: offsets < vrel
     const float2* bc = bcol + xy.col0;
     const CosBounds cosine(mp.normalize);
-    const float s = mp.s;
 #pragma unroll
     for (int i = 0; i < R; ++i) {
       const int64_t gi = r0 + xy.row(i);
@@ -591,15 +701,18 @@ struct GradEpilogue : EpilogueRows<Cfg> {
         const float c0 = cosine(acc(i, c) * ai[i] * bc[o].x);
         const float c1 = cosine(acc(i, c + 1) * ai[i] * bc[o + 1].x);
         ct = o == trel ? c0 : (o + 1 == trel ? c1 : ct);
-        // G = s (g_p exp(s c - lse) + g_s) (arcface_math.h grad_nontarget), exp as exp2
-        const float v0 = s * fmaf(gp[i], ex2(fmaf(s2, c0, -lse2[i])), gs[i]);
-        const float v1 = s * fmaf(gp[i], ex2(fmaf(s2, c1, -lse2[i])), gs[i]);
+        // G = s (g_p exp(s c - lse) + g_s) (arcface_math.h grad_nontarget), exp as exp2,
+        // times b with fold_b (the staged factor)
+        const float v0 = bc[o].y * fmaf(gp[i], ex2(fmaf(s2, c0, -lse2[i])), gs[i]);
+        const float v1 = bc[o + 1].y * fmaf(gp[i], ex2(fmaf(s2, c1, -lse2[i])), gs[i]);
         // one store per pair: where only o is valid, o + 1 is a padding column of the
         // workspace (its leading dimension is the chunk's classes rounded up to 8)
         if (o < vrel) store_pair(grow + o, v0, v1);
       }
-      if (held(trel))  // the target: overwritten (program order) with its formula
-        grow[trel] = T(grad_target(ct, a.lse[gi], gp[i], a.gt[gi], gs[i], mp));
+      if (held(trel)) {  // the target: overwritten (program order) with its formula
+        const float gt = grad_target(ct, a.lse[gi], gp[i], a.gt[gi], gs[i], mp);
+        grow[trel] = T(p.fold_b ? gt * bc[trel].x : gt);
+      }
     }
   }
 
@@ -645,10 +758,11 @@ __device__ void slow_path(const FusedArgs& a, const FusedParams& p) {
     for (int64_t j = jb; j < je; ++j) {  // @trips[0]
       const T* w = static_cast<const T*>(a.w) + class_row(a.idx, j) * p.d;
       const float cs = cosine(safe_dot(x, w, p.d, ai, a.bnorm[j]), p.mp.normalize);
-      if constexpr (kGrad) {  // G into the workspace (column j - j_begin)
-        static_cast<T*>(a.g)[gi * p.ldg + (j - p.j_begin)] =
-            T(j == li ? grad_target(cs, a.lse[gi], a.gp[gi], a.gt[gi], a.gs[gi], p.mp)
-                      : grad_nontarget(p.mp.s * cs, a.lse[gi], a.gp[gi], a.gs[gi], p.mp.s));
+      if constexpr (kGrad) {  // G (times b with fold_b) into the workspace (column j - j_begin)
+        const float g = j == li ? grad_target(cs, a.lse[gi], a.gp[gi], a.gt[gi], a.gs[gi], p.mp)
+                                : grad_nontarget(p.mp.s * cs, a.lse[gi], a.gp[gi], a.gs[gi],
+                                                 p.mp.s);
+        static_cast<T*>(a.g)[gi * p.ldg + (j - p.j_begin)] = T(p.fold_b ? g * a.bnorm[j] : g);
       } else {  // the forward's state, as FwdEpilogue keeps it
         if (better_max(cs, j, best, barg)) {
           best = cs;
@@ -691,18 +805,33 @@ static_assert(smem_bytes<tiles::Sm80Config<cutlass::bfloat16_t>>() == FUSED80_SM
 
 // One kernel body: the overflow-free path when the inverse-norm kernels flagged a norm
 // above 2^63, else the tensor-core tiles with the forward's or the backward's epilogue.
-template <class Cfg, bool kGrad>
-__device__ __forceinline__ void fused_body(const FusedArgs& a, const FusedParams& p) {
+// The operand tiles come by TMA with kTma (the *_tma kernels: `maps`), else by cp.async.
+template <class Cfg, bool kGrad, bool kTma = false>
+__device__ __forceinline__ void fused_body(const FusedArgs& a, const FusedParams& p,
+                                           const TmaMaps* maps = nullptr) {
   if (*a.unsafe) {
     slow_path<Cfg, kGrad>(a, p);
     return;
   }
+  // dynamic shared memory starts 1024-byte aligned: the 128-byte swizzle's period (what
+  // the swizzled layouts, wgmma's descriptors and TMA's boxes assume)
+  extern __shared__ __align__(1024) char smem_raw[];
+  auto& sm = *reinterpret_cast<SharedStorage<Cfg>*>(smem_raw);
   using Epi = std::conditional_t<kGrad, GradEpilogue<Cfg>, FwdEpilogue<Cfg>>;
   Epi epi(a, p);
-  run_tiles<Cfg>(a, p, epi);
+  const int64_t r0 = (int64_t)blockIdx.x * Cfg::BM;
+  if constexpr (kTma) {
+    TmaLoader<Cfg> ld;
+    ld.init(*maps, p, r0, sm.a, sm.b, sm.full);
+    run_tiles<Cfg>(a, p, epi, ld, sm);
+  } else {
+    Loader<Cfg> ld;
+    ld.init(static_cast<const typename Cfg::Element*>(a.x), p, r0, threadIdx.x, sm.a, sm.b);
+    run_tiles<Cfg>(a, p, epi, ld, sm);
+  }
 }
 
-// The four kernels (the static report finds each by name). AK_FUSED_SM80 / _SM90 false:
+// The six kernels (the static report finds each by name). AK_FUSED_SM80 / _SM90 false:
 // compiled to a trap (the host never launches them there).
 #if defined(AK_FUSED_SM80)
 #define AK_FUSED_BODY80(kGrad) fused_body<tiles::Sm80Config<T>, kGrad>(a, p)
@@ -711,8 +840,10 @@ __device__ __forceinline__ void fused_body(const FusedArgs& a, const FusedParams
 #endif
 #if defined(AK_FUSED_SM90)
 #define AK_FUSED_BODY90(kGrad) fused_body<tiles::Sm90Config<T>, kGrad>(a, p)
+#define AK_FUSED_BODY90_TMA(kGrad) fused_body<tiles::Sm90Config<T>, kGrad, true>(a, p, &maps)
 #else
 #define AK_FUSED_BODY90(kGrad) __trap()
+#define AK_FUSED_BODY90_TMA(kGrad) __trap()
 #endif
 
 // Whether the build holds sm_90a code for the device (host: cudaFuncGetAttributes, no
@@ -747,6 +878,17 @@ __global__ void __launch_bounds__(FUSED90_THREADS, 2) fwd_sm90_kernel(FusedArgs 
 template <class T>
 __global__ void __launch_bounds__(FUSED90_THREADS, 2) grad_sm90_kernel(FusedArgs a, FusedParams p) {
   AK_FUSED_BODY90(true);
+}
+// sm_90a with the rows of w contiguous (no index): the operand tiles by TMA
+template <class T>
+__global__ void __launch_bounds__(FUSED90_THREADS, 2)
+    fwd_sm90_tma_kernel(FusedArgs a, FusedParams p, const __grid_constant__ TmaMaps maps) {
+  AK_FUSED_BODY90_TMA(false);
+}
+template <class T>
+__global__ void __launch_bounds__(FUSED90_THREADS, 2)
+    grad_sm90_tma_kernel(FusedArgs a, FusedParams p, const __grid_constant__ TmaMaps maps) {
+  AK_FUSED_BODY90_TMA(true);
 }
 
 }  // namespace arcface::cuda::fused

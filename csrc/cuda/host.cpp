@@ -86,6 +86,14 @@ Fused fused_for(KernelRunner& run, const at::Tensor& x, const at::Tensor& w, con
   return run.fused_kind(x);
 }
 
+// Whether the sm_90a kernels take their operand tiles by TMA: the rows of w contiguous (no
+// index: a tile of gathered rows is no box of a tensor map), coordinates within TMA's
+// int32 (the rows of w are, by fused_for).
+bool fused_tma(Fused f, const at::Tensor* idx, const Dims& dm) {
+  return f == Fused::kSm90 && idx == nullptr && dm.n < (int64_t(1) << 31) - 1 &&
+         dm.d < (int64_t(1) << 31) - 1;
+}
+
 // The fused launch over classes [j_begin, j_end): grid (row tiles, splits) with splits
 // chosen so that the CTAs fill `waves` rounds of the device's resident slots
 // (FUSED_CTAS_PER_SM per SM), each split a run of whole class tiles.
@@ -179,6 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_host(
   const bool terms = uses_terms(mp, bias != nullptr);  // which tile kernel instance
   const Fused fused = fused_for(run, x, w, dm, terms);
   FusedParams fp{dm.n, dm.d, 0, dm.c, 0, 0, 0, mp};
+  fp.tma = fused_tma(fused, idx, dm);
   Launch fl{};
   if (fused != Fused::kNone) fl = fused_launch(fused, run.num_sms(x), dm.n, 0, dm.c, 1, fp);
   const int64_t splits = fused != Fused::kNone ? fl.grid_y : num_splits(p);
@@ -251,6 +260,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_host(
   const Fused fused = fused_for(run, x, w, dm, terms);
   const int64_t cc = bwd_chunk_classes(dm, p, block, x.element_size());
   const int64_t nr = cc * dm.k;  // rows of w per chunk
+  // The fused G kernel writes G b (b_j: the inverse norm of class j's row) where that is
+  // safe in the input dtype and the rows of w are contiguous: bfloat16 (float32's
+  // exponent range: b is at most 1 / NORM_EPS), no index, normalizing. The products then
+  // take w's own rows (no normalized copy W_hat, one rounding less in dX) and the chunk's
+  // dW rows come out already scaled by b (dw_chunk_finish: prescaled). At the low end,
+  // a product |G b| below 2^-126 becomes subnormal or 0: with norms up to 2^63 (the
+  // tensor-core path) only terms with |G| < 2^-63, below the precision of the sums they
+  // join; rows of w of norm far above that (2^100: the overflow-free path) lose more of
+  // their smallest terms.
+  const bool fold_b = fused != Fused::kNone && idx == nullptr && normalize &&
+                      x.scalar_type() == at::kBFloat16;
   // The G workspace's leading dimension, a multiple of 8 elements (16 bytes) for every
   // chunk, the last included: aligned cuBLAS operands, the fused kernel's paired stores.
   const int64_t ldg = (nr + 7) / 8 * 8;
@@ -260,7 +280,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_host(
   // G^T X_hat in float32 (finished, radial part removed, before any rounding), and with
   // an index its finished rows in w's dtype for index_add_.
   at::Tensor g_ws = at::empty({dm.n * ldg}, x.options());
-  at::Tensor wh_ws = at::empty({nr, dm.d}, x.options());
+  const bool need_wh = !fold_b && (normalize || idx);
+  at::Tensor wh_ws = need_wh ? at::empty({nr, dm.d}, x.options()) : at::Tensor();
   at::Tensor dw_ws = at::empty({nr, dm.d}, fopt);
   at::Tensor dwt_ws = idx ? at::empty({nr, dm.d}, w.options()) : at::Tensor();
   // dX_acc = sum over chunks of G W_hat in float32: cuBLAS accumulates each chunk's
@@ -297,6 +318,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_host(
     // 1) G [N, nrc] (leading dimension ldg) into the workspace
     if (fused != Fused::kNone) {
       FusedParams fp{dm.n, dm.d, 0, 0, 0, 0, ldg, mp};
+      fp.tma = fused_tma(fused, idx, dm);
+      fp.fold_b = fold_b;
       const Launch fl = fused_launch(fused, sms, dm.n, j0, j0 + jn, 1, fp);
       run.fused_grad(fused, fl, x, w, labels, idx, anorm, bnorm, unsafe, lse, gp, gt, gs, fp,
                      g_ws);
@@ -313,18 +336,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_host(
       }
     }
     // 2) W_hat of the chunk [nrc, D] (w's rows themselves when there is nothing to gather
-    //    or scale)
+    //    or scale, or when G carries the scale)
     at::Tensor wh;
-    if (!normalize && !idx) {
+    if (!need_wh) {
       wh = w.narrow(0, row0, nrc);
     } else {
       wh = wh_ws.narrow(0, 0, nrc);
       run.scaled_rows(warp_rows(nrc), w, idx, row0, nrc, dm.k, dm.d, bnorm, wh);
     }
     // 3) cuBLAS through ATen, fp32 accumulation and fp32 results (tensor cores for
-    //    16-bit operands): dX_acc += G W_hat straight into the fp32 accumulator (beta = 1,
-    //    no rounded copy of the product), dW_c = G^T X_hat in fp32 (rounded once, after
-    //    the radial projection of step 4). G is a strided view (leading dimension ldg).
+    //    16-bit operands): dX_acc += G W_hat (with fold_b: (G b) W) straight into the
+    //    fp32 accumulator (beta = 1, no rounded copy of the product), dW_c = G^T X_hat
+    //    (with fold_b: b G^T X_hat) in fp32 (rounded once, after the radial projection of
+    //    step 4). G is a strided view (leading dimension ldg).
     at::Tensor g = g_ws.narrow(0, 0, dm.n * ldg).view({dm.n, ldg}).narrow(1, 0, nrc);
     at::Tensor dwc = dw_ws.narrow(0, 0, nrc);
     gemm_f32(dx_acc, g, wh, /*accumulate=*/true);
@@ -333,7 +357,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_host(
     if (idx) {
       at::Tensor rows = dwt_ws.narrow(0, 0, nrc);
       run.dw_chunk_finish(warp_rows(nrc), w, idx, bnorm, row0, nrc, dm.k, dm.d, normalize,
-                          dwc, rows, false);
+                          dwc, rows, false, fold_b);
       // accumulate through the index with index_put_ (sorted: deterministic also for a
       // class repeated in the index, where index_add_'s atomics are not)
       c10::List<std::optional<at::Tensor>> where;
@@ -341,7 +365,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_host(
       dw.index_put_(where, rows, /*accumulate=*/true);
     } else {
       run.dw_chunk_finish(warp_rows(nrc), w, idx, bnorm, row0, nrc, dm.k, dm.d, normalize,
-                          dwc, dw, true);
+                          dwc, dw, true, fold_b);
     }
   }
   // 5) dx = a (dX_acc - r x_hat)

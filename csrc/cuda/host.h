@@ -57,9 +57,10 @@ enum class Fused { kNone = 0, kSm80 = 1, kSm90 = 2 };
 constexpr int FUSED80_BM = 128, FUSED80_BN = 64, FUSED80_THREADS = 128;
 constexpr int FUSED90_BM = 128, FUSED90_BN = 128, FUSED90_THREADS = 256;
 constexpr int FUSED_CTAS_PER_SM = 2;  // both are sized for two resident CTAs per SM
-// Their dynamic shared memory (3 stages of the x and w tiles, 2 x BN column (norm, mask)).
-constexpr int FUSED80_SMEM = 3 * (FUSED80_BM + FUSED80_BN) * 64 * 2 + 2 * FUSED80_BN * 8;
-constexpr int FUSED90_SMEM = 3 * (FUSED90_BM + FUSED90_BN) * 64 * 2 + 2 * FUSED90_BN * 8;
+// Their dynamic shared memory: 3 stages of the x and w tiles, 2 x BN column (norm, mask),
+// and the TMA pipeline's 3 mbarriers (8 bytes each, the struct padded to 128 bytes).
+constexpr int FUSED80_SMEM = 3 * (FUSED80_BM + FUSED80_BN) * 64 * 2 + 2 * FUSED80_BN * 8 + 128;
+constexpr int FUSED90_SMEM = 3 * (FUSED90_BM + FUSED90_BN) * 64 * 2 + 2 * FUSED90_BN * 8 + 128;
 inline int fused_bm(Fused f) { return f == Fused::kSm90 ? FUSED90_BM : FUSED80_BM; }
 inline int fused_bn(Fused f) { return f == Fused::kSm90 ? FUSED90_BN : FUSED80_BN; }
 inline int fused_threads(Fused f) {
@@ -74,6 +75,12 @@ struct FusedParams {
   int64_t tiles_per_split;  // class tiles per CTA (grid.y = ceil(tiles / tiles_per_split))
   int64_t ldg;              // backward: leading dimension of the G workspace (% 8 == 0)
   Margin<float> mp;
+  // sm_90a: the operand tiles by TMA (the *_sm90_tma kernels; rows of w contiguous, no
+  // index, rows of x and w below 2^31), else by cp.async
+  bool tma = false;
+  // backward: G is written as G_ij b_j (b_j the column's inverse norm), so that the
+  // products take the raw rows of w (host.cpp bwd_host)
+  bool fold_b = false;
 };
 
 // Grid (x, y) and threads per block of one launch.
@@ -142,13 +149,14 @@ class KernelRunner {
                           const at::Tensor& gp, const at::Tensor& gt, const at::Tensor& gs,
                           const Params& p, int64_t j0, int64_t jn, at::Tensor& g,
                           at::Tensor* dbias_part) = 0;
-  // dwc: the chunk's G^T X_hat [rows, D] in float32; the finished rows go to dw itself
+  // dwc: the chunk's G^T X_hat [rows, D] in float32 (prescaled: (G b)^T X_hat, G having
+  // been written with the columns' inverse norms); the finished rows go to dw itself
   // (out = dw, direct: no index) or to out's first rows (out = a [rows, D] buffer of w's
   // dtype, for index_add_).
   virtual void dw_chunk_finish(const Launch& l, const at::Tensor& w, const at::Tensor* idx,
                                const at::Tensor& bnorm, int64_t row0, int64_t rows,
                                int64_t k, int64_t d, bool normalize, const at::Tensor& dwc,
-                               at::Tensor& out, bool direct) = 0;
+                               at::Tensor& out, bool direct, bool prescaled) = 0;
   virtual void dx_finish(const Launch& l, const at::Tensor& x, const at::Tensor& anorm,
                          const at::Tensor& dx_acc, int64_t n, int64_t d, bool normalize,
                          at::Tensor& dx) = 0;

@@ -17,8 +17,9 @@ How (details in each module):
 * :mod:`.trace` runs one step (``arcface_loss`` forward + backward) of each backend on
   fake CUDA tensors with the kernels stubbed, and counts allocations (peak extra bytes),
   launches, host syncs and host work; the cpp backend once per arch (its host code picks
-  its kernels by the device's compute capability: the fused ``*_sm90_kernel`` on sm_90,
-  ``*_sm80_kernel`` on sm_80), the shapes' figures from the sm_90a trace;
+  its kernels by the device's compute capability: the fused ``*_sm90_tma_kernel`` on
+  sm_90, ``*_sm90_kernel`` there with a Partial FC index, ``*_sm80_kernel`` on sm_80),
+  the shapes' figures from the sm_90a trace;
 * :mod:`.kernels` compiles every Triton launch of those steps with ``triton.compile`` for
   sm_90a and sm_80, builds the cpp extension's CUDA kernels with its own FORCE_CUDA build,
   and says how much work each launch is (:data:`.kernels.SPECS`);

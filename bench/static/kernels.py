@@ -9,8 +9,9 @@
   kernels instantiated on CUDA's types (``__nv_bfloat16``, ``__half``, ``float``), the
   fused CuTe kernels on CUTLASS's (``cutlass::bfloat16_t``, ``cutlass::half_t``). Which
   of them a step launches depends on the device: the host code picks the fused
-  ``*_sm90_kernel`` on sm_90 and the ``*_sm80_kernel`` on sm_80..sm_89, so the report
-  traces the cpp backend once per architecture, with that capability.
+  ``*_sm90_tma_kernel`` on sm_90 (``*_sm90_kernel`` with a Partial FC index) and the
+  ``*_sm80_kernel`` on sm_80..sm_89, so the report traces the cpp backend once per
+  architecture, with that capability.
 
 :data:`SPECS` says, per kernel, its role and how much work one launch is: programs
 (blocks), tiles per program, tensor-core FLOPs per tile and compulsory HBM bytes (every
@@ -226,7 +227,7 @@ def _c_grad(l: dict) -> Work:
 
 
 def _c_fused(l: dict, grad: bool) -> Work:
-    """A fused launch (fwd_sm90/sm80_kernel, grad_sm90/sm80_kernel): grid (row tiles of
+    """A fused launch (fwd_/grad_ sm90_tma, sm90, sm80 kernels): grid (row tiles of
     bm, splits), each CTA a run of at most tiles_per_split class tiles of bn (the tiles
     per program are the average: row tiles x class tiles / CTAs), each class tile
     ceil(d / bk) k tiles of bm x bn x bk. Compulsory bytes: x and the launch's rows of w

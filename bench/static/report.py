@@ -335,8 +335,9 @@ def to_markdown(rep: dict) -> str:
         f"TFLOP/s (measured cuBLAS; datasheet {gpu['datasheet_tflops']:.0f}), HBM "
         f"{gpu['hbm_tb_s']:.1f} TB/s, clock {gpu['clock_ghz']:.2f} GHz (implied). Memory, "
         "launches and host syncs are counted from the traced step itself. The cpp "
-        "backend's host code picks its kernels by the device (the fused `*_sm90_kernel` on "
-        "sm_90, `*_sm80_kernel` on sm_80): its kernels are traced and listed per arch.",
+        "backend's host code picks its kernels by the device (on sm_90 the fused "
+        "`*_sm90_tma_kernel`, or `*_sm90_kernel` with a Partial FC index; `*_sm80_kernel` "
+        "on sm_80): its kernels are traced and listed per arch.",
         "",
         "## Headline shapes, forward + backward (bf16)",
         "",

@@ -465,6 +465,13 @@ def per_tile(ins: sass.Instr) -> bool:
     return any("@per_tile" in source_line(*site) for site in ins.lines)
 
 
+def _size_expr(expr: str, sizes: dict):
+    """An annotation's expression (``@trips[EXPR]``, ``@cold[EXPR]``) over the launch's
+    sizes, with cdiv, ceil, min and max."""
+    env = dict(sizes, cdiv=_cdiv, ceil=math.ceil, min=min, max=max)
+    return eval(expr, {"__builtins__": {}}, env)
+
+
 def cold(ins: sass.Instr, sizes: dict) -> bool:
     """Whether an instruction comes from a ``@cold`` line (its own source line or a call
     site it was inlined at carries the annotation, a comment): code that runs only for
@@ -485,8 +492,7 @@ def cold(ins: sass.Instr, sizes: dict) -> bool:
         m = re.search(r"@cold\[([^\]]*)\]", line)
         if m is None:
             return True
-        env = dict(sizes, cdiv=_cdiv, ceil=math.ceil, min=min, max=max)
-        if eval(m.group(1), {"__builtins__": {}}, env):
+        if _size_expr(m.group(1), sizes):
             return True
     return False
 
@@ -499,9 +505,7 @@ def loop_trips(loop: sass.Loop, sizes: dict) -> Optional[float]:
     m = re.search(r"@trips\[([^\]]*)\]", source_line(*loop.line))
     if m is None:
         return None
-    expr = m.group(1)
-    env = dict(sizes, cdiv=_cdiv, ceil=math.ceil, min=min, max=max)
-    return float(eval(expr, {"__builtins__": {}}, env))
+    return float(_size_expr(m.group(1), sizes))
 
 
 def hash_of(*parts) -> str:

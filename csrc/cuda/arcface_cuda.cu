@@ -1067,33 +1067,24 @@ class CudaRunner final : public KernelRunner {
   fused::TmaMaps maps_{};
   int maps_state_ = 0;  // 0: not encoded yet, 1: maps_ holds them, 2: no encoder
 
-  // The shared-memory opt-in, once per kernel and device.
-  static void opt_in_smem(const void* kernel, int smem) {
-    static std::mutex mu;
-    static std::set<std::pair<const void*, int>> done;
-    int dev = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&dev));
-    std::lock_guard<std::mutex> lock(mu);
-    const std::pair<const void*, int> key(kernel, dev);
-    if (!done.count(key)) {
-      C10_CUDA_CHECK(
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-      done.insert(key);  // only once it succeeded
+  // A fused kernel with smem bytes of dynamic shared memory and its arguments (FusedArgs,
+  // FusedParams and, for the TMA kernels, the TmaMaps).
+  template <typename Kernel, typename... Args>
+  static void launch_one(Kernel kernel, int smem, const Launch& l, const Args&... args) {
+    {  // the shared-memory opt-in, once per kernel and device
+      static std::mutex mu;
+      static std::set<std::pair<const void*, int>> done;
+      int dev = 0;
+      C10_CUDA_CHECK(cudaGetDevice(&dev));
+      std::lock_guard<std::mutex> lock(mu);
+      const std::pair<const void*, int> key(reinterpret_cast<const void*>(kernel), dev);
+      if (!done.count(key)) {
+        C10_CUDA_CHECK(
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        done.insert(key);  // only once it succeeded
+      }
     }
-  }
-
-  template <typename Kernel>
-  static void launch_one(Kernel kernel, int smem, const Launch& l, const fused::FusedArgs& a,
-                         const FusedParams& p) {
-    opt_in_smem(reinterpret_cast<const void*>(kernel), smem);
-    kernel<<<grid_of(l), l.threads, smem, stream()>>>(a, p);
-  }
-
-  template <typename Kernel>
-  static void launch_tma(Kernel kernel, int smem, const Launch& l, const fused::FusedArgs& a,
-                         const FusedParams& p, const fused::TmaMaps& maps) {
-    opt_in_smem(reinterpret_cast<const void*>(kernel), smem);
-    kernel<<<grid_of(l), l.threads, smem, stream()>>>(a, p, maps);
+    kernel<<<grid_of(l), l.threads, smem, stream()>>>(args...);
   }
 
   template <typename T>
@@ -1102,8 +1093,8 @@ class CudaRunner final : public KernelRunner {
     using namespace fused;
     if (kind == Fused::kSm90 && maps != nullptr) {
       constexpr int smem = smem_bytes<tiles::Sm90Config<T>>();
-      if (grad) launch_tma(grad_sm90_tma_kernel<T>, smem, l, a, p, *maps);
-      else launch_tma(fwd_sm90_tma_kernel<T>, smem, l, a, p, *maps);
+      if (grad) launch_one(grad_sm90_tma_kernel<T>, smem, l, a, p, *maps);
+      else launch_one(fwd_sm90_tma_kernel<T>, smem, l, a, p, *maps);
     } else if (kind == Fused::kSm90) {
       constexpr int smem = smem_bytes<tiles::Sm90Config<T>>();
       if (grad) launch_one(grad_sm90_kernel<T>, smem, l, a, p);
